@@ -1,0 +1,40 @@
+"""kvstore: an asynchronous multi-tier (device / host / disk) KV-cache storage engine for LLM serving."""
+
+from .cache import KVCache, PrefetchTask
+from .config import DeviceTier, DiskTier, HostTier, PageLayout, StoreConfig
+from .errors import (
+    CapacityError,
+    ConfigError,
+    CorruptPageError,
+    InvalidArgumentError,
+    InvalidStateError,
+    KVStoreError,
+    StorageIOError,
+)
+from .manager import KVCacheManager
+from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
+
+__all__ = [
+    "CacheLevel",
+    "CacheStatus",
+    "CapacityError",
+    "ConfigError",
+    "CorruptPageError",
+    "DeviceTier",
+    "DiskTier",
+    "HostTier",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "KVCache",
+    "KVCacheManager",
+    "KVStoreError",
+    "PageLayout",
+    "PrefetchResult",
+    "PrefetchTask",
+    "PrefixMatch",
+    "StorageIOError",
+    "StoreConfig",
+    "TierUsage",
+]
+
+__version__ = "0.1.0"

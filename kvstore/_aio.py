@@ -1,0 +1,75 @@
+"""Small asyncio helpers shared by the transfer and API layers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, TypeVar
+
+T = TypeVar("T")
+
+
+async def settle(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to the end even if the caller is cancelled meanwhile, then re-raise the cancellation.
+
+    Used around work that owns buffers or slots (a copy, a disk read): it must finish before its
+    bookkeeping is rolled back or committed.
+    """
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    return result
+
+
+class Gate:
+    """Many shared holders or one exclusive holder; a waiting exclusive holder blocks new shared ones.
+
+    Releasing is synchronous, so it cannot be lost to a cancellation inside a ``finally``.
+    """
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._writers_waiting = 0
+        self._waiters: list[asyncio.Future] = []
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait(self, ready) -> None:
+        while not ready():
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+    async def acquire_shared(self) -> None:
+        await self._wait(lambda: not self._exclusive and self._writers_waiting == 0)
+        self._shared += 1
+
+    def release_shared(self) -> None:
+        self._shared -= 1
+        self._wake()
+
+    async def acquire_exclusive(self) -> None:
+        self._writers_waiting += 1
+        try:
+            await self._wait(lambda: not self._exclusive and self._shared == 0)
+        finally:
+            self._writers_waiting -= 1
+            self._wake()
+        self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        self._exclusive = False
+        self._wake()

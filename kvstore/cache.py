@@ -1,0 +1,226 @@
+"""KVCache (one request's page list and lifecycle) and PrefetchTask (an awaitable, cancellable prefetch)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import TYPE_CHECKING, Generator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError, InvalidStateError
+from .placement import Page
+from .placement.prefix import as_token_array
+from .types import CacheLevel, CacheStatus, PrefetchResult
+
+if TYPE_CHECKING:
+    from .manager import KVCacheManager
+
+
+class PrefetchTask:
+    """Handle of a running prefetch: ``await task`` gives a :class:`PrefetchResult`."""
+
+    def __init__(self, task: "asyncio.Task[PrefetchResult]", target: CacheLevel) -> None:
+        self._task = task
+        self.target = target
+        task.add_done_callback(_retrieve)
+
+    def __await__(self) -> Generator[object, None, PrefetchResult]:
+        return self._task.__await__()
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def cancel(self) -> bool:
+        """Stop moving pages; each page ends at its old level or its new one. False if already done."""
+        return self._task.cancel()
+
+    def cancelled(self) -> bool:
+        return self._task.cancelled()
+
+    def result(self) -> PrefetchResult:
+        """The result of a finished prefetch (raises its error, or CancelledError if it was cancelled)."""
+        if not self._task.done():
+            raise InvalidStateError("the prefetch is still running; await it or check done() first")
+        return self._task.result()
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # mark retrieved: a failed prefetch nobody awaits is not an asyncio warning
+
+
+class KVCache:
+    """The pages of one request, in token order. Create with :meth:`KVCacheManager.create_cache`."""
+
+    def __init__(
+        self,
+        mgr: "KVCacheManager",
+        pages: list[Page],
+        priority: int,
+        tokens: np.ndarray,
+        last_key: Optional[bytes],
+    ) -> None:
+        self._mgr = mgr
+        self._pages = pages
+        self._priority = priority
+        self._status = CacheStatus.SUSPENDED
+        self._tpp = mgr.layout.tokens_per_page
+        self._num_tokens = len(pages) * self._tpp
+        self._num_reused_tokens = self._num_tokens
+        self._committed_tokens = tokens  # tokens of the committed full pages
+        self._last_key = last_key
+        self._prefetch: Optional[PrefetchTask] = None
+        self._busy: Optional[str] = None  # "resume" or "resize" while one runs
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def status(self) -> CacheStatus:
+        return self._status
+
+    @property
+    def num_tokens(self) -> int:
+        """Capacity in tokens: the last ``resize`` argument (initially the reused prefix length)."""
+        return self._num_tokens
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def num_reused_tokens(self) -> int:
+        return self._num_reused_tokens
+
+    @property
+    def priority(self) -> int:
+        return self._priority
+
+    @property
+    def num_committed_tokens(self) -> int:
+        return len(self._committed_tokens)
+
+    def __repr__(self) -> str:
+        return f"<KVCache {self._status.name} pages={len(self._pages)} tokens={self._num_tokens}>"
+
+    # ------------------------------------------------------------------ checks
+    def _require(self, *allowed: CacheStatus, what: str) -> None:
+        self._mgr._check_running()
+        if self._status not in allowed:
+            names = " or ".join(s.name for s in allowed)
+            raise InvalidStateError(f"{what} needs a {names} cache; this cache is {self._status.name}")
+
+    def _require_idle(self, what: str) -> None:
+        if self._busy is not None:
+            raise InvalidStateError(f"{what} while a {self._busy} of this cache is in progress; await it first")
+
+    # ------------------------------------------------------------------ lifecycle
+    async def resume(self) -> None:
+        """SUSPENDED -> ACTIVE: bring every page to the device level and lock it there.
+
+        Joins a prefetch of this cache that is in flight. Raises CapacityError before moving anything
+        when the pages cannot all fit on the device level; the cache then stays SUSPENDED.
+        """
+        self._require(CacheStatus.SUSPENDED, what="resume()")
+        self._require_idle("resume()")
+        self._busy = "resume"
+        try:
+            await self._join_prefetch()
+            await self._mgr._resume(self)
+        finally:
+            self._busy = None
+
+    async def _join_prefetch(self) -> None:
+        while self._prefetch is not None and not self._prefetch.done():
+            await asyncio.wait({self._prefetch._task})
+        if self._status is not CacheStatus.SUSPENDED:
+            raise InvalidStateError(f"the cache became {self._status.name} while resume() waited for its prefetch")
+
+    async def resize(self, num_tokens: int) -> None:
+        """ACTIVE only: grow or shrink to ``ceil(num_tokens / tokens_per_page)`` pages; on error nothing changes."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+            raise InvalidArgumentError(f"resize() takes an int number of tokens, got {num_tokens!r}")
+        num_tokens = int(num_tokens)
+        if num_tokens < 0:
+            raise InvalidArgumentError(f"resize() needs num_tokens >= 0, got {num_tokens}")
+        self._require(CacheStatus.ACTIVE, what="resize()")
+        self._require_idle("resize()")
+        want = math.ceil(num_tokens / self._tpp)
+        if want > len(self._pages):
+            self._busy = "resize"
+            try:
+                await self._mgr._grow(self, want - len(self._pages))
+            finally:
+                self._busy = None
+        elif want < len(self._pages):
+            self._mgr._shrink(self, want)
+            committed_pages = min(len(self._committed_tokens) // self._tpp, want)
+            if committed_pages * self._tpp < len(self._committed_tokens):
+                self._committed_tokens = self._committed_tokens[: committed_pages * self._tpp]
+                self._last_key = self._pages[committed_pages - 1].key if committed_pages else None
+        self._num_tokens = num_tokens
+
+    def suspend(self) -> None:
+        """ACTIVE -> SUSPENDED. Nothing moves now; every page becomes evictable."""
+        self._require(CacheStatus.ACTIVE, what="suspend()")
+        self._require_idle("suspend()")
+        self._mgr._suspend(self)
+        self._status = CacheStatus.SUSPENDED
+
+    def prefetch(self, target: CacheLevel) -> PrefetchTask:
+        """SUSPENDED only: start moving every page colder than ``target`` up to ``target``."""
+        target = self._mgr._level_arg(target, "prefetch(target)")
+        self._require(CacheStatus.SUSPENDED, what="prefetch()")
+        self._require_idle("prefetch()")
+        previous = self._prefetch
+        task = PrefetchTask(asyncio.ensure_future(self._mgr._prefetch(self, target, previous)), target)
+        self._prefetch = task
+        return task
+
+    def close(self) -> None:
+        """CLOSED. Cancels a prefetch in flight; uncommitted pages are freed, committed ones stay reusable."""
+        if self._status is CacheStatus.CLOSED:
+            return
+        if self._prefetch is not None and not self._prefetch.done():
+            self._prefetch.cancel()
+        self._mgr._close_cache(self)
+        self._status = CacheStatus.CLOSED
+
+    # ------------------------------------------------------------------ queries
+    def page_indices(self) -> torch.Tensor:
+        """ACTIVE only: int64 slot indices into ``mgr.device_pool``, one per page, in token order."""
+        self._require(CacheStatus.ACTIVE, what="page_indices()")
+        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64)
+
+    def page_levels(self) -> dict[CacheLevel, int]:
+        """Pages of this cache per level (a moving page counts at the level it is leaving)."""
+        out = {lvl: 0 for lvl in self._mgr.config.levels}
+        for p in self._pages:
+            if p.level is not None:
+                out[p.level] += 1
+        return out
+
+    # ------------------------------------------------------------------ prefix reuse
+    def commit(self, tokens: Sequence[int]) -> None:
+        """Record that the KV of ``tokens`` (the whole history, from token 0) is written.
+
+        Full pages become immutable, reusable prefix pages. ``tokens`` must extend what was committed before.
+        """
+        if self._status is CacheStatus.CLOSED:
+            raise InvalidStateError("commit() on a CLOSED cache; commit before close()")
+        self._mgr._check_running()
+        arr = as_token_array(tokens)
+        done = len(self._committed_tokens)
+        if len(arr) < done or not np.array_equal(arr[:done], self._committed_tokens):
+            raise InvalidArgumentError(
+                f"commit() tokens must start with the {done} tokens committed (or reused) before; "
+                "pass the cache's whole token history from token 0"
+            )
+        full = min(len(arr) // self._tpp, len(self._pages))
+        first = done // self._tpp
+        if full <= first:
+            return
+        keys = self._mgr._commit_pages(self._pages[first:full], arr, first, full, self._last_key)
+        self._committed_tokens = arr[: full * self._tpp].copy()
+        self._last_key = keys[-1]

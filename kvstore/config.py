@@ -1,0 +1,230 @@
+"""Configuration records: page layout, the three tier kinds, and the store config that orders them.
+
+Every record validates itself on construction and raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+from .errors import ConfigError
+from .types import CacheLevel
+
+__all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "StoreConfig", "TierConfig"]
+
+
+def _positive_int(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{owner}.{name} must be > 0, got {value}")
+    return value
+
+
+def _quota(owner: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.quota_bytes must be an int number of bytes, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{owner}.quota_bytes must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Shape of one page: K and V of every layer for ``tokens_per_page`` tokens, contiguous.
+
+    Page-first layout: a page is one block of ``page_bytes`` bytes, so it moves with one copy.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_page: int
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_page"):
+            _positive_int("PageLayout", name, getattr(self, name))
+        if not isinstance(self.dtype, torch.dtype):
+            raise ConfigError(f"PageLayout.dtype must be a torch.dtype, got {self.dtype!r}")
+        if self.dtype.is_complex or self.dtype == torch.bool:
+            raise ConfigError(f"PageLayout.dtype {self.dtype} is not a KV dtype; use a float type")
+
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """(num_layers, 2, tokens_per_page, num_kv_heads, head_dim); index 0 of dim 1 is K, 1 is V."""
+        return (self.num_layers, 2, self.tokens_per_page, self.num_kv_heads, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page."""
+        return math.prod(self.page_shape) * self.element_size
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def fingerprint(self) -> str:
+        """Stable text that identifies the layout (used to seed prefix hashes)."""
+        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}x{self.tokens_per_page}:{self.dtype}"
+
+
+@dataclass(frozen=True)
+class DeviceTier:
+    """The hot level: one arena tensor on ``device`` (``cuda`` when available, else ``cpu``)."""
+
+    quota_bytes: int
+    device: Union[str, torch.device, None] = None
+
+    level = CacheLevel.DEVICE
+
+    def __post_init__(self) -> None:
+        _quota("DeviceTier", self.quota_bytes)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError(f"DeviceTier.device {self.device!r} is not a torch device: {exc}") from None
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("DeviceTier.device is 'cuda' but CUDA is not available; use device=None or 'cpu'")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.type != "cpu":
+            raise ConfigError(f"DeviceTier.device must be a cuda or cpu device, got {dev}")
+        return dev
+
+
+@dataclass(frozen=True)
+class HostTier:
+    """Host memory level: one arena, page-locked (pinned) when CUDA is available."""
+
+    quota_bytes: int
+    pinned: bool | None = None
+
+    level = CacheLevel.HOST
+
+    def __post_init__(self) -> None:
+        _quota("HostTier", self.quota_bytes)
+        if self.pinned is not None and not isinstance(self.pinned, bool):
+            raise ConfigError(f"HostTier.pinned must be a bool or None, got {self.pinned!r}")
+
+    def resolved_pinned(self) -> bool:
+        if self.pinned is None:
+            return torch.cuda.is_available()
+        if self.pinned and not torch.cuda.is_available():
+            raise ConfigError("HostTier.pinned=True needs CUDA; use pinned=None or False on a machine without a GPU")
+        return self.pinned
+
+
+@dataclass(frozen=True)
+class DiskTier:
+    """Local disk level: one preallocated slot file in the directory ``path`` (created if missing)."""
+
+    quota_bytes: int
+    path: Union[str, os.PathLike]
+    persistent: bool = False
+
+    level = CacheLevel.DISK
+
+    def __post_init__(self) -> None:
+        _quota("DiskTier", self.quota_bytes)
+        if not isinstance(self.path, (str, os.PathLike)) or str(self.path) == "":
+            raise ConfigError(f"DiskTier.path must be a directory path, got {self.path!r}")
+        if self.persistent:
+            raise ConfigError(
+                "DiskTier.persistent=True is not supported yet; use persistent=False (pages do not survive a restart)"
+            )
+        p = Path(self.path)
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"DiskTier.path {str(p)!r} exists and is not a directory")
+
+
+TierConfig = Union[DeviceTier, HostTier, DiskTier]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A page layout and the tiers, ordered hot -> cold: a DeviceTier, then optionally a HostTier, then a DiskTier.
+
+    Quotas are rounded down to whole pages. ``namespace`` (model name, dtype, TP rank, ...) seeds the prefix
+    hash chain so that two models never share pages. ``batch_bytes`` bounds one transfer batch and
+    ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8).
+    """
+
+    layout: PageLayout
+    tiers: Sequence[TierConfig]
+    namespace: str = ""
+    batch_bytes: int = 32 << 20
+    io_threads: int | None = None
+    staging_buffers: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layout, PageLayout):
+            raise ConfigError(f"StoreConfig.layout must be a PageLayout, got {type(self.layout).__name__}")
+        tiers = tuple(self.tiers) if isinstance(self.tiers, (list, tuple)) else None
+        if not tiers:
+            raise ConfigError("StoreConfig.tiers must be a non-empty list starting with a DeviceTier")
+        object.__setattr__(self, "tiers", tiers)
+        for i, tier in enumerate(tiers):
+            if not isinstance(tier, (DeviceTier, HostTier, DiskTier)):
+                raise ConfigError(f"StoreConfig.tiers[{i}] must be a DeviceTier, HostTier or DiskTier, got {tier!r}")
+        if not isinstance(tiers[0], DeviceTier):
+            raise ConfigError("StoreConfig.tiers[0] must be a DeviceTier (tiers are ordered hot -> cold)")
+        levels = [t.level for t in tiers]
+        if levels != sorted(set(levels)):
+            raise ConfigError(
+                "StoreConfig.tiers must be DeviceTier, then at most one HostTier, then at most one DiskTier, "
+                f"in that order; got {[type(t).__name__ for t in tiers]}"
+            )
+        for i, tier in enumerate(tiers):
+            if tier.quota_bytes < self.layout.page_bytes:
+                raise ConfigError(
+                    f"StoreConfig.tiers[{i}] ({type(tier).__name__}).quota_bytes={tier.quota_bytes} holds no page "
+                    f"of {self.layout.page_bytes} bytes; give it at least one page or leave the tier out"
+                )
+        if not isinstance(self.namespace, str):
+            raise ConfigError(f"StoreConfig.namespace must be a str, got {self.namespace!r}")
+        _positive_int("StoreConfig", "batch_bytes", self.batch_bytes)
+        _positive_int("StoreConfig", "staging_buffers", self.staging_buffers)
+        if self.io_threads is not None:
+            _positive_int("StoreConfig", "io_threads", self.io_threads)
+
+    @property
+    def levels(self) -> tuple[CacheLevel, ...]:
+        return tuple(t.level for t in self.tiers)
+
+    def tier(self, level: CacheLevel) -> TierConfig:
+        for t in self.tiers:
+            if t.level == level:
+                return t
+        raise ConfigError(f"level {CacheLevel(level).name} is not configured in this store")
+
+    def slots(self, level: CacheLevel) -> int:
+        """Quota of ``level`` in whole pages."""
+        return self.tier(level).quota_bytes // self.layout.page_bytes
+
+    def resolved_io_threads(self) -> int:
+        if self.io_threads is not None:
+            return self.io_threads
+        env = os.environ.get("KVSTORE_IO_THREADS")
+        if env:
+            try:
+                n = int(env)
+            except ValueError:
+                raise ConfigError(f"KVSTORE_IO_THREADS must be a positive int, got {env!r}") from None
+            if n > 0:
+                return n
+            raise ConfigError(f"KVSTORE_IO_THREADS must be a positive int, got {env!r}")
+        return 8

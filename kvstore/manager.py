@@ -1,0 +1,449 @@
+"""KVCacheManager: joins placement (what goes where) and transfer (moving the bytes) behind the public API.
+
+Every operation plans synchronously in :class:`~kvstore.placement.Placement`, runs the plan on the
+:class:`~kvstore.transfer.executor.TransferExecutor`, and settles each move when its batch ends.
+Operations that move pages hold the manager's gate shared; ``set_quota`` and ``aclose`` hold it
+exclusively, so a quota change never races a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._aio import Gate, settle
+from .cache import KVCache, PrefetchTask
+from .config import DiskTier, HostTier, StoreConfig
+from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
+from .placement import Page, Placement
+from .placement.prefix import PrefixHasher, as_token_array
+from .transfer.arenas import DeviceArena, HostArena, StagingPool
+from .transfer.copier import Copier
+from .transfer.diskfile import DiskSlotFile
+from .transfer.executor import RunResult, TransferExecutor
+from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
+from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
+
+log = logging.getLogger("kvstore")
+
+_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+
+class KVCacheManager:
+    """Owns the tiers and every cache. ``async with KVCacheManager(config) as mgr: ...``"""
+
+    def __init__(self, config: StoreConfig) -> None:
+        if not isinstance(config, StoreConfig):
+            raise ConfigError(f"KVCacheManager needs a StoreConfig, got {type(config).__name__}")
+        self.config = config
+        self.layout = config.layout
+        self._page_bytes = config.layout.page_bytes
+        self._slots = {lvl: config.slots(lvl) for lvl in config.levels}
+        self._placement = Placement(config.levels, [self._slots[l] for l in config.levels])
+        self._hasher = PrefixHasher(config.namespace, config.layout.fingerprint(), config.layout.tokens_per_page)
+        self._stats: Counter[str] = Counter()
+        self._caches: set[KVCache] = set()
+        self._gate = Gate()
+        self._state = _NEW
+        self._device: Optional[DeviceArena] = None
+        self._host: Optional[HostArena] = None
+        self._disk: Optional[DiskSlotFile] = None
+        self._io: Optional[IOBackend] = None
+        self._copier: Optional[Copier] = None
+        self._executor: Optional[TransferExecutor] = None
+        self.io_backend: Optional[str] = None  # "kvikio" or "posix" once started with a disk tier
+
+    # ------------------------------------------------------------------ start / close
+    async def __aenter__(self) -> "KVCacheManager":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Allocate the arenas and the disk file and pick the disk I/O backend (off the event loop)."""
+        if self._state == _RUNNING:
+            return
+        if self._state != _NEW:
+            raise InvalidStateError("this manager was closed; create a new KVCacheManager")
+        cfg = self.config
+        device = cfg.tiers[0].resolved_device()
+        pinned = False
+        host_cfg = next((t for t in cfg.tiers if isinstance(t, HostTier)), None)
+        disk_cfg = next((t for t in cfg.tiers if isinstance(t, DiskTier)), None)
+        if host_cfg is not None:
+            pinned = host_cfg.resolved_pinned()
+        else:
+            pinned = device.type == "cuda"
+        try:
+            self._device = await asyncio.to_thread(
+                DeviceArena, self._slots[CacheLevel.DEVICE], self.layout.page_shape, self.layout.dtype, device
+            )
+            if host_cfg is not None:
+                self._host = HostArena(self._page_bytes, pinned)
+                await asyncio.to_thread(self._host.allocate, self._slots[CacheLevel.HOST])
+            if disk_cfg is not None:
+                await asyncio.to_thread(self._open_disk, Path(disk_cfg.path))
+            self._copier = Copier(device)
+            staging_rows = max(1, cfg.batch_bytes // self._page_bytes)
+            staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
+            self._executor = TransferExecutor(
+                self._placement, self._device, self._host, self._disk, self._io, self._copier, staging,
+                cfg.batch_bytes, self._stats,
+            )
+        except BaseException:
+            await asyncio.to_thread(self._release)
+            self._state = _CLOSED
+            raise
+        self._state = _RUNNING
+        log.info(
+            "kvstore started: device=%s (%d pages), host=%s, disk=%s, page=%d bytes",
+            device, self._slots[CacheLevel.DEVICE], self._slots.get(CacheLevel.HOST, 0),
+            self._slots.get(CacheLevel.DISK, 0), self._page_bytes,
+        )
+
+    def _open_disk(self, directory: Path) -> None:
+        self._disk = DiskSlotFile(directory, self._page_bytes)
+        self._disk.open(self._slots[CacheLevel.DISK])
+        name, why = choose_backend(directory)
+        if name == "kvikio":
+            self._io = KvikioBackend(self._disk.path)
+        else:
+            self._io = PosixBackend(self._disk.fd, self.config.resolved_io_threads())
+        self.io_backend = name
+        log.info("kvstore disk tier %s: I/O backend %s (%s)", self._disk.path, name, why)
+
+    def _release(self) -> None:
+        """Free memory, threads and files (blocking; run on a worker thread)."""
+        for closer in (self._copier, self._io, self._disk):
+            if closer is not None:
+                closer.close()
+        self._copier = self._io = self._disk = None
+        self._device = self._host = None
+        self._executor = None
+
+    async def aclose(self) -> None:
+        """Cancel prefetches, let transfers settle, close every cache, release memory and files. Idempotent."""
+        if self._state in (_CLOSED, _CLOSING):
+            while self._state == _CLOSING:
+                await asyncio.sleep(0.001)
+            return
+        if self._state == _NEW:
+            self._state = _CLOSED
+            return
+        self._state = _CLOSING
+        tasks = []
+        for cache in list(self._caches):
+            pf = cache._prefetch
+            if pf is not None and not pf.done():
+                pf.cancel()
+                tasks.append(pf._task)
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._gate.acquire_exclusive()
+        try:
+            for cache in list(self._caches):
+                cache.close()
+            await asyncio.to_thread(self._release)
+        finally:
+            self._gate.release_exclusive()
+            self._state = _CLOSED
+
+    def _check_running(self) -> None:
+        if self._state == _RUNNING:
+            return
+        if self._state == _NEW:
+            raise InvalidStateError("the manager is not started; use 'async with KVCacheManager(cfg)' or await start()")
+        raise InvalidStateError("the manager is closed; create a new KVCacheManager")
+
+    def _level_arg(self, level: object, what: str) -> CacheLevel:
+        if isinstance(level, bool) or not isinstance(level, (int, CacheLevel)):
+            raise InvalidArgumentError(f"{what} must be a CacheLevel, got {level!r}")
+        try:
+            level = CacheLevel(level)
+        except ValueError:
+            raise InvalidArgumentError(f"{what} must be a CacheLevel (DEVICE, HOST, DISK), got {level!r}") from None
+        if level not in self.config.levels:
+            raise InvalidArgumentError(
+                f"{what}: level {level.name} is not configured; configured levels are "
+                f"{[l.name for l in self.config.levels]}"
+            )
+        return level
+
+    # ------------------------------------------------------------------ public queries
+    @property
+    def device_pool(self) -> torch.Tensor:
+        """``(num_device_slots, *page_shape)``; read again after ``set_quota``."""
+        self._check_running()
+        return self._device.pool
+
+    def quota(self, level: CacheLevel) -> int:
+        level = self._level_arg(level, "quota(level)")
+        return self._placement.alloc[level].total * self._page_bytes
+
+    def usage(self, level: CacheLevel) -> TierUsage:
+        level = self._level_arg(level, "usage(level)")
+        return self._placement.usage(level)
+
+    def stats(self) -> dict[str, int | float]:
+        """Monotonic counters (bytes/pages per level pair, evictions, drops, prefetches, hits, I/O errors)."""
+        out: dict[str, int | float] = {}
+        levels = self.config.levels
+        for a in levels:
+            out[f"evictions_{a.label}"] = 0
+            for b in levels:
+                if a != b:
+                    out[f"bytes_{a.label}_to_{b.label}"] = 0
+                    out[f"pages_{a.label}_to_{b.label}"] = 0
+        for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors"):
+            out[key] = 0
+        out.update(self._stats)
+        out.update(self._placement.counters)
+        return out
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant (slow; for tests and debugging)."""
+        self._placement.check_invariants()
+        owners: Counter[int] = Counter()
+        locks: Counter[int] = Counter()
+        for cache in self._caches:
+            for page in cache._pages:
+                owners[page.pid] += 1
+                if cache.status is CacheStatus.ACTIVE:
+                    locks[page.pid] += 1
+                    if page.level != CacheLevel.DEVICE:
+                        raise AssertionError(f"ACTIVE cache holds page {page.pid} off the device level")
+                if page.freed:
+                    raise AssertionError(f"a cache holds freed page {page.pid}")
+        for page in self._placement.pages.values():
+            if page.owners != owners[page.pid]:
+                raise AssertionError(f"page {page.pid} counts {page.owners} owners, caches hold it {owners[page.pid]} times")
+            if page.locks != locks[page.pid]:
+                raise AssertionError(f"page {page.pid} counts {page.locks} locks, ACTIVE caches hold {locks[page.pid]}")
+
+    # ------------------------------------------------------------------ prefix reuse
+    def _match(self, tokens: np.ndarray) -> tuple[list[Page], Optional[bytes]]:
+        pages: list[Page] = []
+        prev: Optional[bytes] = None
+        for i in range(len(tokens) // self.layout.tokens_per_page):
+            key = self._hasher.keys(tokens, i, i + 1, prev)[0]
+            page = self._placement.index.get(key)
+            if page is None:
+                break
+            pages.append(page)
+            prev = key
+        return pages, prev
+
+    def lookup(self, tokens: Sequence[int]) -> PrefixMatch:
+        """How much of ``tokens`` is reusable and where those pages are now; holds nothing."""
+        self._check_running()
+        pages, _ = self._match(as_token_array(tokens))
+        per_level = {lvl: 0 for lvl in self.config.levels}
+        for p in pages:
+            per_level[p.level] += 1
+        return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level)
+
+    def create_cache(self, tokens: Optional[Sequence[int]] = None, *, priority: int = 0) -> KVCache:
+        """A new SUSPENDED cache; with ``tokens`` it holds the longest committed prefix (whole pages)."""
+        self._check_running()
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+        arr = as_token_array(tokens) if tokens is not None else np.zeros(0, dtype=np.int64)
+        pages, last_key = self._match(arr)
+        for page in pages:
+            self._placement.add_owner(page, priority)
+        reused = len(pages) * self.layout.tokens_per_page
+        self._stats["prefix_hit_tokens"] += reused
+        cache = KVCache(self, list(pages), priority, arr[:reused].copy(), last_key)
+        self._caches.add(cache)
+        return cache
+
+    def _commit_pages(
+        self, pages: Sequence[Page], tokens: np.ndarray, first: int, stop: int, prev: Optional[bytes]
+    ) -> list[bytes]:
+        keys = self._hasher.keys(tokens, first, stop, prev)
+        for page, key in zip(pages, keys):
+            if page.key is None:
+                self._placement.set_key(page, key)
+            elif page.key != key:
+                raise InvalidArgumentError(
+                    "commit() tokens disagree with a page already committed under other tokens; "
+                    "a cache's history cannot be rewritten"
+                )
+        return keys
+
+    # ------------------------------------------------------------------ cache operations
+    async def _wait_moving(self, pages: Sequence[Page]) -> None:
+        """Wait until none of ``pages`` is in flight (moved by another operation)."""
+        while True:
+            pending = {p.move.settled for p in pages if p.move is not None and p.move.settled is not None}
+            if not pending:
+                return
+            await asyncio.wait(pending)
+
+    async def _run(self, plan) -> RunResult:
+        result = await self._executor.run(plan)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def _resume(self, cache: KVCache) -> None:
+        await self._gate.acquire_shared()
+        pl = self._placement
+        pages = cache._pages
+        for p in pages:
+            pl.hold(p)
+        try:
+            await self._wait_moving(pages)
+            self._check_running()
+            plan = pl.plan_promotion(pages, CacheLevel.DEVICE, require_all=True)
+            await self._run(plan)
+            if cache.status is not CacheStatus.SUSPENDED:
+                raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resume() ran")
+            if any(p.level != CacheLevel.DEVICE for p in pages):
+                raise CapacityError("resume() could not bring every page to the device level; retry")
+            for p in pages:
+                pl.lock(p)
+            cache._status = CacheStatus.ACTIVE
+        finally:
+            for p in pages:
+                pl.release(p)
+            self._gate.release_shared()
+
+    async def _grow(self, cache: KVCache, n: int) -> None:
+        await self._gate.acquire_shared()
+        pl = self._placement
+        try:
+            new, plan = pl.plan_new_pages(n, CacheLevel.DEVICE, cache.priority)
+            for p in new:
+                p.owners = 1
+                p.locks = 1
+            try:
+                await self._run(plan)
+                if cache.status is not CacheStatus.ACTIVE:
+                    raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
+            except BaseException:
+                for p in new:
+                    if not p.freed:
+                        pl.unlock(p)
+                        pl.remove_owner(p)
+                raise
+            cache._pages.extend(new)
+        finally:
+            self._gate.release_shared()
+
+    def _shrink(self, cache: KVCache, keep: int) -> None:
+        pl = self._placement
+        for p in cache._pages[keep:]:
+            pl.unlock(p)
+            pl.remove_owner(p)
+        del cache._pages[keep:]
+
+    def _suspend(self, cache: KVCache) -> None:
+        for p in cache._pages:
+            self._placement.unlock(p)
+
+    def _close_cache(self, cache: KVCache) -> None:
+        pl = self._placement
+        active = cache.status is CacheStatus.ACTIVE
+        for p in cache._pages:
+            if active:
+                pl.unlock(p)
+            pl.remove_owner(p)
+        cache._pages = []
+        self._caches.discard(cache)
+
+    async def _prefetch(
+        self, cache: KVCache, target: CacheLevel, previous: Optional[PrefetchTask]
+    ) -> PrefetchResult:
+        t0 = time.perf_counter()
+        self._stats["prefetches"] += 1
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous._task})
+        await self._gate.acquire_shared()
+        pl = self._placement
+        held: list[Page] = []
+        try:
+            pages = cache._pages
+            await self._wait_moving(pages)
+            ti = pl.level_index(target)
+            moved = RunResult()
+            if cache.status is CacheStatus.SUSPENDED:
+                for p in pages:
+                    if pl.level_index(p.level) > ti:
+                        pl.hold(p)
+                        held.append(p)
+                    else:
+                        pl.touch(p)
+                plan = pl.plan_promotion(held, target, require_all=False)
+                moved = await self._run(plan)
+            complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
+            return PrefetchResult(complete, moved.pages_moved, moved.bytes_moved, time.perf_counter() - t0)
+        finally:
+            for p in held:
+                pl.release(p)
+            self._gate.release_shared()
+
+    # ------------------------------------------------------------------ quotas
+    async def set_quota(self, level: CacheLevel, quota_bytes: int) -> None:
+        """Grow or shrink a tier. Shrinking evicts to colder levels and gives memory/disk back.
+
+        CapacityError (quota unchanged) if it cannot be done without losing data; InvalidStateError for
+        a device shrink while any cache is ACTIVE.
+        """
+        level = self._level_arg(level, "set_quota(level)")
+        if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int):
+            raise InvalidArgumentError(f"set_quota() quota_bytes must be an int, got {quota_bytes!r}")
+        self._check_running()
+        new = quota_bytes // self._page_bytes
+        if new < 1:
+            raise InvalidArgumentError(
+                f"set_quota({level.name}, {quota_bytes}) leaves no page of {self._page_bytes} bytes; keep at least one"
+            )
+        await self._gate.acquire_exclusive()
+        try:
+            self._check_running()
+            alloc = self._placement.alloc[level]
+            old = alloc.total
+            if new > old:
+                await asyncio.to_thread(self._resize_store, level, new)
+                alloc.grow(new)
+            elif new < old:
+                if level == CacheLevel.DEVICE and any(c.status is CacheStatus.ACTIVE for c in self._caches):
+                    raise InvalidStateError(
+                        "cannot shrink the device level while a cache is ACTIVE (its pages are locked); suspend first"
+                    )
+                plan = self._placement.plan_shrink(level, new)
+                try:
+                    await self._run(plan)
+                except BaseException:
+                    alloc.limit = alloc.total
+                    raise
+                alloc.shrink(new)
+                await asyncio.to_thread(self._resize_store, level, new)
+            self._slots[level] = new
+        finally:
+            self._gate.release_exclusive()
+
+    def _resize_store(self, level: CacheLevel, slots: int) -> None:
+        """Resize the backing store of ``level`` (blocking: runs on a worker thread)."""
+        if level == CacheLevel.DEVICE:
+            pool = self._device.resized(slots)
+            if pool.is_cuda:
+                torch.cuda.synchronize(pool.device)
+            self._device.pool = pool
+        elif level == CacheLevel.HOST:
+            if slots > self._host.slots:
+                self._host.allocate(slots)
+            else:
+                self._host.release_to(slots)
+        else:
+            self._disk.resize(slots)

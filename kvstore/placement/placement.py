@@ -1,0 +1,416 @@
+"""The levels together: page lifecycle, room-making (demote, cascade, drop) and move plans.
+
+Planning is two-phase so a failed plan changes nothing: a :class:`_Draft` first simulates which free
+slots and which victims would be used (read-only), and only a feasible draft is applied. Applying
+reserves destination slots and marks moving pages; :meth:`Placement.complete` and
+:meth:`Placement.abort` settle each move once its transfer ends.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+from ..errors import CapacityError
+from ..types import CacheLevel, TierUsage
+from .eviction import EvictionQueue
+from .page import Move, MoveState, Page, Plan
+from .prefix import PrefixIndex
+from .slots import SlotAllocator
+
+_FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
+
+
+@dataclass(slots=True)
+class _Grant:
+    """One slot a draft would obtain: a free slot, the slot of a victim that is demoted or dropped, or
+    (``_SWAP``) the slot of a page that this plan promotes out of the level (``victim`` is that page)."""
+
+    kind: int
+    victim: Optional[Page] = None
+    via: Optional["_Grant"] = None  # for _DEMOTE: the grant at a colder level the victim moves into
+    via_index: int = -1  # level index of ``via``
+
+
+class _Draft:
+    """Read-only simulation of room-making across the levels."""
+
+    def __init__(self, pl: "Placement", vacating: Sequence[Page] = ()) -> None:
+        self.pl = pl
+        self.free_left = {lvl: pl.alloc[lvl].free_count for lvl in pl.levels}
+        # slots that promotions of this plan vacate on the host level, usable by victims through a swap
+        self.vacating = [p for p in vacating if p.level == CacheLevel.HOST]
+        self.iters: dict[CacheLevel, Iterator[Page]] = {}
+        self.blocked: set[CacheLevel] = set()
+
+    def acquire(self, i: int, n: int, use_free: bool = True) -> list[_Grant]:
+        lvl = self.pl.levels[i]
+        grants: list[_Grant] = []
+        if use_free and n > 0:
+            k = min(n, self.free_left[lvl])
+            self.free_left[lvl] -= k
+            grants.extend(_Grant(_FREE) for _ in range(k))
+            while len(grants) < n and lvl == CacheLevel.HOST and self.vacating:
+                grants.append(_Grant(_SWAP, self.vacating.pop()))
+        while len(grants) < n:
+            victim = self._next_victim(lvl)
+            if victim is None:
+                break
+            grant = self._evict(i, victim)
+            if grant is not None:
+                grants.append(grant)
+        return grants
+
+    def _next_victim(self, lvl: CacheLevel) -> Optional[Page]:
+        it = self.iters.get(lvl)
+        if it is None:
+            it = self.iters[lvl] = self.pl.queues[lvl].candidates()
+        return next(it, None)
+
+    def _evict(self, i: int, victim: Page) -> Optional[_Grant]:
+        """Demote ``victim`` to the next level with room (skipping a full one), else drop it if droppable."""
+        levels = self.pl.levels
+        for j in range(i + 1, len(levels)):
+            if levels[j] in self.blocked:
+                continue
+            sub = self.acquire(j, 1)
+            if sub:
+                return _Grant(_DEMOTE, victim, sub[0], j)
+            self.blocked.add(levels[j])
+        if victim.droppable:
+            return _Grant(_DROP, victim)
+        return None
+
+
+class Placement:
+    """Bookkeeping of every page on every configured level."""
+
+    def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int]) -> None:
+        self.levels: tuple[CacheLevel, ...] = tuple(levels)
+        self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots)}
+        self.queues = {lvl: EvictionQueue() for lvl in self.levels}
+        self.index = PrefixIndex()
+        self.pages: dict[int, Page] = {}
+        self.counters: Counter[str] = Counter()
+        self._next_pid = 0
+
+    # ----------------------------------------------------------------- page lifecycle
+    def level_index(self, level: CacheLevel) -> int:
+        return self.levels.index(level)
+
+    def next_level(self, level: CacheLevel) -> Optional[CacheLevel]:
+        i = self.levels.index(level) + 1
+        return self.levels[i] if i < len(self.levels) else None
+
+    def _new_page(self, priority: int) -> Page:
+        page = Page(self._next_pid, None, -1, priority=priority)
+        self._next_pid += 1
+        self.pages[page.pid] = page
+        return page
+
+    def sync(self, page: Page) -> None:
+        """Queue ``page`` (most recently used) iff it is evictable; otherwise take it out of its queue."""
+        if page.level is None or page.freed:
+            return
+        q = self.queues[page.level]
+        if page.evictable:
+            if page not in q:
+                q.push(page)
+        else:
+            q.discard(page)
+
+    def touch(self, page: Page) -> None:
+        if page.level is not None and not page.freed:
+            self.queues[page.level].touch(page)
+
+    def hold(self, page: Page) -> None:
+        page.holds += 1
+        self.sync(page)
+
+    def release(self, page: Page) -> None:
+        page.holds -= 1
+        self.sync(page)
+        self.touch(page)
+
+    def lock(self, page: Page) -> None:
+        if page.level != CacheLevel.DEVICE:
+            raise RuntimeError(f"locking page {page.pid} that is not on the device level")
+        page.locks += 1
+        self.sync(page)
+
+    def unlock(self, page: Page) -> None:
+        page.locks -= 1
+        self.sync(page)
+
+    def add_owner(self, page: Page, priority: int) -> None:
+        page.owners += 1
+        if priority > page.priority:
+            page.priority = priority
+            self.touch(page)
+
+    def remove_owner(self, page: Page) -> None:
+        """One cache lets go of ``page``; a page nobody holds and nobody can reuse is freed."""
+        page.owners -= 1
+        self._free_if_orphan(page)
+
+    def _free_if_orphan(self, page: Page) -> None:
+        if page.owners == 0 and not page.indexed and page.move is None and not page.freed:
+            self._free(page, release_slot=True)
+
+    def _free(self, page: Page, release_slot: bool) -> None:
+        if page.level is not None:
+            self.queues[page.level].discard(page)
+            if release_slot:
+                self.alloc[page.level].release(page.slot)
+        self.index.remove(page)
+        page.freed = True
+        page.level, page.slot = None, -1
+        self.pages.pop(page.pid, None)
+
+    def set_key(self, page: Page, key: bytes) -> bool:
+        """Mark ``page`` committed under ``key``; True if it became the reusable page for that key."""
+        page.key = key
+        return self.index.add(page)
+
+    # ----------------------------------------------------------------- planning
+    def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
+        """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
+
+        The pages must be held by the caller (so none of them is a victim) and not moving. Room is made
+        by evicting other pages. With ``require_all`` a shortfall raises CapacityError and nothing
+        changes; otherwise the first pages (token order) that fit are planned.
+        """
+        ti = self.level_index(target)
+        colder = [p for p in pages if p.level is not None and self.level_index(p.level) > ti]
+        want = len(colder)
+        while True:  # a partial plan may only swap into slots of pages it really promotes
+            grants = _Draft(self, vacating=colder[:want]).acquire(ti, want)
+            if len(grants) == want or require_all:
+                break
+            want = len(grants)
+        if require_all and len(grants) < len(colder):
+            raise CapacityError(
+                f"{len(colder)} pages must move to the {target.label} level but only {len(grants)} slots can be "
+                f"freed there ({self.alloc[target].total} slots in all); raise the {target.label} quota, "
+                "suspend or close other caches, or use a smaller cache"
+            )
+        plan = Plan()
+        for page, grant in zip(colder, grants):
+            slot, after = self._realize(grant, ti, plan)
+            move = Move(page, page.level, page.slot, target, slot, after)
+            page.move = move
+            self.sync(page)
+            plan.moves.append(move)
+        for victim_move, promoted in plan.swaps:
+            if promoted.move is None:  # its promotion did not fit after all: the slot stays its own
+                raise RuntimeError("swap planned against a page that is not promoted")
+            victim_move.after = promoted.move
+            victim_move.swap = True
+            promoted.move.handoff = True
+        plan.swaps.clear()
+        return plan
+
+    def plan_new_pages(self, n: int, level: CacheLevel, priority: int) -> tuple[list[Page], Plan]:
+        """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible."""
+        li = self.level_index(level)
+        grants = _Draft(self).acquire(li, n)
+        if len(grants) < n:
+            raise CapacityError(
+                f"{n} new pages do not fit on the {level.label} level (only {len(grants)} slots can be freed of "
+                f"{self.alloc[level].total}); raise its quota or suspend/close other caches"
+            )
+        plan = Plan()
+        pages = []
+        for grant in grants:
+            slot, after = self._realize(grant, li, plan)
+            page = self._new_page(priority)
+            page.move = Move(page, None, -1, level, slot, after)
+            plan.moves.append(page.move)
+            pages.append(page)
+        return pages, plan
+
+    def plan_shrink(self, level: CacheLevel, new_slots: int) -> Plan:
+        """Plan emptying slots >= ``new_slots`` of ``level``: evict LRU victims until the pages fit, then
+        relocate pages still above the limit into lower slots. Every page of the level must be evictable.
+        CapacityError and no change if the pages cannot all leave or fit."""
+        li = self.level_index(level)
+        alloc = self.alloc[level]
+        if any(not p.evictable for p in self.pages.values() if p.level == level):
+            raise RuntimeError("plan_shrink needs every page of the level to be evictable")
+        excess = alloc.used_count - new_slots
+        old_limit = alloc.limit
+        alloc.limit = new_slots
+        try:
+            draft = _Draft(self)
+            victims = draft.acquire(li, excess, use_free=False) if excess > 0 else []
+            if len(victims) < excess:
+                raise CapacityError(
+                    f"shrinking the {level.label} level to {new_slots} pages needs {excess} pages to move colder, "
+                    f"but only {len(victims)} can; free space on colder levels or close caches first"
+                )
+            plan = Plan()
+            victim_pages = {g.victim.pid for g in victims if g.victim is not None}
+            vacated: list[tuple[int, Optional[Move]]] = []
+            for grant in victims:
+                vacated.append(self._realize(grant, li, plan))
+            high = [
+                p for p in list(self.queues[level].candidates()) if p.slot >= new_slots and p.pid not in victim_pages
+            ]
+            reusable = [v for v in vacated if v[0] < new_slots]
+            unused = [v for v in vacated if v[0] >= new_slots]
+            for page in high:
+                if reusable:
+                    slot, after = reusable.pop()
+                    if after is not None:
+                        after.handoff = True
+                else:
+                    slot, after = alloc.allocate(), None
+                self.queues[level].remove(page)
+                page.move = Move(page, level, page.slot, level, slot, after)
+                plan.moves.append(page.move)
+            for slot, after in reusable + unused:
+                if after is not None:
+                    after.handoff = False  # nobody takes it: free it when the victim leaves
+                else:
+                    alloc.release(slot)  # a dropped victim's slot
+            return plan
+        except BaseException:
+            alloc.limit = old_limit
+            raise
+
+    def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
+        """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
+        level = self.levels[li]
+        if grant.kind == _FREE:
+            return self.alloc[level].allocate(), None
+        victim = grant.victim
+        self.queues[level].remove(victim)
+        slot = victim.slot
+        if grant.kind == _DROP:
+            self._free(victim, release_slot=False)  # the grantee takes the slot over
+            self.counters["drops"] += 1
+            self.counters[f"evictions_{level.label}"] += 1
+            plan.dropped += 1
+            return slot, None
+        if grant.via.kind == _SWAP:
+            dst_slot, after = grant.via.victim.slot, None
+        else:
+            dst_slot, after = self._realize(grant.via, grant.via_index, plan)
+        move = Move(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
+        victim.move = move
+        plan.moves.append(move)
+        if grant.via.kind == _SWAP:
+            plan.swaps.append((move, grant.via.victim))
+        return slot, move
+
+    # ----------------------------------------------------------------- settling moves
+    def stage(self, move: Move) -> None:
+        """A swap move's bytes are in a staging buffer: its source slot may now be overwritten."""
+        move.state = MoveState.STAGED
+
+    def complete(self, move: Move) -> None:
+        """The transfer of ``move`` succeeded: the page is now at its destination."""
+        page = move.page
+        if move.src is not None and not move.handoff:
+            self.alloc[move.src].release(move.src_slot)
+        if move.src is not None and move.src.value < move.dst.value:
+            self.counters[f"evictions_{move.src.label}"] += 1
+        page.level, page.slot = move.dst, move.dst_slot
+        page.move = None
+        move.state = MoveState.DONE
+        self._free_if_orphan(page)
+        self.sync(page)
+
+    def abort(self, move: Move) -> None:
+        """The transfer of ``move`` did not happen: the page stays at its source."""
+        page = move.page
+        if move.after is None or move.after.state is MoveState.DONE:
+            self.alloc[move.dst].release(move.dst_slot)
+        page.move = None
+        move.state = MoveState.ABORTED
+        if move.src is None:
+            self._free(page, release_slot=False)  # a new page that was never placed
+            return
+        self._free_if_orphan(page)
+        self.sync(page)
+
+    # ----------------------------------------------------------------- queries
+    def usage(self, level: CacheLevel) -> TierUsage:
+        alloc = self.alloc[level]
+        return TierUsage(
+            level=level,
+            total_pages=alloc.total,
+            used_pages=alloc.used_count,
+            evictable_pages=len(self.queues[level]),
+            free_pages=alloc.total - alloc.used_count,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first violated invariant."""
+
+        def fail(msg: str) -> None:
+            raise AssertionError(msg)
+
+        occupant: dict[tuple[CacheLevel, int], Page] = {}
+        incoming: dict[tuple[CacheLevel, int], Move] = {}
+        for page in self.pages.values():
+            if page.freed:
+                fail(f"freed page {page.pid} is still registered")
+            mv = page.move
+            if page.level is None:
+                if mv is None or mv.src is not None:
+                    fail(f"page {page.pid} has no level and is not being placed")
+            else:
+                if not 0 <= page.slot < self.alloc[page.level].total:
+                    fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
+                where = (page.level, page.slot)
+                if mv is not None and mv.state is MoveState.STAGED:
+                    where = (page.level, -1 - page.pid)  # its bytes are in staging, not in the slot
+                if where in occupant:
+                    fail(f"slot {page.slot} of {page.level.label} holds pages {occupant[where].pid} and {page.pid}")
+                occupant[where] = page
+                if self.alloc[page.level].is_free(page.slot):
+                    fail(f"page {page.pid} sits in {page.level.label} slot {page.slot} that the allocator calls free")
+                if (page in self.queues[page.level]) != page.evictable:
+                    fail(
+                        f"page {page.pid} at {page.level.label} evictable={page.evictable} but "
+                        f"queued={page in self.queues[page.level]}"
+                    )
+                for lvl in self.levels:
+                    if lvl != page.level and page in self.queues[lvl]:
+                        fail(f"page {page.pid} at {page.level.label} is queued at {lvl.label}")
+            if page.locks and page.level != CacheLevel.DEVICE:
+                fail(f"locked page {page.pid} is outside the device level")
+            if page.locks < 0 or page.holds < 0 or page.owners < 0:
+                fail(f"page {page.pid} has a negative count")
+            if page.indexed and self.index.get(page.key) is not page:
+                fail(f"page {page.pid} claims to be indexed but the index disagrees")
+            if page.owners == 0 and not page.indexed and mv is None:
+                fail(f"page {page.pid} is held by no cache and not reusable but was not freed")
+            if mv is not None:
+                if mv.state not in (MoveState.PENDING, MoveState.STAGED) or mv.page is not page:
+                    fail(f"page {page.pid} carries a settled or foreign move")
+                dst = (mv.dst, mv.dst_slot)
+                if dst in incoming:
+                    fail(f"two moves reserve {mv.dst.label} slot {mv.dst_slot}")
+                incoming[dst] = mv
+                if self.alloc[mv.dst].is_free(mv.dst_slot):
+                    fail(f"move of page {page.pid} reserves {mv.dst.label} slot {mv.dst_slot} the allocator calls free")
+        for dst, mv in incoming.items():
+            occ = occupant.get(dst)
+            if occ is not None and occ is not mv.page and (mv.after is None or mv.after.page is not occ):
+                fail(f"move of page {mv.page.pid} into {dst[0].label} slot {dst[1]} that page {occ.pid} still holds")
+        for lvl in self.levels:
+            alloc = self.alloc[lvl]
+            used = {s for (l, s) in occupant if l == lvl and s >= 0} | {s for (l, s) in incoming if l == lvl}
+            if len(used) != alloc.used_count:
+                fail(f"{lvl.label}: allocator counts {alloc.used_count} used slots, pages account for {len(used)}")
+            if alloc.used_count > alloc.total:
+                fail(f"{lvl.label}: {alloc.used_count} slots used of {alloc.total}")
+            for page in self.queues[lvl].candidates():
+                if page.pid not in self.pages or page.level != lvl:
+                    fail(f"queue of {lvl.label} holds page {page.pid} that is not there")
+        for page in self.index.pages():
+            if page.pid not in self.pages:
+                fail(f"prefix index holds freed page {page.pid}")

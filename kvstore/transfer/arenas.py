@@ -1,0 +1,148 @@
+"""Memory that holds pages: the device arena, the host arena and pinned staging buffers.
+
+Every store exposes its slots as rows of 2-D ``uint8`` tensors (``rows x page_bytes``), so one copy
+routine and one I/O routine serve all of them. The host arena is allocated in chunks (each a power of
+two bytes, the unit of torch's pinned allocator), so a large pinned tier starts chunk by chunk on a
+worker thread instead of stalling start-up, and shrinking gives whole chunks back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Sequence
+
+import torch
+
+_MAX_CHUNK = 1 << 30
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+class DeviceArena:
+    """One tensor ``(slots, *page_shape)`` on the device tier's device."""
+
+    def __init__(self, slots: int, page_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.page_shape = page_shape
+        self.dtype = dtype
+        self.device = device
+        self.page_bytes = math.prod(page_shape) * torch.empty((), dtype=dtype).element_size()
+        self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.pool.shape[0]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The pool as ``(slots, page_bytes)`` uint8."""
+        return self.pool.view(self.pool.shape[0], -1).view(torch.uint8)
+
+    def resized(self, slots: int) -> torch.Tensor:
+        """A new pool of ``slots`` slots holding the first ``min(old, new)`` slots of the old one."""
+        new = torch.zeros((slots, *self.page_shape), dtype=self.dtype, device=self.device)
+        keep = min(slots, self.slots)
+        new[:keep].copy_(self.pool[:keep])
+        return new
+
+
+class HostArena:
+    """Host memory for ``slots`` pages in chunks; pinned when ``pinned``. Build with :meth:`allocate`."""
+
+    def __init__(self, page_bytes: int, pinned: bool) -> None:
+        self.page_bytes = page_bytes
+        self.pinned = pinned
+        self.chunks: list[torch.Tensor] = []  # each (rows, page_bytes) uint8
+        self._starts: list[int] = []  # first slot of each chunk
+        self.slots = 0
+
+    def _chunk_rows(self, remaining: int) -> int:
+        want = min(remaining * self.page_bytes, _MAX_CHUNK)
+        size = _pow2_floor(want) if want >= self.page_bytes else self.page_bytes
+        rows = max(1, size // self.page_bytes)
+        # the largest power-of-two chunk may leave a tail smaller than a page: take the rows that fit
+        return min(rows, remaining)
+
+    def allocate(self, slots: int) -> None:
+        """Grow to ``slots`` slots (blocking: call from a worker thread)."""
+        while self.slots < slots:
+            rows = self._chunk_rows(slots - self.slots)
+            chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+            self._starts.append(self.slots)
+            self.chunks.append(chunk)
+            self.slots += rows
+
+    def release_to(self, slots: int) -> None:
+        """Give back whole chunks above ``slots`` (slots >= ``slots`` must be unused)."""
+        while self.chunks and self._starts[-1] >= slots:
+            self.chunks.pop()
+            self.slots = self._starts.pop()
+        if self.pinned and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        """(chunk index, row in chunk) of ``slot``."""
+        lo, hi = 0, len(self._starts) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._starts[mid] <= slot:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, slot - self._starts[lo]
+
+    def group(self, slots: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
+        """Positions of ``slots`` grouped by chunk: {chunk: [(position in ``slots``, row), ...]}."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for pos, slot in enumerate(slots):
+            c, r = self.locate(slot)
+            out.setdefault(c, []).append((pos, r))
+        return out
+
+    def row(self, slot: int) -> torch.Tensor:
+        c, r = self.locate(slot)
+        return self.chunks[c][r]
+
+
+class StagingPool:
+    """A few pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk), made on first use."""
+
+    def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool) -> None:
+        self.page_bytes = page_bytes
+        self.rows = rows
+        self.count = count
+        self.pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._pooled: dict[int, bool] = {}
+        self._sem: asyncio.Semaphore | None = None
+
+    async def acquire(self, wait: bool = True) -> torch.Tensor:
+        """A buffer; with ``wait=False`` a temporary extra one is made when all are in use."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.count)
+        if wait or not self._sem.locked():
+            await self._sem.acquire()
+            pooled = True
+        else:
+            pooled = False
+        try:
+            buf = self._free.pop() if (pooled and self._free) else await asyncio.to_thread(self._make)
+        except BaseException:
+            if pooled:
+                self._sem.release()
+            raise
+        self._pooled[id(buf)] = pooled
+        return buf
+
+    def _make(self) -> torch.Tensor:
+        return torch.empty((self.rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        if self._pooled.pop(id(buf), True):
+            self._free.append(buf)
+            self._sem.release()
+
+    def clear(self) -> None:
+        self._free.clear()

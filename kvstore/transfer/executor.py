@@ -1,0 +1,343 @@
+"""Runs a placement plan: moves grouped into batches, batches run as a dependency-ordered pipeline.
+
+Moves of one kind (source level -> destination level) are cut into batches of at most
+``batch_bytes``. A batch starts as soon as the batches that vacate its destination slots are done,
+so victims' demotions, disk reads and device copies of different batches overlap (disk -> host reads
+of batch i+1 run while batch i crosses PCIe). Each move is settled in placement when its batch ends:
+``complete`` after its bytes landed, ``abort`` if its batch failed, was cancelled before starting, or
+depended on an aborted move. A batch never stops half-way through its transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .._aio import settle
+from ..errors import StorageIOError
+from ..placement import Move, MoveState, Placement, Plan
+from ..types import CacheLevel
+from .arenas import DeviceArena, HostArena, StagingPool
+from .copier import Copier, Segment
+from .diskfile import DiskSlotFile
+from .io_backends import Extent, IOBackend
+
+log = logging.getLogger("kvstore")
+
+D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
+
+
+@dataclass(eq=False)
+class _Batch:
+    src: Optional[CacheLevel]
+    dst: CacheLevel
+    swap: bool = False
+    moves: list[Move] = field(default_factory=list)
+    deps: set["_Batch"] = field(default_factory=set)  # batches that must be done first
+    read_deps: set["_Batch"] = field(default_factory=set)  # swap batches whose sources must be staged first
+    done: Optional[asyncio.Future] = None
+    read_done: Optional[asyncio.Future] = None  # swap batches: sources copied to staging
+
+    def waits(self) -> list[asyncio.Future]:
+        return [d.done for d in self.deps] + [d.read_done for d in self.read_deps]
+
+
+@dataclass
+class RunResult:
+    """What a plan run moved (pages whose data crossed levels; new-page placements not counted)."""
+
+    pages_moved: int = 0
+    bytes_moved: int = 0
+    error: Optional[BaseException] = None
+    seconds: float = 0.0
+
+
+def _slot_free(m: Move) -> bool:
+    """Whether ``m``'s destination slot is vacated (its previous occupant moved or was staged)."""
+    return m.after is None or m.after.state in (MoveState.DONE, MoveState.STAGED)
+
+
+class _RunState:
+    def __init__(self) -> None:
+        self.stop = False
+        self.result = RunResult()
+
+
+class TransferExecutor:
+    """Moves page data between the tier stores and settles each move in :class:`Placement`."""
+
+    def __init__(
+        self,
+        placement: Placement,
+        device: DeviceArena,
+        host: Optional[HostArena],
+        disk: Optional[DiskSlotFile],
+        io: Optional[IOBackend],
+        copier: Copier,
+        staging: StagingPool,
+        batch_bytes: int,
+        stats: Counter,
+    ) -> None:
+        self.placement = placement
+        self.device = device
+        self.host = host
+        self.disk = disk
+        self.io = io
+        self.copier = copier
+        self.staging = staging
+        self.page_bytes = device.page_bytes
+        self.batch_rows = max(1, batch_bytes // self.page_bytes)
+        self.stats = stats
+
+    # ------------------------------------------------------------------ planning batches
+    def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
+        if self._needs_staging(src, dst, swap):
+            return min(self.batch_rows, self.staging.rows)
+        return self.batch_rows
+
+    def _needs_staging(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool = False) -> bool:
+        if swap:
+            return True
+        if src == K and dst == K:
+            return True
+        return {src, dst} == {D, K} and self.copier.cuda
+
+    def _batches(self, plan: Plan) -> list[_Batch]:
+        open_: dict[tuple, _Batch] = {}
+        of: dict[int, _Batch] = {}
+        out: list[_Batch] = []
+        for mv in plan.moves:
+            key = (mv.src, mv.dst, mv.swap)
+            b = open_.get(key)
+            if b is None or len(b.moves) >= self._rows_limit(mv.src, mv.dst, mv.swap):
+                b = open_[key] = _Batch(mv.src, mv.dst, mv.swap)
+                out.append(b)
+            b.moves.append(mv)
+            of[id(mv)] = b
+        for b in out:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
+            for mv in b.moves:
+                dep = of.get(id(mv.after)) if mv.after is not None else None
+                if dep is None:
+                    continue
+                if dep.swap:
+                    b.read_deps.add(dep)
+                elif dep is not b:
+                    b.deps.add(dep)
+        return out
+
+    # ------------------------------------------------------------------ running
+    async def run(self, plan: Plan) -> RunResult:
+        """Run every move of ``plan``; cancellation stops batches that have not started and waits for the rest."""
+        t0 = time.perf_counter()
+        state = _RunState()
+        if not plan.moves:
+            return state.result
+        loop = asyncio.get_running_loop()
+        batches = self._batches(plan)
+        after = self.copier.after_current_stream()
+        for b in batches:
+            b.done = loop.create_future()
+            b.read_done = loop.create_future() if b.swap else None
+            for mv in b.moves:
+                mv.settled = b.done
+        tasks = [
+            asyncio.ensure_future(self._run_swap(b, state, after) if b.swap else self._run_batch(b, state, after))
+            for b in batches
+        ]
+        everything = asyncio.gather(*tasks)
+        try:
+            await asyncio.shield(everything)
+        except asyncio.CancelledError:
+            state.stop = True
+            await settle(everything)
+            raise
+        finally:
+            state.result.seconds = time.perf_counter() - t0
+        return state.result
+
+    async def _run_swap(self, b: _Batch, state: _RunState, after) -> None:
+        """A swap batch: stage the sources, let the promotions take the slots, then write the destinations.
+
+        If a promotion this batch waited for did not happen, its page is restored to its source slot.
+        Swaps only move between memory levels, where copies do not fail.
+        """
+        buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
+        try:
+            rows = list(range(len(b.moves)))
+            src_slots = [m.src_slot for m in b.moves]
+            try:
+                await self.copier.copy(self._segments_rows(buf, rows, b.src, src_slots, to_buf=True), "down", after)
+            except Exception as exc:
+                for m in b.moves:
+                    self.placement.abort(m)
+                state.stop = True
+                state.result.error = state.result.error or self._wrap(exc, b)
+                return
+            for m in b.moves:
+                self.placement.stage(m)
+            b.read_done.set_result(None)
+            await asyncio.wait(b.waits())
+            ok = [i for i, m in enumerate(b.moves) if m.after.state is MoveState.DONE]
+            back = [i for i, m in enumerate(b.moves) if m.after.state is not MoveState.DONE]
+            if ok:
+                dst = [b.moves[i].dst_slot for i in ok]
+                await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
+            if back:
+                src = [b.moves[i].src_slot for i in back]
+                await self.copier.copy(self._segments_rows(buf, back, b.src, src, to_buf=False), "up", after)
+            for i in ok:
+                self.placement.complete(b.moves[i])
+            for i in back:
+                self.placement.abort(b.moves[i])
+            self._count(b, len(ok), state)
+        finally:
+            self.staging.give_back(buf)
+            if not b.read_done.done():
+                b.read_done.set_result(None)
+            b.done.set_result(None)
+
+    def _segments_rows(self, buf: torch.Tensor, rows: list[int], level: CacheLevel, slots: list[int], to_buf: bool):
+        """Segments copying memory-level ``slots`` into staging ``rows`` (or back, ``to_buf=False``)."""
+        segs = []
+        for t, pos, trows in self._mem(level, slots):
+            brows = [rows[p] for p in pos]
+            segs.append(Segment(buf, brows, t, trows) if to_buf else Segment(t, trows, buf, brows))
+        return segs
+
+    def _count(self, b: _Batch, n: int, state: _RunState) -> None:
+        if b.src is not None and b.src != b.dst:
+            name = f"{b.src.label}_to_{b.dst.label}"
+            self.stats[f"pages_{name}"] += n
+            self.stats[f"bytes_{name}"] += n * self.page_bytes
+            state.result.pages_moved += n
+            state.result.bytes_moved += n * self.page_bytes
+        elif b.src == b.dst:
+            self.stats[f"relocations_{b.dst.label}"] += n
+
+    async def _run_batch(self, b: _Batch, state: _RunState, after) -> None:
+        try:
+            waits = b.waits()
+            if waits:
+                await asyncio.wait(waits)
+            ready = [m for m in b.moves if _slot_free(m)]
+            blocked = [m for m in b.moves if not _slot_free(m)]
+            for m in blocked:
+                self.placement.abort(m)
+            if state.stop:
+                for m in ready:
+                    self.placement.abort(m)
+                return
+            try:
+                if ready and b.src is not None:
+                    await self._transfer(b.src, b.dst, ready, after)
+            except Exception as exc:
+                for m in ready:
+                    self.placement.abort(m)
+                state.stop = True
+                if state.result.error is None:
+                    state.result.error = self._wrap(exc, b)
+                return
+            for m in ready:
+                self.placement.complete(m)
+            self._count(b, len(ready), state)
+        finally:
+            b.done.set_result(None)
+
+    def _wrap(self, exc: BaseException, b: _Batch) -> BaseException:
+        what = f"moving {len(b.moves)} pages {b.src.label} -> {b.dst.label}"
+        if isinstance(exc, OSError):
+            self.stats["io_errors"] += 1
+            err = StorageIOError(f"disk I/O failed {what}: {exc}; pages stayed where they were", exc.errno)
+            err.__cause__ = exc
+            return err
+        log.exception("transfer failed %s", what, exc_info=exc)
+        return exc
+
+    # ------------------------------------------------------------------ data paths
+    def _mem(self, level: CacheLevel, slots: Sequence[int]) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+        """Rows of ``slots`` on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
+        if level == D:
+            return [(self.device.rows, list(range(len(slots))), list(slots))]
+        groups = self.host.group(slots)
+        return [(self.host.chunks[c], [p for p, _ in pr], [r for _, r in pr]) for c, pr in groups.items()]
+
+    def _segments(self, dst_l, dst_slots, src_l, src_slots) -> list[Segment]:
+        segs = []
+        for dt, dpos, drows in self._mem(dst_l, dst_slots):
+            sub_src = [src_slots[p] for p in dpos]
+            for st, spos, srows in self._mem(src_l, sub_src):
+                segs.append(Segment(dt, [drows[p] for p in spos], st, srows))
+        return segs
+
+    def _extents(self, disk_slots: Sequence[int], tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[Extent]:
+        """Disk extents for page i at ``disk_slots[i]`` <-> row ``rows[i]`` of ``tensors[i]``, merged where contiguous."""
+        disk = self.disk
+        contiguous = disk.stride == self.page_bytes
+        order = sorted(range(len(disk_slots)), key=disk_slots.__getitem__)
+        out: list[Extent] = []
+        last_slot = None
+        run: list[tuple[torch.Tensor, int, int]] = []  # (tensor, first row, count)
+
+        def flush() -> None:
+            if run:
+                out[-1].buffers.extend(t[r : r + n].numpy().reshape(-1) for t, r, n in run)
+                run.clear()
+
+        for i in order:
+            slot, t, r = disk_slots[i], tensors[i], rows[i]
+            if not (contiguous and last_slot is not None and slot == last_slot + 1):
+                flush()
+                out.append(Extent(disk.offset(slot)))
+            if run and run[-1][0] is t and run[-1][1] + run[-1][2] == r:
+                run[-1] = (t, run[-1][1], run[-1][2] + 1)
+            else:
+                run.append((t, r, 1))
+            last_slot = slot
+        flush()
+        return out
+
+    def _mem_extents(self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int]) -> list[Extent]:
+        tensors, rows = [], []
+        for slot in mem_slots:
+            if level == D:
+                tensors.append(self.device.rows)
+                rows.append(slot)
+            else:
+                c, r = self.host.locate(slot)
+                tensors.append(self.host.chunks[c])
+                rows.append(r)
+        return self._extents(disk_slots, tensors, rows)
+
+    async def _transfer(self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after) -> None:
+        src_slots = [m.src_slot for m in moves]
+        dst_slots = [m.dst_slot for m in moves]
+        if src != K and dst != K:
+            lane = "up" if dst.value < src.value else "down"
+            await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
+            return
+        if not self._needs_staging(src, dst):
+            if src == K:
+                await settle(self.io.read(self._mem_extents(dst, dst_slots, src_slots)))
+            else:
+                await settle(self.io.write(self._mem_extents(src, src_slots, dst_slots)))
+            return
+        buf = await self.staging.acquire()
+        try:
+            rows = list(range(len(moves)))
+            tensors = [buf] * len(moves)
+            if src == K:
+                await settle(self.io.read(self._extents(src_slots, tensors, rows)))
+            else:
+                await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
+            if dst == K:
+                await settle(self.io.write(self._extents(dst_slots, tensors, rows)))
+            else:
+                await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)
+        finally:
+            self.staging.give_back(buf)

@@ -1,0 +1,231 @@
+"""Disk I/O behind one interface, with two backends picked at start-up.
+
+- :class:`PosixBackend` — a thread pool of ``os.preadv``/``os.pwritev`` (works everywhere).
+- :class:`KvikioBackend` — kvikio ``CuFile.pread``/``pwrite`` (GDS, or kvikio's compat mode);
+  needs a CUDA driver, so it is probed with a tiny real write/read before use.
+
+``KVSTORE_IO_BACKEND=auto|kvikio|posix`` overrides the choice. An I/O request is a list of
+:class:`Extent` — a file offset and the buffers (numpy views of host memory) that lie back to back
+in the file from there. Short reads and writes are continued; end of file is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+
+log = logging.getLogger("kvstore")
+
+_IOV_MAX = 1024
+
+#: Test hook: called as ``hook(op, offset, nbytes)`` before every I/O call; may raise OSError.
+FaultHook = Callable[[str, int, int], None]
+
+
+@dataclass
+class Extent:
+    """Buffers that are contiguous in the file starting at ``offset``."""
+
+    offset: int
+    buffers: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+
+def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
+    """Cut extents into pieces of at most ``task_bytes`` (whole buffers) and IOV_MAX buffers, for parallel I/O."""
+    out = []
+    for ext in extents:
+        off = ext.offset
+        cur = Extent(off)
+        for buf in ext.buffers:
+            if cur.buffers and (cur.nbytes + buf.nbytes > task_bytes or len(cur.buffers) >= _IOV_MAX):
+                out.append(cur)
+                cur = Extent(off)
+            cur.buffers.append(buf)
+            off += buf.nbytes
+        if cur.buffers:
+            out.append(cur)
+    return out
+
+
+def _full_io(fn: Callable, fd: int, buffers: list[memoryview], offset: int, op: str) -> None:
+    """Run preadv/pwritev until every byte moved; raise OSError(EIO) on end of file or no progress."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        n = fn(fd, views, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short {op} at offset {offset}: {'end of file' if n == 0 else n}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+class IOBackend:
+    """Reads and writes extents of one file; every call completes through an awaitable."""
+
+    name = "abstract"
+
+    def __init__(self) -> None:
+        self.fault_hook: Optional[FaultHook] = None
+
+    def _fault(self, op: str, extent: Extent) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(op, extent.offset, extent.nbytes)
+
+    async def read(self, extents: Sequence[Extent]) -> None:
+        raise NotImplementedError
+
+    async def write(self, extents: Sequence[Extent]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+async def _gather_all(futs: list[asyncio.Future]) -> None:
+    """Wait for every future (buffers stay in use until all finish), then raise the first error."""
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+class PosixBackend(IOBackend):
+    """``os.preadv``/``os.pwritev`` on a pool of worker threads."""
+
+    name = "posix"
+
+    def __init__(self, fd: int, threads: int, task_bytes: int = 8 << 20) -> None:
+        super().__init__()
+        self.fd = fd
+        self.task_bytes = task_bytes
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-io")
+
+    def _run(self, op: str, ext: Extent) -> None:
+        self._fault(op, ext)
+        fn = os.preadv if op == "read" else os.pwritev
+        _full_io(fn, self.fd, ext.buffers, ext.offset, op)
+
+    async def _submit(self, op: str, extents: Sequence[Extent]) -> None:
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(self.pool, self._run, op, e) for e in split_extents(extents, self.task_bytes)]
+        await asyncio.shield(_gather_all(futs))
+
+    async def read(self, extents: Sequence[Extent]) -> None:
+        await self._submit("read", extents)
+
+    async def write(self, extents: Sequence[Extent]) -> None:
+        await self._submit("write", extents)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class KvikioBackend(IOBackend):
+    """kvikio ``CuFile`` reads/writes; each buffer is one kvikio task, waited for on a helper thread."""
+
+    name = "kvikio"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import kvikio  # noqa: F401  (import error -> caller falls back)
+
+        self._kvikio = kvikio
+        self.file = kvikio.CuFile(str(path), "r+")
+        self.waiters = ThreadPoolExecutor(4, thread_name_prefix="kvstore-kvikio")
+
+    def _run(self, op: str, extents: Sequence[Extent]) -> None:
+        futs = []
+        try:
+            for ext in extents:
+                self._fault(op, ext)
+                off = ext.offset
+                for buf in ext.buffers:
+                    fn = self.file.pread if op == "read" else self.file.pwrite
+                    futs.append((fn(buf, buf.nbytes, off), buf.nbytes, off))
+                    off += buf.nbytes
+        finally:
+            errors = []
+            for fut, size, off in futs:
+                try:
+                    n = fut.get()
+                except Exception as exc:  # keep waiting for the rest: their buffers are in use
+                    errors.append(exc)
+                    continue
+                if n != size:
+                    errors.append(OSError(errno.EIO, f"short {op} at offset {off}: {n} of {size} bytes"))
+            if errors:
+                err = errors[0]
+                raise err if isinstance(err, OSError) else OSError(errno.EIO, f"kvikio {op} failed: {err}")
+
+    async def read(self, extents: Sequence[Extent]) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "read", list(extents)))
+
+    async def write(self, extents: Sequence[Extent]) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "write", list(extents)))
+
+    def close(self) -> None:
+        self.waiters.shutdown(wait=True)
+        self.file.close()
+
+
+def probe_kvikio(directory: Path) -> Optional[str]:
+    """Try a tiny real kvikio write and read in ``directory``; None if it works, else the reason. Blocks."""
+    try:
+        import kvikio
+    except Exception as exc:  # ImportError, or a broken install
+        return f"kvikio is not importable ({type(exc).__name__}: {exc})"
+    probe = Path(directory) / f".kvstore-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        data = np.frombuffer(secrets.token_bytes(4096), dtype=np.uint8).copy()
+        back = np.zeros_like(data)
+        with kvikio.CuFile(str(probe), "w") as f:
+            if f.pwrite(data, data.nbytes, 0).get() != data.nbytes:
+                return "kvikio probe write was short"
+        with kvikio.CuFile(str(probe), "r") as f:
+            if f.pread(back, back.nbytes, 0).get() != back.nbytes:
+                return "kvikio probe read was short"
+        if not np.array_equal(data, back):
+            return "kvikio probe read back different bytes"
+        return None
+    except Exception as exc:
+        return f"kvikio probe failed ({type(exc).__name__}: {exc})"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def choose_backend(directory: Path) -> tuple[str, str]:
+    """Pick ``kvikio`` or ``posix`` for a disk tier in ``directory``: (name, reason). Blocks (probe I/O)."""
+    want = os.environ.get("KVSTORE_IO_BACKEND", "auto").strip().lower() or "auto"
+    if want not in ("auto", "kvikio", "posix"):
+        raise ConfigError(f"KVSTORE_IO_BACKEND must be auto, kvikio or posix, got {want!r}")
+    if want == "posix":
+        return "posix", "KVSTORE_IO_BACKEND=posix"
+    why_not = probe_kvikio(directory)
+    if why_not is None:
+        return "kvikio", "kvikio probe write/read succeeded"
+    if want == "kvikio":
+        raise ConfigError(f"KVSTORE_IO_BACKEND=kvikio but {why_not}; unset it to fall back to POSIX I/O")
+    return "posix", why_not
