@@ -29,6 +29,7 @@ from .transfer.copier import Copier
 from .transfer.diskfile import DiskSlotFile
 from .transfer.executor import RunResult, TransferExecutor
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
+from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
 from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
 
 log = logging.getLogger("kvstore")
@@ -289,8 +290,8 @@ class KVCacheManager:
                 return
             await asyncio.wait(pending)
 
-    async def _run(self, plan) -> RunResult:
-        result = await self._executor.run(plan)
+    async def _run(self, plan, priority: int = BACKGROUND) -> RunResult:
+        result = await self._executor.run(plan, priority)
         if result.error is not None:
             raise result.error
         return result
@@ -305,7 +306,7 @@ class KVCacheManager:
             await self._wait_moving(pages)
             self._check_running()
             plan = pl.plan_promotion(pages, CacheLevel.DEVICE, require_all=True)
-            await self._run(plan)
+            await self._run(plan, RESUME)
             if cache.status is not CacheStatus.SUSPENDED:
                 raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resume() ran")
             if any(p.level != CacheLevel.DEVICE for p in pages):
@@ -327,7 +328,7 @@ class KVCacheManager:
                 p.owners = 1
                 p.locks = 1
             try:
-                await self._run(plan)
+                await self._run(plan, RESUME)
                 if cache.status is not CacheStatus.ACTIVE:
                     raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
             except BaseException:
@@ -375,7 +376,6 @@ class KVCacheManager:
             pages = cache._pages
             await self._wait_moving(pages)
             ti = pl.level_index(target)
-            moved = RunResult()
             if cache.status is CacheStatus.SUSPENDED:
                 for p in pages:
                     if pl.level_index(p.level) > ti:
@@ -383,10 +383,10 @@ class KVCacheManager:
                         held.append(p)
                     else:
                         pl.touch(p)
-                plan = pl.plan_promotion(held, target, require_all=False)
-                moved = await self._run(plan)
+                await self._run(pl.plan_promotion(held, target, require_all=False), PREFETCH)
             complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
-            return PrefetchResult(complete, moved.pages_moved, moved.bytes_moved, time.perf_counter() - t0)
+            n = sum(1 for p in held if not p.freed and pl.level_index(p.level) <= ti)
+            return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0)
         finally:
             for p in held:
                 pl.release(p)

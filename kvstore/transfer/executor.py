@@ -27,6 +27,7 @@ from .arenas import DeviceArena, HostArena, StagingPool
 from .copier import Copier, Segment
 from .diskfile import DiskSlotFile
 from .io_backends import Extent, IOBackend
+from .scheduler import BACKGROUND, IOScheduler
 
 log = logging.getLogger("kvstore")
 
@@ -94,6 +95,7 @@ class TransferExecutor:
         self.page_bytes = device.page_bytes
         self.batch_rows = max(1, batch_bytes // self.page_bytes)
         self.stats = stats
+        self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
 
     # ------------------------------------------------------------------ planning batches
     def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
@@ -132,8 +134,11 @@ class TransferExecutor:
         return out
 
     # ------------------------------------------------------------------ running
-    async def run(self, plan: Plan) -> RunResult:
-        """Run every move of ``plan``; cancellation stops batches that have not started and waits for the rest."""
+    async def run(self, plan: Plan, priority: int = BACKGROUND) -> RunResult:
+        """Run every move of ``plan``; cancellation stops batches that have not started and waits for the rest.
+
+        ``priority`` (scheduler.RESUME / PREFETCH / BACKGROUND) orders this plan's disk I/O against others'.
+        """
         t0 = time.perf_counter()
         state = _RunState()
         if not plan.moves:
@@ -147,7 +152,9 @@ class TransferExecutor:
             for mv in b.moves:
                 mv.settled = b.done
         tasks = [
-            asyncio.ensure_future(self._run_swap(b, state, after) if b.swap else self._run_batch(b, state, after))
+            asyncio.ensure_future(
+                self._run_swap(b, state, after) if b.swap else self._run_batch(b, state, after, priority)
+            )
             for b in batches
         ]
         everything = asyncio.gather(*tasks)
@@ -220,11 +227,15 @@ class TransferExecutor:
         elif b.src == b.dst:
             self.stats[f"relocations_{b.dst.label}"] += n
 
-    async def _run_batch(self, b: _Batch, state: _RunState, after) -> None:
+    async def _run_batch(self, b: _Batch, state: _RunState, after, priority: int) -> None:
+        admitted = 0
         try:
             waits = b.waits()
             if waits:
                 await asyncio.wait(waits)
+            if K in (b.src, b.dst) and not state.stop:
+                admitted = len(b.moves) * self.page_bytes
+                await self.io_sched.acquire(admitted, (priority, int(b.dst == K)))
             ready = [m for m in b.moves if _slot_free(m)]
             blocked = [m for m in b.moves if not _slot_free(m)]
             for m in blocked:
@@ -247,6 +258,8 @@ class TransferExecutor:
                 self.placement.complete(m)
             self._count(b, len(ready), state)
         finally:
+            if admitted:
+                self.io_sched.release(admitted)
             b.done.set_result(None)
 
     def _wrap(self, exc: BaseException, b: _Batch) -> BaseException:

@@ -1,0 +1,90 @@
+"""Shared fixtures: small layouts, a manager factory on a temp disk directory, page-data helpers."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator, Callable
+
+import pytest
+import torch
+
+from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCache, KVCacheManager, PageLayout, StoreConfig
+
+LAYOUT = PageLayout(num_layers=2, num_kv_heads=2, head_dim=16, tokens_per_page=4, dtype=torch.float16)
+PAGE = LAYOUT.page_bytes
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def make_store(tmp_path) -> Callable:
+    """``async with make_store(device_pages, host_pages, disk_pages) as mgr`` (0 leaves a tier out)."""
+
+    @contextlib.asynccontextmanager
+    async def factory(
+        device: int = 4, host: int = 4, disk: int = 32, layout: PageLayout = LAYOUT, device_name=None, **kw
+    ) -> AsyncIterator[KVCacheManager]:
+        pb = layout.page_bytes
+        tiers = [DeviceTier(device * pb, device=device_name)]
+        if host:
+            tiers.append(HostTier(host * pb))
+        if disk:
+            tiers.append(DiskTier(disk * pb, tmp_path / "disk"))
+        mgr = KVCacheManager(StoreConfig(layout, tiers, **kw))
+        async with mgr:
+            yield mgr
+            mgr.check_invariants()
+
+    return factory
+
+
+def write_pages(mgr: KVCacheManager, cache: KVCache, seed: int) -> torch.Tensor:
+    """Fill an ACTIVE cache's pages with random data; returns a CPU copy of what was written."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randn((cache.num_pages, *mgr.layout.page_shape), generator=gen).to(mgr.layout.dtype)
+    mgr.device_pool[cache.page_indices().to(mgr.device_pool.device)] = data.to(mgr.device_pool.device)
+    return data
+
+
+def read_pages(mgr: KVCacheManager, cache: KVCache) -> torch.Tensor:
+    return mgr.device_pool[cache.page_indices().to(mgr.device_pool.device)].cpu()
+
+
+async def new_filled_cache(mgr: KVCacheManager, pages: int, seed: int, priority: int = 0) -> tuple[KVCache, torch.Tensor]:
+    """A SUSPENDED cache of ``pages`` pages holding random data (returned)."""
+    cache = mgr.create_cache(priority=priority)
+    await cache.resume()
+    await cache.resize(pages * mgr.layout.tokens_per_page)
+    data = write_pages(mgr, cache, seed)
+    cache.suspend()
+    return cache, data
+
+
+async def assert_data(mgr: KVCacheManager, cache: KVCache, data: torch.Tensor) -> None:
+    """Resume ``cache``, compare its bytes with ``data``, suspend it again."""
+    await cache.resume()
+    try:
+        got = read_pages(mgr, cache)
+        assert torch.equal(got.view(torch.uint8), data.view(torch.uint8)), "page data differs"
+    finally:
+        cache.suspend()
+
+
+def levels(cache: KVCache) -> dict[CacheLevel, int]:
+    return {k: v for k, v in cache.page_levels().items() if v}
+
+
+async def sink_to_disk(mgr: KVCacheManager, cache: KVCache) -> None:
+    """Push every page of a SUSPENDED cache to the disk level by creating (then closing) newer 1-page caches."""
+    fillers = []
+    while levels(cache) != {CacheLevel.DISK: cache.num_pages}:
+        fillers.append((await new_filled_cache(mgr, 1, seed=10_000 + len(fillers)))[0])
+    for f in fillers:
+        f.close()
