@@ -99,6 +99,7 @@ class RequestReport:
     prefetches: int = 0
     reused_tokens: int = 0
     prefilled_tokens: int = 0
+    capacity_waits: int = 0  # steps that waited for in-flight prefetches to free device room
     found_on: collections.Counter = field(default_factory=collections.Counter)  # coldest level when it came back
 
     def line(self) -> str:
@@ -107,6 +108,7 @@ class RequestReport:
             f"req {self.rid}: prompt {self.prompt_len} tok (reused {self.reused_tokens}, prefilled "
             f"{self.prefilled_tokens}), generated {len(self.tokens)} tok {self.tokens}, suspended "
             f"{self.suspends}x, prefetched {self.prefetches}x, pages found on: {where or '-'}"
+            + (f", waited for room {self.capacity_waits}x" if self.capacity_waits else "")
         )
 
 
@@ -121,6 +123,10 @@ class _Request:
     @property
     def done(self) -> bool:
         return len(self.gen.generated) >= self.max_new_tokens
+
+    @property
+    def observed(self) -> bool:
+        return self._observed
 
     def observe(self) -> None:
         """Record the coldest level holding a page, once per suspension (before any prefetch)."""
@@ -141,6 +147,7 @@ async def _step(req: _Request, queue: Sequence[_Request]) -> int:
         return await req.gen.step()
     except CapacityError:
         # Pages held by in-flight prefetches are not evictable until those end: let them end, retry once.
+        req.report.capacity_waits += 1
         for other in queue:
             if other.prefetch is not None and not other.prefetch.done():
                 await other.prefetch
@@ -168,8 +175,8 @@ async def serve(
     while queue:
         req = queue.popleft()
         for nxt in list(queue)[:prefetch_ahead]:
-            if nxt.gen.status is CacheStatus.SUSPENDED and (nxt.prefetch is None or nxt.prefetch.done()):
-                nxt.observe()
+            if nxt.gen.status is CacheStatus.SUSPENDED and nxt.gen.kv_cache.num_pages and not nxt.observed:
+                nxt.observe()  # once per suspension: where its pages went, then bring them up
                 nxt.prefetch = nxt.gen.prefetch(CacheLevel.HOST)
                 nxt.report.prefetches += 1
         req.observe()

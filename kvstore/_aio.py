@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, TypeVar
 
 T = TypeVar("T")
@@ -27,6 +29,19 @@ async def settle(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError()
     return result
+
+
+def thread_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads are all started now (blocking briefly).
+
+    ThreadPoolExecutor starts threads lazily on submit, and starting a thread waits for it to run:
+    under load that stalls the submitting thread (the event loop) for milliseconds per thread.
+    """
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers)
+    for f in [pool.submit(barrier.wait) for _ in range(workers)]:
+        f.result()
+    return pool
 
 
 class Gate:

@@ -93,7 +93,7 @@ class KVCacheManager:
                 await asyncio.to_thread(self._host.allocate, self._slots[CacheLevel.HOST])
             if disk_cfg is not None:
                 await asyncio.to_thread(self._open_disk, Path(disk_cfg.path))
-            self._copier = Copier(device)
+            self._copier = await asyncio.to_thread(Copier, device)
             staging_rows = max(1, cfg.batch_bytes // self._page_bytes)
             staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
             self._executor = TransferExecutor(

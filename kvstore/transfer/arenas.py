@@ -75,10 +75,17 @@ class HostArena:
             self.slots += rows
 
     def release_to(self, slots: int) -> None:
-        """Give back whole chunks above ``slots`` (slots >= ``slots`` must be unused)."""
+        """Shrink to ``slots`` slots (those above must be unused): whole chunks are dropped and the chunk
+        that straddles the limit is replaced by a smaller copy. Blocking: call from a worker thread."""
         while self.chunks and self._starts[-1] >= slots:
             self.chunks.pop()
             self.slots = self._starts.pop()
+        if self.chunks and self.slots > slots:
+            keep = slots - self._starts[-1]
+            smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+            smaller.copy_(self.chunks[-1][:keep])
+            self.chunks[-1] = smaller
+            self.slots = slots
         if self.pinned and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
 

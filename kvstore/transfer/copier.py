@@ -11,13 +11,12 @@ the copies run on worker threads. The event loop thread never issues or waits fo
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from .._aio import settle
+from .._aio import settle, thread_pool
 
 
 @dataclass
@@ -54,10 +53,10 @@ class Copier:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self._issue = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"kvstore-copy-{lane}") for lane in ("up", "down")}
+        self._issue = {lane: thread_pool(1, f"kvstore-copy-{lane}") for lane in ("up", "down")}
         if self.cuda:
             self._streams = {lane: torch.cuda.Stream(device) for lane in ("up", "down")}
-            self._wait = ThreadPoolExecutor(4, thread_name_prefix="kvstore-cuda-wait")
+            self._wait = thread_pool(4, "kvstore-cuda-wait")
 
     def after_current_stream(self) -> Optional[torch.cuda.Event]:
         """An event on the caller's current stream, so copies start after the compute queued so far."""

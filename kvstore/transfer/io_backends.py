@@ -16,13 +16,13 @@ import errno
 import logging
 import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .._aio import thread_pool
 from ..errors import ConfigError
 
 log = logging.getLogger("kvstore")
@@ -116,7 +116,7 @@ class PosixBackend(IOBackend):
         super().__init__()
         self.fd = fd
         self.task_bytes = task_bytes
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-io")
+        self.pool = thread_pool(threads, "kvstore-io")
 
     def _run(self, op: str, ext: Extent) -> None:
         self._fault(op, ext)
@@ -149,7 +149,7 @@ class KvikioBackend(IOBackend):
 
         self._kvikio = kvikio
         self.file = kvikio.CuFile(str(path), "r+")
-        self.waiters = ThreadPoolExecutor(4, thread_name_prefix="kvstore-kvikio")
+        self.waiters = thread_pool(4, "kvstore-kvikio")
 
     def _run(self, op: str, extents: Sequence[Extent]) -> None:
         futs = []
