@@ -47,7 +47,9 @@ from kvstore.integrations.hf import PagedGeneration, layout_for_model
 VOCAB_SIZE = 128
 
 
-def build_model(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def build_model(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
     """A tiny seeded Llama (2 layers, hidden 64, 4 heads, 2 KV heads, vocab 128) in eval mode."""
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
@@ -80,12 +82,11 @@ def store_config(
     layout: PageLayout, *, device_pages: int, host_pages: int, disk_pages: int, disk_dir: str,
     device: str | None = None,
 ) -> StoreConfig:
-    """Three tiers sized in pages."""
+    """Device, host and disk tiers sized in pages."""
     page = layout.page_bytes
-    return StoreConfig(
-        layout,
-        [DeviceTier(device_pages * page, device=device), HostTier(host_pages * page), DiskTier(disk_pages * page, disk_dir)],
-    )
+    tiers = [DeviceTier(device_pages * page, device=device), HostTier(host_pages * page),
+             DiskTier(disk_pages * page, disk_dir)]
+    return StoreConfig(layout, tiers)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class RequestReport:
     found_on: collections.Counter = field(default_factory=collections.Counter)  # coldest level when it came back
 
     def line(self) -> str:
-        where = ", ".join(f"{name} {self.found_on[name]}x" for name in ("device", "host", "disk") if self.found_on[name])
+        where = ", ".join(f"{lvl} {self.found_on[lvl]}x" for lvl in ("device", "host", "disk") if self.found_on[lvl])
         return (
             f"req {self.rid}: prompt {self.prompt_len} tok (reused {self.reused_tokens}, prefilled "
             f"{self.prefilled_tokens}), generated {len(self.tokens)} tok {self.tokens}, suspended "

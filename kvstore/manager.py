@@ -445,5 +445,6 @@ class KVCacheManager:
                 self._host.allocate(slots)
             else:
                 self._host.release_to(slots)
+            self._copier.forget_host_memory()
         else:
             self._disk.resize(slots)

@@ -147,7 +147,7 @@ async def test_reused_prefix_skips_its_prefill_and_matches_a_full_prefill(model,
 async def test_round_robin_serving_demotes_prefetches_resumes_and_matches_generate(model, tmp_path):
     prompts = [_prompt(n, seed=100 + n) for n in (21, 13, 30, 9, 26)]
     max_new = 8
-    async with _manager(model, tmp_path, 4, device_pages=10, host_pages=12) as mgr:
+    async with _manager(model, tmp_path, 4, device_pages=10, host_pages=6) as mgr:
         reports = await example.serve(model, mgr, prompts, max_new_tokens=max_new, prefetch_ahead=2)
         stats = mgr.stats()
     for rep, prompt in zip(reports, prompts):

@@ -4,7 +4,8 @@ A copy request is a list of :class:`Segment` — a source and a destination 2-D 
 the rows to copy. Rows are coalesced into runs that are contiguous on both sides, so pages that sit in
 neighbouring slots move with one copy. On CUDA the copies are issued from a worker thread on a
 dedicated stream per direction (so H2D and D2H overlap), after the caller's compute stream, and
-completion is a CUDA event waited for on another worker thread and bridged to asyncio. Without CUDA
+scattered small pages move with one gather/scatter kernel over mapped pinned memory; completion
+is a CUDA event waited for on another worker thread and bridged to asyncio. Without CUDA
 the copies run on worker threads. The event loop thread never issues or waits for a copy.
 """
 
@@ -47,6 +48,71 @@ def _copy_runs(segments: Sequence[Segment], non_blocking: bool) -> None:
             seg.dst[d0 : d0 + n].copy_(seg.src[s0 : s0 + n], non_blocking=non_blocking)
 
 
+#: Below this average run size a CUDA copy uses one gather/scatter kernel over mapped pinned memory
+#: instead of one DMA copy per run (per-copy launch cost dominates small runs; measured on an H200:
+#: 64 KiB pages scattered, 5.3 GB/s per-page copy_ vs 49.5 GB/s gather kernel, raw copy 55 GB/s).
+ZERO_COPY_BELOW = 1 << 20
+
+
+class _MappedHost:
+    """A pinned host tensor seen as a CUDA tensor (unified addressing: the host pointer is valid on the GPU)."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device) -> None:
+        rows, width = host.shape
+        word, typestr = (8, "<i8") if width % 8 == 0 else (1, "|u1")
+        self.__cuda_array_interface__ = {
+            "shape": (rows, width // word),
+            "typestr": typestr,
+            "data": (host.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }
+        self.tensor = torch.as_tensor(self, device=device)
+        self.word = word
+        self.host = host  # keeps the memory alive
+
+
+class _ZeroCopy:
+    """Gather/scatter kernels between scattered device rows and scattered pinned host rows."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._views: dict[int, _MappedHost] = {}
+
+    def mapped(self, host: torch.Tensor) -> _MappedHost:
+        key = host.data_ptr()
+        view = self._views.get(key)
+        if view is None or view.host.shape != host.shape:
+            view = self._views[key] = _MappedHost(host, self.device)
+        return view
+
+    def forget(self) -> None:
+        self._views.clear()
+
+    def usable(self, seg: Segment) -> bool:
+        d, s = seg.dst, seg.src
+        if d.is_cuda == s.is_cuda:
+            return False
+        host = s if d.is_cuda else d
+        if not host.is_pinned():
+            return False
+        n = len(seg.dst_rows)
+        return n > 0 and n * host.shape[1] / len(coalesce(seg.dst_rows, seg.src_rows)) < ZERO_COPY_BELOW
+
+    def copy(self, seg: Segment) -> None:
+        dev = self.device
+        didx = torch.tensor(list(seg.dst_rows), dtype=torch.int64).to(dev, non_blocking=True)
+        sidx = torch.tensor(list(seg.src_rows), dtype=torch.int64).to(dev, non_blocking=True)
+        if seg.dst.is_cuda:  # host -> device: gather over PCIe, scatter in HBM
+            src = self.mapped(seg.src)
+            dst = seg.dst.view(torch.int64) if src.word == 8 else seg.dst
+            dst.index_copy_(0, didx, src.tensor.index_select(0, sidx))
+        else:  # device -> host: gather in HBM, scatter over PCIe
+            dst = self.mapped(seg.dst)
+            src = seg.src.view(torch.int64) if dst.word == 8 else seg.src
+            dst.tensor.index_copy_(0, didx, src.index_select(0, sidx))
+
+
 class Copier:
     """Runs copy requests without blocking the event loop. ``lane`` is ``"up"`` (to the device) or ``"down"``."""
 
@@ -56,6 +122,7 @@ class Copier:
         self._issue = {lane: thread_pool(1, f"kvstore-copy-{lane}") for lane in ("up", "down")}
         if self.cuda:
             self._streams = {lane: torch.cuda.Stream(device) for lane in ("up", "down")}
+            self._zero_copy = _ZeroCopy(device)
             self._wait = thread_pool(4, "kvstore-cuda-wait")
 
     def after_current_stream(self) -> Optional[torch.cuda.Event]:
@@ -69,8 +136,19 @@ class Copier:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
-            _copy_runs(segments, non_blocking=True)
+            dma = []
+            for seg in segments:
+                if self._zero_copy.usable(seg):
+                    self._zero_copy.copy(seg)
+                else:
+                    dma.append(seg)
+            _copy_runs(dma, non_blocking=True)
             return stream.record_event()
+
+    def forget_host_memory(self) -> None:
+        """Drop cached device views of host memory (after the host arena was reallocated)."""
+        if self.cuda:
+            self._zero_copy.forget()
 
     async def copy(self, segments: Sequence[Segment], lane: str, after: Optional[torch.cuda.Event] = None) -> None:
         """Copy every segment's rows; returns once the bytes are in place."""
