@@ -159,7 +159,8 @@ class StoreConfig:
     """A page layout and the tiers, ordered hot -> cold: a DeviceTier, then optionally a HostTier, then a DiskTier.
 
     Quotas are rounded down to whole pages. ``namespace`` (model name, dtype, TP rank, ...) seeds the prefix
-    hash chain so that two models never share pages. ``batch_bytes`` bounds one transfer batch and
+    hash chain so that two models never share pages. ``eviction_policy`` picks the order in which evictable pages
+    leave a level (see :mod:`kvstore.placement.policies`: ``"lru"``, ``"lru-leaf"``, ``"s3fifo"``). ``batch_bytes`` bounds one transfer batch and
     ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8).
     """
 
@@ -169,6 +170,7 @@ class StoreConfig:
     batch_bytes: int = 32 << 20
     io_threads: int | None = None
     staging_buffers: int = 4
+    eviction_policy: str = "lru"
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, PageLayout):
@@ -196,6 +198,12 @@ class StoreConfig:
                 )
         if not isinstance(self.namespace, str):
             raise ConfigError(f"StoreConfig.namespace must be a str, got {self.namespace!r}")
+        from .placement.policies import POLICIES
+
+        if self.eviction_policy not in POLICIES:
+            raise ConfigError(
+                f"StoreConfig.eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
+            )
         _positive_int("StoreConfig", "batch_bytes", self.batch_bytes)
         _positive_int("StoreConfig", "staging_buffers", self.staging_buffers)
         if self.io_threads is not None:

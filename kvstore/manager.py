@@ -116,7 +116,7 @@ class KVCacheManager:
         self._disk.open(self._slots[CacheLevel.DISK])
         name, why = choose_backend(directory)
         if name == "kvikio":
-            self._io = KvikioBackend(self._disk.path)
+            self._io = KvikioBackend(self._disk.path, self.config.resolved_io_threads())
         else:
             self._io = PosixBackend(self._disk.fd, self.config.resolved_io_threads())
         self.io_backend = name
@@ -326,7 +326,7 @@ class KVCacheManager:
             new, plan = pl.plan_new_pages(n, CacheLevel.DEVICE, cache.priority)
             for p in new:
                 p.owners = 1
-                p.locks = 1
+                p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
             try:
                 await self._run(plan, RESUME)
                 if cache.status is not CacheStatus.ACTIVE:
@@ -334,9 +334,12 @@ class KVCacheManager:
             except BaseException:
                 for p in new:
                     if not p.freed:
-                        pl.unlock(p)
+                        pl.release(p)
                         pl.remove_owner(p)
                 raise
+            for p in new:
+                pl.lock(p)
+                pl.release(p)
             cache._pages.extend(new)
         finally:
             self._gate.release_shared()
@@ -377,13 +380,17 @@ class KVCacheManager:
             await self._wait_moving(pages)
             ti = pl.level_index(target)
             if cache.status is CacheStatus.SUSPENDED:
-                for p in pages:
-                    if pl.level_index(p.level) > ti:
-                        pl.hold(p)
-                        held.append(p)
-                    else:
-                        pl.touch(p)
-                await self._run(pl.plan_promotion(held, target, require_all=False), PREFETCH)
+                for p in pages:  # hold every page while planning: none of this cache's pages is a victim
+                    pl.hold(p)
+                try:
+                    plan = pl.plan_promotion(pages, target, require_all=False)
+                finally:
+                    for p in pages:
+                        if p.move is None:
+                            pl.release(p)  # already hot (now most recently used) or not moved: evictable
+                        else:
+                            held.append(p)  # moving: held until the prefetch ends
+                await self._run(plan, PREFETCH)
             complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
             n = sum(1 for p in held if not p.freed and pl.level_index(p.level) <= ti)
             return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0)

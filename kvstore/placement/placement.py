@@ -36,27 +36,30 @@ class _Grant:
 class _Draft:
     """Read-only simulation of room-making across the levels."""
 
-    def __init__(self, pl: "Placement", vacating: Sequence[Page] = ()) -> None:
+    def __init__(self, pl: "Placement") -> None:
         self.pl = pl
         self.free_left = {lvl: pl.alloc[lvl].free_count for lvl in pl.levels}
-        # slots that promotions of this plan vacate on the host level, usable by victims through a swap
-        self.vacating = [p for p in vacating if p.level == CacheLevel.HOST]
         self.iters: dict[CacheLevel, Iterator[Page]] = {}
         self.blocked: set[CacheLevel] = set()
 
-    def acquire(self, i: int, n: int, use_free: bool = True) -> list[_Grant]:
+    def acquire(self, i: int, n: int, use_free: bool = True, swap_with: Optional[Page] = None) -> list[_Grant]:
+        """Up to ``n`` slots at level index ``i``. ``swap_with``: a host page being promoted into the slot
+        obtained (n == 1); a device victim may then take that page's host slot (a pairwise swap)."""
         lvl = self.pl.levels[i]
         grants: list[_Grant] = []
         if use_free and n > 0:
             k = min(n, self.free_left[lvl])
             self.free_left[lvl] -= k
             grants.extend(_Grant(_FREE) for _ in range(k))
-            while len(grants) < n and lvl == CacheLevel.HOST and self.vacating:
-                grants.append(_Grant(_SWAP, self.vacating.pop()))
         while len(grants) < n:
             victim = self._next_victim(lvl)
             if victim is None:
                 break
+            nxt = self.pl.levels[i + 1] if i + 1 < len(self.pl.levels) else None
+            if swap_with is not None and nxt == swap_with.level and self.free_left[nxt] == 0:
+                # the next level is full: the victim takes the slot the promoted page leaves
+                grants.append(_Grant(_DEMOTE, victim, _Grant(_SWAP, swap_with), i + 1))
+                continue
             grant = self._evict(i, victim)
             if grant is not None:
                 grants.append(grant)
@@ -183,20 +186,23 @@ class Placement:
         """
         ti = self.level_index(target)
         colder = [p for p in pages if p.level is not None and self.level_index(p.level) > ti]
-        want = len(colder)
-        while True:  # a partial plan may only swap into slots of pages it really promotes
-            grants = _Draft(self, vacating=colder[:want]).acquire(ti, want)
-            if len(grants) == want or require_all:
+        draft = _Draft(self)
+        planned: list[tuple[Page, _Grant]] = []
+        for page in colder:
+            swap = page if page.level == CacheLevel.HOST and ti + 1 < len(self.levels) else None
+            got = draft.acquire(ti, 1, swap_with=swap)
+            if got:
+                planned.append((page, got[0]))
+            elif require_all:
                 break
-            want = len(grants)
-        if require_all and len(grants) < len(colder):
+        if require_all and len(planned) < len(colder):
             raise CapacityError(
-                f"{len(colder)} pages must move to the {target.label} level but only {len(grants)} slots can be "
+                f"{len(colder)} pages must move to the {target.label} level but only {len(planned)} slots can be "
                 f"freed there ({self.alloc[target].total} slots in all); raise the {target.label} quota, "
                 "suspend or close other caches, or use a smaller cache"
             )
         plan = Plan()
-        for page, grant in zip(colder, grants):
+        for page, grant in planned:
             slot, after = self._realize(grant, ti, plan)
             move = Move(page, page.level, page.slot, target, slot, after)
             page.move = move
@@ -354,6 +360,7 @@ class Placement:
 
         occupant: dict[tuple[CacheLevel, int], Page] = {}
         incoming: dict[tuple[CacheLevel, int], Move] = {}
+        staged: set[tuple[CacheLevel, int]] = set()
         for page in self.pages.values():
             if page.freed:
                 fail(f"freed page {page.pid} is still registered")
@@ -366,7 +373,8 @@ class Placement:
                     fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
                 where = (page.level, page.slot)
                 if mv is not None and mv.state is MoveState.STAGED:
-                    where = (page.level, -1 - page.pid)  # its bytes are in staging, not in the slot
+                    staged.add(where)  # its bytes are in staging; the slot stays reserved for it or its successor
+                    where = (page.level, -1 - page.pid)
                 if where in occupant:
                     fail(f"slot {page.slot} of {page.level.label} holds pages {occupant[where].pid} and {page.pid}")
                 occupant[where] = page
@@ -404,6 +412,7 @@ class Placement:
         for lvl in self.levels:
             alloc = self.alloc[lvl]
             used = {s for (l, s) in occupant if l == lvl and s >= 0} | {s for (l, s) in incoming if l == lvl}
+            used |= {s for (l, s) in staged if l == lvl}
             if len(used) != alloc.used_count:
                 fail(f"{lvl.label}: allocator counts {alloc.used_count} used slots, pages account for {len(used)}")
             if alloc.used_count > alloc.total:

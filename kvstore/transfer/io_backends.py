@@ -143,11 +143,14 @@ class KvikioBackend(IOBackend):
 
     name = "kvikio"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int) -> None:
         super().__init__()
-        import kvikio  # noqa: F401  (import error -> caller falls back)
+        import kvikio  # import error -> the caller falls back to POSIX
+        import kvikio.defaults
 
-        self._kvikio = kvikio
+        if kvikio.defaults.get("num_threads") < threads:  # kvikio's own pool splits each request
+            kvikio.defaults.set("num_threads", threads)
+        self.compat_mode = bool(kvikio.defaults.is_compat_mode_preferred())
         self.file = kvikio.CuFile(str(path), "r+")
         self.waiters = thread_pool(4, "kvstore-kvikio")
 

@@ -1,0 +1,2 @@
+from .eviction import EvictionQueue
+POLICIES = {"lru": EvictionQueue}
