@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -80,13 +81,13 @@ class RowSpec:
 
 ROWS: list[RowSpec] = [
     RowSpec("h2d_2m", "host -> device resume(), 2 MiB pages, scattered device slots", 2 * MiB, "scatter",
-            "one pinned copy_", "bw_ge", 0.90),
+            "one big copy_", "bw_ge", 0.90),
     RowSpec("d2h_2m", "device -> host demotion, 2 MiB pages, scattered device slots", 2 * MiB, "scatter",
-            "one pinned copy_", "bw_ge", 0.90),
+            "one big copy_", "bw_ge", 0.90),
     RowSpec("h2d_64k", "host -> device resume(), 64 KiB pages, scattered device slots", 64 * KiB, "scatter",
-            "one pinned copy_", "bw_ge", 0.70),
+            "one big copy_", "bw_ge", 0.70),
     RowSpec("d2h_64k", "device -> host demotion, 64 KiB pages, scattered device slots", 64 * KiB, "scatter",
-            "one pinned copy_", "bw_ge", 0.70),
+            "one big copy_", "bw_ge", 0.70),
     RowSpec("disk_host_cold", "disk -> host prefetch(HOST), page cache dropped", 2 * MiB, "disk",
             "parallel preadv", "bw_ge", 0.90, cpu_target=0.80),
     RowSpec("disk_host_warm", "disk -> host prefetch(HOST), page cache warm", 2 * MiB, "disk",
@@ -94,7 +95,7 @@ ROWS: list[RowSpec] = [
     RowSpec("disk_device", "disk -> device resume() end to end, page cache dropped", 2 * MiB, "disk",
             "min(preadv, copy_)", "bw_ge", 0.85),
     RowSpec("resume_after_prefetch", "resume() after prefetch(HOST) completed", 2 * MiB, "disk",
-            "one pinned copy_", "time_le", 1.20),
+            "one big copy_", "time_le", 1.20),
     RowSpec("bidir", "prefetch(DEVICE) up while a resize() demotes down", 2 * MiB, "bidir",
             "engine, one way", "gt", 1.50),
     RowSpec("loop_lag", "event-loop lag, 1 ms ticker, while pages move", 2 * MiB, "lag",
@@ -164,6 +165,17 @@ class Ctx:
         if self.pbar is not None:
             self.pbar.set_description(desc)
             self.pbar.update(1)
+
+
+def release_memory(ctx: "Ctx") -> None:
+    """Give cached device and pinned host memory back between rows (each row allocates its own)."""
+    gc.collect()
+    if ctx.cuda:
+        if not ctx.hung:  # a stuck copy would block a device-wide synchronize
+            torch.cuda.synchronize(ctx.device)
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 # ====================================================================== page cache
@@ -343,18 +355,16 @@ class Rig:
         backend = getattr(self.mgr, "io_backend", None)
         if backend:
             self.ctx.io_backends.add(backend)
-        if len(self.cfg.tiers) > 2 or any(isinstance(t, DiskTier) for t in self.cfg.tiers):
+        if any(isinstance(t, DiskTier) for t in self.cfg.tiers):
             self.ctx.io_threads = self.cfg.resolved_io_threads()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: Any, *exc: object) -> None:
         try:
-            if not self.ctx.hung:
+            if exc_type is not BenchTimeout:  # a stuck manager is abandoned, not closed
                 await self.ctx.within(self.mgr.aclose(), 120, "KVCacheManager.aclose()")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-            if self.ctx.cuda:
-                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ helpers
     def t(self, pages: int) -> float:
@@ -554,6 +564,7 @@ async def scenario_disk(ctx: Ctx, page_bytes: int, want: set[str], reps: int) ->
                 if not res.complete:
                     raise BenchCheckError(f"warm prefetch(HOST) incomplete: {res}")
                 expect(a, H, "after warm prefetch(HOST)")
+                raw_file.read()  # the raw file may have been dropped by the previous rep: warm it
                 s["disk_host_warm"] = dict(raw_verdict_pair(t, nbytes, raw_file.read(), nbytes),
                                            engine_seconds_reported=res.seconds)
                 await rig.to_disk(a)
@@ -896,10 +907,15 @@ def plan_jobs(selected: Sequence[RowSpec], cuda: bool) -> list[tuple[str, int, s
 
 
 async def run_job(ctx: Ctx, scenario: str, page_bytes: int, want: set[str], reps: int) -> tuple[Samples, Notes]:
-    if scenario == "scatter":
-        prefix = {2 * MiB: "2m", 64 * KiB: "64k"}.get(page_bytes, str(page_bytes))
-        return await scenario_scatter(ctx, page_bytes, want, reps, prefix)
-    return await SCENARIOS[scenario](ctx, page_bytes, want, reps)
+    try:
+        if scenario == "scatter_sweep":
+            return await scenario_scatter(ctx, page_bytes, want, reps, f"sweep{page_bytes}")
+        if scenario == "scatter":
+            prefix = {2 * MiB: "2m", 64 * KiB: "64k"}.get(page_bytes, str(page_bytes))
+            return await scenario_scatter(ctx, page_bytes, want, reps, prefix)
+        return await SCENARIOS[scenario](ctx, page_bytes, want, reps)
+    finally:
+        release_memory(ctx)
 
 
 async def run_rows(ctx: Ctx, selected: Sequence[RowSpec]) -> list[RowResult]:
@@ -908,11 +924,6 @@ async def run_rows(ctx: Ctx, selected: Sequence[RowSpec]) -> list[RowResult]:
         if spec.needs_cuda and not ctx.cuda:
             results[spec.name] = RowResult(spec, spec.page_bytes, "skipped", [], [], "skipped (no CUDA)", ctx.cuda)
     for scenario, page_bytes, want in plan_jobs(selected, ctx.cuda):
-        if ctx.hung:
-            for name in want:
-                results[name] = RowResult(ROW_BY_NAME[name], page_bytes, "skipped", [], [],
-                                          "skipped (an earlier row hung)", ctx.cuda)
-            continue
         t0 = time.perf_counter()
         try:
             samples, notes = await run_job(ctx, scenario, page_bytes, want, ctx.reps)
@@ -928,28 +939,29 @@ async def run_rows(ctx: Ctx, selected: Sequence[RowSpec]) -> list[RowResult]:
             spec = ROW_BY_NAME[name]
             rnotes = notes.get(name, []) + [f"scenario '{scenario}' took {took:.1f} s"]
             results[name] = RowResult(spec, page_bytes, "ok", samples.get(name, []), rnotes, "", ctx.cuda)
+            r = results[name]
+            ctx.log(f"{name}: engine {fmt_num(r.med('engine_gbps'))} GB/s, raw {fmt_num(r.med('raw_gbps'))} GB/s, "
+                    f"ratio {fmt_num(r.ratio)} ({r.target_text()}: {r.verdict()}) [{took:.1f} s]")
     return [results[s.name] for s in selected if s.name in results]
 
 
 async def run_sweep(ctx: Ctx, page_sizes: Sequence[int], reps: int) -> list[dict[str, Any]]:
-    """Bandwidth per path vs page size, for --plot."""
+    """Bandwidth per path vs page size, for --plot (``--sweep-size-mib`` bytes per point)."""
     points = []
+    ctx.size = ctx.args.sweep_size_mib * MiB
     for pb in page_sizes:
         point: dict[str, Any] = {"page_bytes": pb}
         try:
-            samples, _ = await scenario_scatter(ctx, pb, {"h2d", "d2h"}, reps, f"sweep{pb}")
+            samples, _ = await run_job(ctx, "scatter_sweep", pb, set(), reps)
             for key, row in (("h2d", f"h2d_sweep{pb}"), ("d2h", f"d2h_sweep{pb}")):
                 point[f"{key}_engine_gbps"] = statistics.median(s["engine_gbps"] for s in samples[row])
                 point[f"{key}_raw_gbps"] = statistics.median(s["raw_gbps"] for s in samples[row])
-            samples, _ = await scenario_disk(ctx, pb, {"disk_host_cold"}, reps)
+            samples, _ = await run_job(ctx, "disk", pb, {"disk_host_cold"}, reps)
             point["disk_host_cold_engine_gbps"] = statistics.median(s["engine_gbps"] for s in samples["disk_host_cold"])
             point["disk_host_cold_raw_gbps"] = statistics.median(s["raw_gbps"] for s in samples["disk_host_cold"])
         except Exception as exc:
             ctx.log(f"ERROR in sweep at {fmt_bytes(pb)}: {type(exc).__name__}: {exc}")
             point["error"] = f"{type(exc).__name__}: {exc}"
-            if ctx.hung:
-                points.append(point)
-                break
         points.append(point)
     return points
 
@@ -959,8 +971,9 @@ def draw_plot(path: str, points: Sequence[dict[str, Any]], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     series = [
         ("h2d_engine_gbps", "engine host->device resume (scattered)", "C0", "-o"),
         ("d2h_engine_gbps", "engine device->host demotion (scattered)", "C1", "-o"),
@@ -975,11 +988,15 @@ def draw_plot(path: str, points: Sequence[dict[str, Any]], title: str) -> None:
         if xs:
             ax.plot(xs, ys, style, color=color, label=label, alpha=0.6 if "--" in style else 1.0)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("page size (KiB)")
-    ax.set_ylabel("GB/s")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v / 1024:g}M" if v >= 1024 else f"{v:g}K"))
+    ax.set_yscale("log")  # disk (~1 GB/s) and PCIe (~50 GB/s) on one chart
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("page size")
+    ax.set_ylabel("GB/s (log)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1014,6 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-sizes", default=None,
                    help="page sizes for the --plot sweep, e.g. 64K,256K,1M,2M (default depends on the device)")
     p.add_argument("--sweep-reps", type=int, default=None, help="repetitions per sweep point (default min(reps, 2))")
+    p.add_argument("--sweep-size-mib", type=int, default=None,
+                   help="bytes per sweep point (default min(--size-mib, 1024))")
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="sweep page sizes and draw bandwidth per path to this PNG")
     p.add_argument("--disk-dir", default=None, help="directory for disk tiers and raw files (default $TMPDIR or /tmp)")
@@ -1061,6 +1080,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for pb in page_sizes:
         layout_for(pb)  # validates
     sweep_reps = args.sweep_reps or min(args.reps, 2)
+    if args.sweep_size_mib is None:
+        args.sweep_size_mib = min(args.size_mib, 1024)
 
     jobs = plan_jobs(selected, cuda)
     total = len(jobs) * (args.reps + 1)
@@ -1074,7 +1095,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep: list[dict[str, Any]] = []
     try:
         results = loop.run_until_complete(run_rows(ctx, selected))
-        if args.plot and not ctx.hung:
+        if args.plot:
             sweep = loop.run_until_complete(run_sweep(ctx, page_sizes, sweep_reps))
     finally:
         if pbar is not None:
@@ -1084,13 +1105,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpu = torch.cuda.get_device_name(device) if cuda else None
     meta = {
         "device": str(device), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "host": platform.node(), "size_bytes": ctx.size, "reps": args.reps,
+        "cpus": os.cpu_count(), "host": platform.node(), "size_bytes": args.size_mib * MiB, "reps": args.reps,
+        "sweep_size_bytes": args.sweep_size_mib * MiB if args.plot else None,
         "page_cache_drop": sorted(ctx.drop_used), "io_backend": sorted(ctx.io_backends),
         "io_threads": ctx.io_threads, "disk_dir": str(Path(args.disk_dir or tempfile.gettempdir()).resolve()),
         "seconds": elapsed, "warnings": ctx.warnings, "hung": ctx.hung,
     }
     print(f"kvstore bench_tiers: device={device}{f' ({gpu})' if gpu else ''}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, {fmt_bytes(ctx.size)} per row, median of {args.reps} reps")
+          f"{os.cpu_count()} CPUs, {fmt_bytes(args.size_mib * MiB)} per row, median of {args.reps} reps")
     print(f"page cache drop: {', '.join(sorted(ctx.drop_used)) or 'not needed'}; "
           f"disk I/O backend: {', '.join(sorted(ctx.io_backends)) or '-'} ({ctx.io_threads or '-'} threads); "
           f"disk dir {meta['disk_dir']}")
@@ -1112,7 +1134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for w in ctx.warnings:
         print(f"  WARNING: {w}")
     if sweep:
-        print("\nsweep (GB/s, engine / raw):")
+        print(f"\nsweep, {fmt_bytes(args.sweep_size_mib * MiB)} per point (GB/s, engine / raw):")
         for pt in sweep:
             parts = [f"{fmt_bytes(pt['page_bytes']):>8s}"]
             for key in ("h2d", "d2h", "disk_host_cold"):
@@ -1124,7 +1146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\ntook {elapsed:.1f} s")
 
     if args.plot and sweep:
-        title = f"kvstore tiers on {gpu or 'CPU'} ({fmt_bytes(ctx.size)} per point)"
+        title = f"kvstore tiers on {gpu or 'CPU'} ({fmt_bytes(args.sweep_size_mib * MiB)} per point)"
         draw_plot(args.plot, sweep, title)
         print(f"plot written to {args.plot}")
     if args.json_path:
