@@ -14,6 +14,7 @@ from typing import Sequence, Union
 import torch
 
 from .errors import ConfigError
+from .placement.policies import POLICIES
 from .types import CacheLevel
 
 __all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "StoreConfig", "TierConfig"]
@@ -159,8 +160,8 @@ class StoreConfig:
     """A page layout and the tiers, ordered hot -> cold: a DeviceTier, then optionally a HostTier, then a DiskTier.
 
     Quotas are rounded down to whole pages. ``namespace`` (model name, dtype, TP rank, ...) seeds the prefix
-    hash chain so that two models never share pages. ``eviction_policy`` picks the order in which evictable pages
-    leave a level (see :mod:`kvstore.placement.policies`: ``"lru"``, ``"lru-leaf"``, ``"s3fifo"``). ``batch_bytes`` bounds one transfer batch and
+    hash chain so that two models never share pages. ``eviction_policy`` orders the evictable pages of each level
+    (:mod:`kvstore.placement.policies`: ``"lru"``, ``"lru-leaf"``, ``"slru"``). ``batch_bytes`` bounds one transfer batch and
     ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8).
     """
 
@@ -198,9 +199,7 @@ class StoreConfig:
                 )
         if not isinstance(self.namespace, str):
             raise ConfigError(f"StoreConfig.namespace must be a str, got {self.namespace!r}")
-        from .placement.policies import POLICIES
-
-        if self.eviction_policy not in POLICIES:
+        if not isinstance(self.eviction_policy, str) or self.eviction_policy not in POLICIES:
             raise ConfigError(
                 f"StoreConfig.eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
             )

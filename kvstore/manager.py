@@ -36,6 +36,10 @@ log = logging.getLogger("kvstore")
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
+#: Pages planned per synchronous step of a resume or prefetch (bounds event-loop stalls; the next chunk
+#: is planned while the previous one's transfers run).
+PLAN_CHUNK = 128
+
 
 class KVCacheManager:
     """Owns the tiers and every cache. ``async with KVCacheManager(config) as mgr: ...``"""
@@ -47,11 +51,14 @@ class KVCacheManager:
         self.layout = config.layout
         self._page_bytes = config.layout.page_bytes
         self._slots = {lvl: config.slots(lvl) for lvl in config.levels}
-        self._placement = Placement(config.levels, [self._slots[l] for l in config.levels])
+        self._placement = Placement(
+            config.levels, [self._slots[l] for l in config.levels], policy=config.eviction_policy
+        )
         self._hasher = PrefixHasher(config.namespace, config.layout.fingerprint(), config.layout.tokens_per_page)
         self._stats: Counter[str] = Counter()
         self._caches: set[KVCache] = set()
         self._gate = Gate()
+        self._plan_lock = asyncio.Lock()
         self._state = _NEW
         self._device: Optional[DeviceArena] = None
         self._host: Optional[HostArena] = None
@@ -232,16 +239,8 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ prefix reuse
     def _match(self, tokens: np.ndarray) -> tuple[list[Page], Optional[bytes]]:
-        pages: list[Page] = []
-        prev: Optional[bytes] = None
-        for i in range(len(tokens) // self.layout.tokens_per_page):
-            key = self._hasher.keys(tokens, i, i + 1, prev)[0]
-            page = self._placement.index.get(key)
-            if page is None:
-                break
-            pages.append(page)
-            prev = key
-        return pages, prev
+        """Pages of the longest committed prefix of ``tokens`` (any level) and the key of the last one."""
+        return self._placement.index.match_tokens(self._hasher, tokens)
 
     def lookup(self, tokens: Sequence[int]) -> PrefixMatch:
         """How much of ``tokens`` is reusable and where those pages are now; holds nothing."""
@@ -261,6 +260,8 @@ class KVCacheManager:
         pages, last_key = self._match(arr)
         for page in pages:
             self._placement.add_owner(page, priority)
+        for page in reversed(pages):  # deepest first: a parent is never less recently reused than its child
+            self._placement.record_hit(page)
         reused = len(pages) * self.layout.tokens_per_page
         self._stats["prefix_hit_tokens"] += reused
         cache = KVCache(self, list(pages), priority, arr[:reused].copy(), last_key)
@@ -273,12 +274,13 @@ class KVCacheManager:
         keys = self._hasher.keys(tokens, first, stop, prev)
         for page, key in zip(pages, keys):
             if page.key is None:
-                self._placement.set_key(page, key)
+                self._placement.set_key(page, key, prev)
             elif page.key != key:
                 raise InvalidArgumentError(
                     "commit() tokens disagree with a page already committed under other tokens; "
                     "a cache's history cannot be rewritten"
                 )
+            prev = key
         return keys
 
     # ------------------------------------------------------------------ cache operations
@@ -296,6 +298,59 @@ class KVCacheManager:
             raise result.error
         return result
 
+    async def _start_promotion(
+        self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, priority: int
+    ) -> list[asyncio.Future]:
+        """Plan moving ``pages`` (held by the caller) up to ``target`` in chunks of ``PLAN_CHUNK`` pages and
+        start each chunk's transfers as soon as it is planned; returns the running plans.
+
+        With ``require_all`` the whole promotion is checked first (CapacityError, nothing moved). Chunks
+        keep each synchronous step short (the event loop keeps running) and overlap planning with copying.
+        The planning lock keeps other operations from taking the room between chunks.
+        """
+        pl = self._placement
+        runs: list[asyncio.Future] = []
+        async with self._plan_lock:
+            try:
+                if require_all:
+                    pl.check_promotion(pages, target)
+                for i in range(0, len(pages), PLAN_CHUNK):
+                    plan = pl.plan_promotion(pages[i : i + PLAN_CHUNK], target, require_all=require_all)
+                    if plan.moves:
+                        runs.append(asyncio.ensure_future(self._executor.run(plan, priority)))
+                    if i + PLAN_CHUNK < len(pages):
+                        await asyncio.sleep(0)
+            except BaseException:
+                await self._finish(runs, cancel=True)
+                raise
+        return runs
+
+    async def _finish(self, runs: list[asyncio.Future], cancel: bool = False) -> None:
+        """Wait for every run to settle (cancelling them first if ``cancel`` or if we are cancelled); raise the
+        first transfer error."""
+        if not runs:
+            return
+        if cancel:
+            for r in runs:
+                r.cancel()
+        try:
+            await asyncio.wait(runs)
+        except asyncio.CancelledError:
+            for r in runs:
+                r.cancel()
+            while not all(r.done() for r in runs):
+                try:
+                    await asyncio.wait(runs)
+                except asyncio.CancelledError:
+                    continue
+            raise
+        for r in runs:
+            if not r.cancelled() and r.exception() is None and r.result().error is not None:
+                raise r.result().error
+        for r in runs:
+            if not r.cancelled() and r.exception() is not None:
+                raise r.exception()
+
     async def _resume(self, cache: KVCache) -> None:
         await self._gate.acquire_shared()
         pl = self._placement
@@ -303,13 +358,16 @@ class KVCacheManager:
         for p in pages:
             pl.hold(p)
         try:
-            await self._wait_moving(pages)
-            self._check_running()
-            plan = pl.plan_promotion(pages, CacheLevel.DEVICE, require_all=True)
-            await self._run(plan, RESUME)
-            if cache.status is not CacheStatus.SUSPENDED:
-                raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resume() ran")
-            if any(p.level != CacheLevel.DEVICE for p in pages):
+            for _ in range(8):  # another operation may be moving a shared page: wait for it and go again
+                await self._wait_moving(pages)
+                self._check_running()
+                runs = await self._start_promotion(pages, CacheLevel.DEVICE, require_all=True, priority=RESUME)
+                await self._finish(runs)
+                if cache.status is not CacheStatus.SUSPENDED:
+                    raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resume() ran")
+                if all(p.level == CacheLevel.DEVICE for p in pages):
+                    break
+            else:
                 raise CapacityError("resume() could not bring every page to the device level; retry")
             for p in pages:
                 pl.lock(p)
@@ -323,7 +381,8 @@ class KVCacheManager:
         await self._gate.acquire_shared()
         pl = self._placement
         try:
-            new, plan = pl.plan_new_pages(n, CacheLevel.DEVICE, cache.priority)
+            async with self._plan_lock:
+                new, plan = pl.plan_new_pages(n, CacheLevel.DEVICE, cache.priority)
             for p in new:
                 p.owners = 1
                 p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
@@ -379,20 +438,22 @@ class KVCacheManager:
             pages = cache._pages
             await self._wait_moving(pages)
             ti = pl.level_index(target)
+            colder = [p for p in pages if pl.level_index(p.level) > ti]
             if cache.status is CacheStatus.SUSPENDED:
                 for p in pages:  # hold every page while planning: none of this cache's pages is a victim
                     pl.hold(p)
+                runs: list[asyncio.Future] = []
                 try:
-                    plan = pl.plan_promotion(pages, target, require_all=False)
+                    runs = await self._start_promotion(pages, target, require_all=False, priority=PREFETCH)
                 finally:
                     for p in pages:
                         if p.move is None:
                             pl.release(p)  # already hot (now most recently used) or not moved: evictable
                         else:
                             held.append(p)  # moving: held until the prefetch ends
-                await self._run(plan, PREFETCH)
+                await self._finish(runs)
             complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
-            n = sum(1 for p in held if not p.freed and pl.level_index(p.level) <= ti)
+            n = sum(1 for p in colder if not p.freed and pl.level_index(p.level) <= ti)
             return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0)
         finally:
             for p in held:

@@ -1,11 +1,46 @@
-"""Eviction queue of one level: evictable pages, LRU within priority, lower priority evicted first."""
+"""Eviction queue of one level: evictable pages, LRU within priority, lower priority evicted first.
+
+:class:`EvictionPolicy` is the interface every per-level queue implements (see
+:mod:`kvstore.placement.policies` for the others); :class:`EvictionQueue` is the LRU baseline.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from .page import Page
+
+
+class EvictionPolicy(Protocol):
+    """The evictable pages of one level, in eviction order.
+
+    ``candidates()`` yields pages in the order they should leave, lazily and without changing any state
+    (a planning draft stops early and may discard the iterator); the queue must not change while it runs.
+    Every other method is O(1) or O(log n) amortized.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, page: Page) -> bool: ...
+
+    def push(self, page: Page) -> None:
+        """Queue ``page`` (it became evictable at this level) as most recently used."""
+
+    def remove(self, page: Page) -> None:
+        """Take a queued ``page`` out (KeyError if it is not queued)."""
+
+    def discard(self, page: Page) -> None:
+        """Take ``page`` out if it is queued."""
+
+    def touch(self, page: Page) -> None:
+        """``page`` was used: most recently used (re-ordered if its priority changed); no-op if not queued."""
+
+    def hit(self, page: Page) -> None:
+        """``page`` was reused as a committed prefix page (queued or not)."""
+
+    def candidates(self) -> Iterator[Page]:
+        """Pages in eviction order."""
 
 
 class EvictionQueue:
@@ -51,6 +86,10 @@ class EvictionQueue:
             self.push(page)
         else:
             self._buckets[prio].move_to_end(page.pid)
+
+    def hit(self, page: Page) -> None:
+        """A prefix hit is a use like any other for LRU."""
+        self.touch(page)
 
     def candidates(self) -> Iterator[Page]:
         """Pages in eviction order. The queue must not change while the iterator is in use."""

@@ -14,12 +14,13 @@ from typing import Iterator, Optional, Sequence
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
-from .eviction import EvictionQueue
+from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
 from .prefix import PrefixIndex
 from .slots import SlotAllocator
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
+_EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
 
 
 @dataclass(slots=True)
@@ -89,11 +90,11 @@ class _Draft:
 class Placement:
     """Bookkeeping of every page on every configured level."""
 
-    def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int]) -> None:
+    def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int], policy: str = "lru") -> None:
         self.levels: tuple[CacheLevel, ...] = tuple(levels)
         self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots)}
-        self.queues = {lvl: EvictionQueue() for lvl in self.levels}
-        self.index = PrefixIndex()
+        self.index = PrefixIndex(ghost_capacity=sum(slots))
+        self.queues = make_queues(policy, self.index, self.levels, sum(slots))
         self.pages: dict[int, Page] = {}
         self.counters: Counter[str] = Counter()
         self._next_pid = 0
@@ -171,26 +172,30 @@ class Placement:
         page.level, page.slot = None, -1
         self.pages.pop(page.pid, None)
 
-    def set_key(self, page: Page, key: bytes) -> bool:
-        """Mark ``page`` committed under ``key``; True if it became the reusable page for that key."""
+    def set_key(self, page: Page, key: bytes, parent_key: Optional[bytes] = None) -> bool:
+        """Mark ``page`` committed under ``key`` (``parent_key``: the previous page's key, None for a first
+        page); True if it became the reusable page for that key."""
         page.key = key
-        return self.index.add(page)
+        added = self.index.add(page, parent_key)
+        node = self.index.node(page) if added else None
+        if node is not None and node.hits and page.level is not None:
+            self.queues[page.level].hit(page)  # a recently dropped key committed again: a reuse
+        return added
+
+    def record_hit(self, page: Page) -> None:
+        """``page`` was reused as a committed prefix page: count it and tell its level's policy."""
+        if self.index.record_hit(page) is not None and page.level is not None and not page.freed:
+            self.queues[page.level].hit(page)
 
     # ----------------------------------------------------------------- planning
-    def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
-        """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
-
-        The pages must be held by the caller (so none of them is a victim) and not moving. Room is made
-        by evicting other pages. With ``require_all`` a shortfall raises CapacityError and nothing
-        changes; otherwise the first pages (token order) that fit are planned.
-        """
-        ti = self.level_index(target)
-        colder = [p for p in pages if p.level is not None and self.level_index(p.level) > ti]
+    def _draft_promotion(self, pages: Sequence[Page], ti: int, require_all: bool) -> list[tuple[Page, _Grant]]:
+        target = self.levels[ti]
+        colder = [p for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti]
         draft = _Draft(self)
         planned: list[tuple[Page, _Grant]] = []
+        can_swap = ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST
         for page in colder:
-            swap = page if page.level == CacheLevel.HOST and ti + 1 < len(self.levels) else None
-            got = draft.acquire(ti, 1, swap_with=swap)
+            got = draft.acquire(ti, 1, swap_with=page if can_swap and page.level == CacheLevel.HOST else None)
             if got:
                 planned.append((page, got[0]))
             elif require_all:
@@ -201,6 +206,21 @@ class Placement:
                 f"freed there ({self.alloc[target].total} slots in all); raise the {target.label} quota, "
                 "suspend or close other caches, or use a smaller cache"
             )
+        return planned
+
+    def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> None:
+        """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing."""
+        self._draft_promotion(pages, self.level_index(target), True)
+
+    def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
+        """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
+
+        The pages must be held by the caller (so none of them is a victim); pages already moving are
+        skipped. Room is made by evicting other pages. With ``require_all`` a shortfall raises
+        CapacityError and nothing changes; otherwise the pages that fit (token order first) are planned.
+        """
+        ti = self.level_index(target)
+        planned = self._draft_promotion(pages, ti, require_all)
         plan = Plan()
         for page, grant in planned:
             slot, after = self._realize(grant, ti, plan)
@@ -296,7 +316,7 @@ class Placement:
         if grant.kind == _DROP:
             self._free(victim, release_slot=False)  # the grantee takes the slot over
             self.counters["drops"] += 1
-            self.counters[f"evictions_{level.label}"] += 1
+            self.counters[_EVICTIONS[level]] += 1
             plan.dropped += 1
             return slot, None
         if grant.via.kind == _SWAP:
@@ -320,8 +340,8 @@ class Placement:
         page = move.page
         if move.src is not None and not move.handoff:
             self.alloc[move.src].release(move.src_slot)
-        if move.src is not None and move.src.value < move.dst.value:
-            self.counters[f"evictions_{move.src.label}"] += 1
+        if move.src is not None and move.src < move.dst:
+            self.counters[_EVICTIONS[move.src]] += 1
         page.level, page.slot = move.dst, move.dst_slot
         page.move = None
         move.state = MoveState.DONE
@@ -423,3 +443,4 @@ class Placement:
         for page in self.index.pages():
             if page.pid not in self.pages:
                 fail(f"prefix index holds freed page {page.pid}")
+        self.index.check()

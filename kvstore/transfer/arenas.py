@@ -9,6 +9,7 @@ worker thread instead of stalling start-up, and shrinking gives whole chunks bac
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 from typing import Sequence
 
@@ -91,14 +92,8 @@ class HostArena:
 
     def locate(self, slot: int) -> tuple[int, int]:
         """(chunk index, row in chunk) of ``slot``."""
-        lo, hi = 0, len(self._starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._starts[mid] <= slot:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo, slot - self._starts[lo]
+        c = bisect.bisect_right(self._starts, slot) - 1
+        return c, slot - self._starts[c]
 
     def group(self, slots: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
         """Positions of ``slots`` grouped by chunk: {chunk: [(position in ``slots``, row), ...]}."""
