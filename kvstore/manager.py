@@ -321,28 +321,30 @@ class KVCacheManager:
                     if i + PLAN_CHUNK < len(pages):
                         await asyncio.sleep(0)
             except BaseException:
-                await self._finish(runs, cancel=True)
+                await self._abandon(runs)
                 raise
         return runs
 
-    async def _finish(self, runs: list[asyncio.Future], cancel: bool = False) -> None:
-        """Wait for every run to settle (cancelling them first if ``cancel`` or if we are cancelled); raise the
-        first transfer error."""
+    @staticmethod
+    async def _abandon(runs: list[asyncio.Future]) -> None:
+        """Cancel the runs (batches not started are dropped) and wait until every one has settled."""
+        for r in runs:
+            r.cancel()
+        while not all(r.done() for r in runs):
+            try:
+                await asyncio.wait(runs)
+            except asyncio.CancelledError:
+                continue
+
+    async def _finish(self, runs: list[asyncio.Future]) -> None:
+        """Wait for every run to settle (if we are cancelled meanwhile, cancel them and still wait); raise
+        the first transfer error."""
         if not runs:
             return
-        if cancel:
-            for r in runs:
-                r.cancel()
         try:
             await asyncio.wait(runs)
         except asyncio.CancelledError:
-            for r in runs:
-                r.cancel()
-            while not all(r.done() for r in runs):
-                try:
-                    await asyncio.wait(runs)
-                except asyncio.CancelledError:
-                    continue
+            await self._abandon(runs)
             raise
         for r in runs:
             if not r.cancelled() and r.exception() is None and r.result().error is not None:
@@ -378,19 +380,29 @@ class KVCacheManager:
             self._gate.release_shared()
 
     async def _grow(self, cache: KVCache, n: int) -> None:
+        """Add ``n`` device pages to an ACTIVE cache: checked whole first, then planned and run in chunks."""
         await self._gate.acquire_shared()
         pl = self._placement
+        new: list[Page] = []
+        runs: list[asyncio.Future] = []
         try:
-            async with self._plan_lock:
-                new, plan = pl.plan_new_pages(n, CacheLevel.DEVICE, cache.priority)
-            for p in new:
-                p.owners = 1
-                p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
             try:
-                await self._run(plan, RESUME)
+                async with self._plan_lock:
+                    pl.check_new_pages(n, CacheLevel.DEVICE)
+                    for i in range(0, n, PLAN_CHUNK):
+                        chunk, plan = pl.plan_new_pages(min(PLAN_CHUNK, n - i), CacheLevel.DEVICE, cache.priority)
+                        for p in chunk:
+                            p.owners = 1
+                            p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
+                        new.extend(chunk)
+                        runs.append(asyncio.ensure_future(self._executor.run(plan, RESUME)))
+                        if i + PLAN_CHUNK < n:
+                            await asyncio.sleep(0)
+                await self._finish(runs)
                 if cache.status is not CacheStatus.ACTIVE:
                     raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
             except BaseException:
+                await self._abandon(runs)
                 for p in new:
                     if not p.freed:
                         pl.release(p)

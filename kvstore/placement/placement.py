@@ -237,15 +237,23 @@ class Placement:
         plan.swaps.clear()
         return plan
 
-    def plan_new_pages(self, n: int, level: CacheLevel, priority: int) -> tuple[list[Page], Plan]:
-        """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible."""
-        li = self.level_index(level)
-        grants = _Draft(self).acquire(li, n)
+    def check_new_pages(self, n: int, level: CacheLevel) -> None:
+        """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing."""
+        self._draft_new_pages(n, level)
+
+    def _draft_new_pages(self, n: int, level: CacheLevel) -> list[_Grant]:
+        grants = _Draft(self).acquire(self.level_index(level), n)
         if len(grants) < n:
             raise CapacityError(
                 f"{n} new pages do not fit on the {level.label} level (only {len(grants)} slots can be freed of "
                 f"{self.alloc[level].total}); raise its quota or suspend/close other caches"
             )
+        return grants
+
+    def plan_new_pages(self, n: int, level: CacheLevel, priority: int) -> tuple[list[Page], Plan]:
+        """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible."""
+        li = self.level_index(level)
+        grants = self._draft_new_pages(n, level)
         plan = Plan()
         pages = []
         for grant in grants:

@@ -63,6 +63,21 @@ def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
     return out
 
 
+def pack_tasks(extents: Sequence[Extent], task_bytes: int) -> list[list[Extent]]:
+    """Extents cut by :func:`split_extents`, then packed into tasks of about ``task_bytes`` each, so a
+    transfer of many small scattered pages costs a few thread hand-offs, not one per page."""
+    tasks: list[list[Extent]] = []
+    size = 0
+    for ext in split_extents(extents, task_bytes):
+        n = ext.nbytes
+        if not tasks or size + n > task_bytes:
+            tasks.append([])
+            size = 0
+        tasks[-1].append(ext)
+        size += n
+    return tasks
+
+
 def _full_io(fn: Callable, fd: int, buffers: list[memoryview], offset: int, op: str) -> None:
     """Run preadv/pwritev until every byte moved; raise OSError(EIO) on end of file or no progress."""
     views = [memoryview(b).cast("B") for b in buffers]
@@ -119,14 +134,16 @@ class PosixBackend(IOBackend):
         self.task_bytes = task_bytes
         self.pool = thread_pool(threads, "kvstore-io")
 
-    def _run(self, op: str, ext: Extent) -> None:
-        self._fault(op, ext)
+    def _run(self, op: str, task: list[Extent]) -> None:
         fn = os.preadv if op == "read" else os.pwritev
-        _full_io(fn, self.fd, ext.buffers, ext.offset, op)
+        for ext in task:
+            self._fault(op, ext)
+            _full_io(fn, self.fd, ext.buffers, ext.offset, op)
 
     async def _submit(self, op: str, extents: Sequence[Extent]) -> None:
         loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(self.pool, self._run, op, e) for e in split_extents(extents, self.task_bytes)]
+        tasks = pack_tasks(extents, self.task_bytes)
+        futs = [loop.run_in_executor(self.pool, self._run, op, t) for t in tasks]
         await asyncio.shield(_gather_all(futs))
 
     async def read(self, extents: Sequence[Extent]) -> None:
