@@ -463,7 +463,7 @@ def runs_of(indices: Sequence[int]) -> int:
     """Number of runs of consecutive slots (1 = contiguous, len = fully scattered)."""
     if not indices:
         return 0
-    return 1 + sum(1 for a, b in zip(indices, indices[1:]) if b != a + 1)
+    return 1 + sum(1 for a, b in zip(indices, indices[1:], strict=False) if b != a + 1)
 
 
 def stat_delta(before: dict, after: dict, key: str) -> int:
@@ -879,8 +879,8 @@ def render_table(results: Sequence[RowResult]) -> str:
         lines.append([r.spec.name, fmt_bytes(r.page_bytes) if r.page_bytes else "-",
                       fmt_num(r.med("engine_gbps")), fmt_num(r.med("raw_gbps")), ratio_s, r.target_text(),
                       r.verdict(), r.spec.baseline])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()  # noqa: E731
     out = [fmt(header), fmt(["-" * w for w in widths])]
     out += [fmt(l) for l in lines]
     return "\n".join(out)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._aio import Gate, settle
+from ._aio import Gate
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
 from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
@@ -272,7 +272,7 @@ class KVCacheManager:
         self, pages: Sequence[Page], tokens: np.ndarray, first: int, stop: int, prev: Optional[bytes]
     ) -> list[bytes]:
         keys = self._hasher.keys(tokens, first, stop, prev)
-        for page, key in zip(pages, keys):
+        for page, key in zip(pages, keys, strict=False):
             if page.key is None:
                 self._placement.set_key(page, key, prev)
             elif page.key != key:

@@ -154,3 +154,28 @@ async def test_prefetch_read_error_surfaces_from_the_task(make_store):
         mgr._io.fault_hook = None
         assert (await cache.prefetch(CacheLevel.HOST)).complete
         await assert_data(mgr, cache, data)
+
+
+def test_pack_tasks_groups_small_extents_and_keeps_every_byte():
+    from kvstore.transfer.io_backends import pack_tasks
+
+    small = [Extent(i * 8192, [np.zeros(4096, dtype=np.uint8)]) for i in range(10)]
+    tasks = pack_tasks(small, task_bytes=16384)
+    assert [len(t) for t in tasks] == [4, 4, 2]
+    assert [e.offset for t in tasks for e in t] == [e.offset for e in small]
+    big = pack_tasks([Extent(0, [np.zeros(100, dtype=np.uint8) for _ in range(5)])], task_bytes=250)
+    assert sum(e.nbytes for t in big for e in t) == 500 and len(big) == 3
+
+
+@pytest.mark.parametrize(
+    "env,compat,expected",
+    [("auto", True, "posix"), ("auto", False, "kvikio"), ("kvikio", True, "kvikio")],
+)
+def test_kvikio_is_chosen_only_with_gds_unless_forced(monkeypatch, tmp_path, env, compat, expected):
+    import kvstore.transfer.io_backends as iob
+
+    monkeypatch.setenv("KVSTORE_IO_BACKEND", env)
+    monkeypatch.setattr(iob, "probe_kvikio", lambda d: None)
+    monkeypatch.setattr(iob, "_kvikio_compat_mode", lambda: compat)
+    name, reason = iob.choose_backend(tmp_path)
+    assert name == expected and reason

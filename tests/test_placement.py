@@ -127,7 +127,7 @@ class Engine:
 
     def prefetch(self, pages: Sequence[Page], target: CacheLevel, fail: Iterable[Move] = ()) -> Plan:
         pl = self.pl
-        ti = pl.level_index(target)
+        pl.level_index(target)
         held = []
         for p in pages:  # as KVCacheManager._prefetch: hold every page while planning
             pl.hold(p)

@@ -5,7 +5,7 @@ import torch
 
 from kvstore import CacheLevel, CacheStatus, DeviceTier, InvalidArgumentError, KVCacheManager, StoreConfig
 
-from .conftest import LAYOUT, PAGE, assert_data, levels, new_filled_cache, read_pages, write_pages
+from .conftest import LAYOUT, PAGE, new_filled_cache, read_pages, write_pages
 
 TPP = LAYOUT.tokens_per_page
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK

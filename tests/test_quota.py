@@ -6,7 +6,7 @@ import pytest
 
 from kvstore import CacheLevel, CapacityError, InvalidArgumentError, InvalidStateError
 
-from .conftest import PAGE, assert_data, levels, new_filled_cache
+from .conftest import PAGE, assert_data, new_filled_cache
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 

@@ -1,0 +1,109 @@
+"""Resume, prefetch and resize plan in chunks (short event-loop steps); all-or-nothing semantics hold."""
+
+import asyncio
+import time
+
+import pytest
+
+import kvstore.manager as manager_module
+from kvstore import CacheLevel, CacheStatus, CapacityError
+
+from .conftest import PAGE, assert_data, levels, new_filled_cache, read_pages, sink_to_disk
+
+D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    monkeypatch.setattr(manager_module, "PLAN_CHUNK", 2)
+
+
+async def test_chunked_resume_from_disk_is_exact(make_store, tiny_chunks):
+    async with make_store(device=12, host=12, disk=64) as mgr:
+        cache, data = await new_filled_cache(mgr, 9, seed=1)
+        await sink_to_disk(mgr, cache)
+        await assert_data(mgr, cache, data)
+        assert mgr.stats()["pages_disk_to_device"] >= 9
+
+
+async def test_chunked_resume_that_cannot_fit_moves_nothing(make_store, tiny_chunks):
+    async with make_store(device=6, host=8, disk=64) as mgr:
+        cache, _ = await new_filled_cache(mgr, 5, seed=1)
+        await sink_to_disk(mgr, cache)
+        blocker = mgr.create_cache()
+        await blocker.resume()
+        await blocker.resize(2 * mgr.layout.tokens_per_page)  # 2 locked: 4 device slots left for 5 pages
+        where, stats = cache.page_levels(), mgr.stats()
+        with pytest.raises(CapacityError):
+            await cache.resume()
+        assert cache.page_levels() == where and mgr.stats() == stats
+
+
+async def test_chunked_prefetch_moves_every_page(make_store, tiny_chunks):
+    async with make_store(device=12, host=12, disk=64) as mgr:
+        cache, data = await new_filled_cache(mgr, 7, seed=2)
+        await sink_to_disk(mgr, cache)
+        result = await cache.prefetch(H)
+        assert result.complete and result.pages_moved == 7 and levels(cache) == {H: 7}
+        await assert_data(mgr, cache, data)
+
+
+async def test_chunked_resize_grows_and_keeps_others_data(make_store, tiny_chunks):
+    async with make_store(device=8, host=8, disk=64) as mgr:
+        other, data = await new_filled_cache(mgr, 6, seed=3)
+        cache = mgr.create_cache()
+        await cache.resume()
+        await cache.resize(7 * mgr.layout.tokens_per_page)
+        assert cache.num_pages == 7 and len(set(cache.page_indices().tolist())) == 7
+        cache.close()
+        await assert_data(mgr, other, data)
+
+
+async def test_cancelled_resume_leaves_the_cache_suspended_and_consistent(make_store, tiny_chunks):
+    async with make_store(device=12, host=12, disk=64, batch_bytes=PAGE) as mgr:
+        cache, data = await new_filled_cache(mgr, 10, seed=4)
+        await sink_to_disk(mgr, cache)
+        mgr._io.fault_hook = lambda op, off, n: time.sleep(0.003)
+        task = asyncio.ensure_future(cache.resume())
+        while mgr.stats()["pages_disk_to_device"] < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache.status is CacheStatus.SUSPENDED
+        where = cache.page_levels()
+        assert where[D] + where[K] == 10 and where[K] > 0, where
+        mgr.check_invariants()
+        mgr._io.fault_hook = None
+        await assert_data(mgr, cache, data)
+
+
+async def test_cancelled_resize_changes_nothing(make_store, tiny_chunks):
+    async with make_store(device=8, host=8, disk=64, batch_bytes=PAGE) as mgr:
+        other, data = await new_filled_cache(mgr, 8, seed=5)
+        await mgr.set_quota(H, 2 * PAGE)  # host mostly full: growing forces writes to disk
+        mgr._io.fault_hook = lambda op, off, n: time.sleep(0.003)
+        cache = mgr.create_cache()
+        await cache.resume()
+        task = asyncio.ensure_future(cache.resize(8 * mgr.layout.tokens_per_page))
+        while mgr.stats()["pages_host_to_disk"] < 1:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache.num_pages == 0 and cache.status is CacheStatus.ACTIVE
+        mgr.check_invariants()
+        mgr._io.fault_hook = None
+        cache.close()
+        await assert_data(mgr, other, data)
+
+
+async def test_two_resumes_competing_for_the_device_both_stay_exact(make_store, tiny_chunks):
+    async with make_store(device=8, host=8, disk=64) as mgr:
+        a, da = await new_filled_cache(mgr, 4, seed=6)
+        b, db = await new_filled_cache(mgr, 4, seed=7)
+        await sink_to_disk(mgr, a)
+        await sink_to_disk(mgr, b)
+        await asyncio.gather(a.resume(), b.resume())
+        assert read_pages(mgr, a).view(-1).equal(da.view(-1)) and read_pages(mgr, b).view(-1).equal(db.view(-1))
+        mgr.check_invariants()
