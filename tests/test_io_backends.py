@@ -160,10 +160,10 @@ def test_pack_tasks_groups_small_extents_and_keeps_every_byte():
     from kvstore.transfer.io_backends import pack_tasks
 
     small = [Extent(i * 8192, [np.zeros(4096, dtype=np.uint8)]) for i in range(10)]
-    tasks = pack_tasks(small, task_bytes=16384)
+    tasks = pack_tasks(split_extents(small, 16384), task_bytes=16384)
     assert [len(t) for t in tasks] == [4, 4, 2]
     assert [e.offset for t in tasks for e in t] == [e.offset for e in small]
-    big = pack_tasks([Extent(0, [np.zeros(100, dtype=np.uint8) for _ in range(5)])], task_bytes=250)
+    big = pack_tasks(split_extents([Extent(0, [np.zeros(100, dtype=np.uint8) for _ in range(5)])], 250), 250)
     assert sum(e.nbytes for t in big for e in t) == 500 and len(big) == 3
 
 

@@ -172,6 +172,13 @@ class Placement:
         page.level, page.slot = None, -1
         self.pages.pop(page.pid, None)
 
+    def forget_corrupt(self, page: Page) -> None:
+        """``page``'s bytes are lost: it leaves the prefix index, and is dropped if no cache holds it."""
+        self.index.remove(page)
+        if page.owners == 0 and page.move is None and not page.freed:
+            self._free(page, release_slot=True)
+            self.counters["drops"] += 1
+
     def set_key(self, page: Page, key: bytes, parent_key: Optional[bytes] = None) -> bool:
         """Mark ``page`` committed under ``key`` (``parent_key``: the previous page's key, None for a first
         page); True if it became the reusable page for that key."""

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._aio import settle
-from ..errors import StorageIOError
+from ..errors import CorruptPageError, StorageIOError
 from ..placement import Move, MoveState, Placement, Plan
 from ..types import CacheLevel
 from .arenas import DeviceArena, HostArena, StagingPool
@@ -32,6 +32,7 @@ from .scheduler import BACKGROUND, IOScheduler
 log = logging.getLogger("kvstore")
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
+_NO_SUM = -1  # an expected checksum no page has (xxh3-64 digests are unsigned)
 
 
 @dataclass(eq=False)
@@ -96,6 +97,7 @@ class TransferExecutor:
         self.batch_rows = max(1, batch_bytes // self.page_bytes)
         self.stats = stats
         self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
+        self.sums: dict[int, tuple[int, int]] = {}  # disk slot -> (page id, xxh3-64 of the bytes written there)
 
     # ------------------------------------------------------------------ planning batches
     def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
@@ -244,9 +246,10 @@ class TransferExecutor:
                 for m in ready:
                     self.placement.abort(m)
                 return
+            bad: set[int] = set()
             try:
                 if ready and b.src is not None:
-                    await self._transfer(b.src, b.dst, ready, after)
+                    bad = await self._transfer(b.src, b.dst, ready, after)
             except Exception as exc:
                 for m in ready:
                     self.placement.abort(m)
@@ -254,13 +257,38 @@ class TransferExecutor:
                 if state.result.error is None:
                     state.result.error = self._wrap(exc, b)
                 return
-            for m in ready:
-                self.placement.complete(m)
-            self._count(b, len(ready), state)
+            for i, m in enumerate(ready):
+                if i in bad:
+                    self._corrupt(m, state)
+                else:
+                    self.placement.complete(m)
+            self._count(b, len(ready) - len(bad), state)
         finally:
             if admitted:
                 self.io_sched.release(admitted)
             b.done.set_result(None)
+
+    def _corrupt(self, m: Move, state: _RunState) -> None:
+        """A page read back from disk failed its checksum: never hand its bytes on.
+
+        The move is rolled back (the page stays on disk) and the page leaves the prefix index, so no new
+        cache reuses it. A page no cache holds is dropped (a miss); for a page a cache holds the operation
+        fails with CorruptPageError.
+        """
+        page = m.page
+        self.stats["corrupt_pages"] += 1
+        self.placement.abort(m)
+        owned = page.owners > 0
+        self.placement.forget_corrupt(page)
+        log.error("page %d failed its checksum reading disk slot %d (%s)", page.pid, m.src_slot,
+                  "owned by a cache" if owned else "dropped")
+        if owned and state.result.error is None:
+            state.result.error = CorruptPageError(
+                f"a page of this cache read back from disk slot {m.src_slot} failed its checksum; its data is "
+                "lost (nothing wrong was handed out). Close the cache and create it again: the page left the "
+                "prefix index, so the new cache recomputes it"
+            )
+            state.stop = True
 
     def _wrap(self, exc: BaseException, b: _Batch) -> BaseException:
         what = f"moving {len(b.moves)} pages {b.src.label} -> {b.dst.label}"
@@ -288,34 +316,48 @@ class TransferExecutor:
                 segs.append(Segment(dt, [drows[p] for p in spos], st, srows))
         return segs
 
-    def _extents(self, disk_slots: Sequence[int], tensors: Sequence[torch.Tensor], rows: Sequence[int]) -> list[Extent]:
-        """Disk extents for page i at ``disk_slots[i]`` <-> row ``rows[i]`` of ``tensors[i]``, merged where contiguous."""
+    def _extents(
+        self, disk_slots: Sequence[int], tensors: Sequence[torch.Tensor], rows: Sequence[int],
+        pids: Optional[Sequence[int]] = None,
+    ) -> tuple[list[Extent], list[int]]:
+        """Disk extents for page i at ``disk_slots[i]`` <-> row ``rows[i]`` of ``tensors[i]``, one buffer per
+        page, merged into one extent where the slots are contiguous; and the page indices in buffer order.
+
+        With ``pids`` (a read) every buffer carries the checksum recorded when page ``pids[i]`` was written
+        to that slot; a slot holding another page's record (or none) can never verify."""
         disk = self.disk
         contiguous = disk.stride == self.page_bytes
         order = sorted(range(len(disk_slots)), key=disk_slots.__getitem__)
         out: list[Extent] = []
         last_slot = None
-        run: list[tuple[torch.Tensor, int, int]] = []  # (tensor, first row, count)
-
-        def flush() -> None:
-            if run:
-                out[-1].buffers.extend(t[r : r + n].numpy().reshape(-1) for t, r, n in run)
-                run.clear()
-
         for i in order:
-            slot, t, r = disk_slots[i], tensors[i], rows[i]
+            slot = disk_slots[i]
             if not (contiguous and last_slot is not None and slot == last_slot + 1):
-                flush()
                 out.append(Extent(disk.offset(slot)))
-            if run and run[-1][0] is t and run[-1][1] + run[-1][2] == r:
-                run[-1] = (t, run[-1][1], run[-1][2] + 1)
-            else:
-                run.append((t, r, 1))
+            expected = None
+            if pids is not None:
+                record = self.sums.get(slot)
+                expected = record[1] if record is not None and record[0] == pids[i] else _NO_SUM
+            out[-1].add(tensors[i][rows[i]].numpy(), expected)
             last_slot = slot
-        flush()
-        return out
+        return out, order
 
-    def _mem_extents(self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int]) -> list[Extent]:
+    def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], moves: list[Move]) -> None:
+        """After a write: remember (page, checksum) per disk slot, to verify the page when it is read back."""
+        sums = [x for ext in extents for x in ext.sums]
+        for i, csum in zip(order, sums):
+            self.sums[disk_slots[i]] = (moves[i].page.pid, csum)
+
+    def _bad_moves(self, bad_offsets: list[int], moves: list[Move]) -> set[int]:
+        """Indices into ``moves`` of the pages read from the file offsets that failed verification."""
+        if not bad_offsets:
+            return set()
+        bad_slots = {off // self.disk.stride for off in bad_offsets}
+        return {i for i, m in enumerate(moves) if m.src_slot in bad_slots}
+
+    def _mem_extents(
+        self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int], pids=None
+    ) -> tuple[list[Extent], list[int]]:
         tensors, rows = [], []
         for slot in mem_slots:
             if level == D:
@@ -325,32 +367,42 @@ class TransferExecutor:
                 c, r = self.host.locate(slot)
                 tensors.append(self.host.chunks[c])
                 rows.append(r)
-        return self._extents(disk_slots, tensors, rows)
+        return self._extents(disk_slots, tensors, rows, pids)
 
-    async def _transfer(self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after) -> None:
+    async def _transfer(self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after) -> set[int]:
+        """Move the bytes of ``moves``; returns the indices of moves whose page failed its checksum."""
         src_slots = [m.src_slot for m in moves]
         dst_slots = [m.dst_slot for m in moves]
+        pids = [m.page.pid for m in moves]
         if src != K and dst != K:
             lane = "up" if dst.value < src.value else "down"
             await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
-            return
+            return set()
         if not self._needs_staging(src, dst):
             if src == K:
-                await settle(self.io.read(self._mem_extents(dst, dst_slots, src_slots)))
-            else:
-                await settle(self.io.write(self._mem_extents(src, src_slots, dst_slots)))
-            return
+                extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
+                return self._bad_moves(await settle(self.io.read(extents)), moves)
+            extents, order = self._mem_extents(src, src_slots, dst_slots)
+            await settle(self.io.write(extents))
+            self._record_sums(extents, order, dst_slots, moves)
+            return set()
         buf = await self.staging.acquire()
         try:
             rows = list(range(len(moves)))
             tensors = [buf] * len(moves)
+            bad: set[int] = set()
             if src == K:
-                await settle(self.io.read(self._extents(src_slots, tensors, rows)))
+                extents, _ = self._extents(src_slots, tensors, rows, pids)
+                bad = self._bad_moves(await settle(self.io.read(extents)), moves)
             else:
                 await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
             if dst == K:
-                await settle(self.io.write(self._extents(dst_slots, tensors, rows)))
+                good = [i for i in rows if i not in bad]
+                extents, order = self._extents([dst_slots[i] for i in good], tensors, good)
+                await settle(self.io.write(extents))
+                self._record_sums(extents, order, [dst_slots[i] for i in good], [moves[i] for i in good])
             else:
                 await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)
+            return bad
         finally:
             self.staging.give_back(buf)

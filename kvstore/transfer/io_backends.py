@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import xxhash
 
 from .._aio import thread_pool
 from ..errors import ConfigError
@@ -30,20 +31,40 @@ log = logging.getLogger("kvstore")
 
 _IOV_MAX = 1024
 
-#: Test hook: called as ``hook(op, offset, nbytes)`` before every I/O call; may raise OSError.
-FaultHook = Callable[[str, int, int], None]
+#: Test hook: called as ``hook(op, offset, nbytes)`` before every I/O call. It may raise OSError (the
+#: call fails), or return an int: the first system call then moves at most that many bytes (a short
+#: read or write, which the backend must continue).
+FaultHook = Callable[[str, int, int], Optional[int]]
+
+
+def checksum(buf: np.ndarray) -> int:
+    """The page checksum (xxh3-64 of its bytes; releases the GIL)."""
+    return xxhash.xxh3_64_intdigest(buf)
 
 
 @dataclass
 class Extent:
-    """Buffers that are contiguous in the file starting at ``offset``."""
+    """Pages back to back in the file from ``offset``: one buffer per page.
+
+    ``sums`` holds one checksum per buffer: for a write the backend fills it with the checksum of the
+    bytes it wrote; for a read it holds the checksum each page must have (None: not checked).
+    """
 
     offset: int
     buffers: list[np.ndarray] = field(default_factory=list)
+    sums: list[Optional[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.sums) != len(self.buffers):
+            self.sums = [None] * len(self.buffers)
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
+
+    def add(self, buf: np.ndarray, expected: Optional[int] = None) -> None:
+        self.buffers.append(buf)
+        self.sums.append(expected)
 
 
 def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
@@ -52,23 +73,23 @@ def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
     for ext in extents:
         off = ext.offset
         cur = Extent(off)
-        for buf in ext.buffers:
+        for buf, expected in zip(ext.buffers, ext.sums):
             if cur.buffers and (cur.nbytes + buf.nbytes > task_bytes or len(cur.buffers) >= _IOV_MAX):
                 out.append(cur)
                 cur = Extent(off)
-            cur.buffers.append(buf)
+            cur.add(buf, expected)
             off += buf.nbytes
         if cur.buffers:
             out.append(cur)
     return out
 
 
-def pack_tasks(extents: Sequence[Extent], task_bytes: int) -> list[list[Extent]]:
-    """Extents cut by :func:`split_extents`, then packed into tasks of about ``task_bytes`` each, so a
-    transfer of many small scattered pages costs a few thread hand-offs, not one per page."""
+def pack_tasks(pieces: Sequence[Extent], task_bytes: int) -> list[list[Extent]]:
+    """Pieces (from :func:`split_extents`) packed into tasks of about ``task_bytes`` each, so a transfer of
+    many small scattered pages costs a few thread hand-offs, not one per page."""
     tasks: list[list[Extent]] = []
     size = 0
-    for ext in split_extents(extents, task_bytes):
+    for ext in pieces:
         n = ext.nbytes
         if not tasks or size + n > task_bytes:
             tasks.append([])
@@ -78,11 +99,17 @@ def pack_tasks(extents: Sequence[Extent], task_bytes: int) -> list[list[Extent]]
     return tasks
 
 
-def _full_io(fn: Callable, fd: int, buffers: list[memoryview], offset: int, op: str) -> None:
-    """Run preadv/pwritev until every byte moved; raise OSError(EIO) on end of file or no progress."""
+def _full_io(fn: Callable, fd: int, buffers: list[np.ndarray], offset: int, op: str, first: Optional[int] = None) -> None:
+    """Run preadv/pwritev until every byte moved; raise OSError(EIO) on end of file or no progress.
+
+    ``first`` caps the bytes of the first call (fault injection of a short transfer)."""
     views = [memoryview(b).cast("B") for b in buffers]
     while views:
-        n = fn(fd, views, offset)
+        if first is not None:
+            n = fn(fd, [views[0][: max(1, min(first, len(views[0])))]], offset)
+            first = None
+        else:
+            n = fn(fd, views, offset)
         if n <= 0:
             raise OSError(errno.EIO, f"short {op} at offset {offset}: {'end of file' if n == 0 else n}")
         offset += n
@@ -93,6 +120,29 @@ def _full_io(fn: Callable, fd: int, buffers: list[memoryview], offset: int, op: 
             views[0] = views[0][n:]
 
 
+def _gather_sums(extents: Sequence[Extent], pieces: Sequence[Extent]) -> None:
+    """Copy the checksums computed on the split ``pieces`` back onto the original ``extents``."""
+    sums = [x for piece in pieces for x in piece.sums]
+    i = 0
+    for ext in extents:
+        ext.sums = sums[i : i + len(ext.buffers)]
+        i += len(ext.buffers)
+
+
+def _sum_before_write(ext: Extent) -> None:
+    ext.sums = [checksum(b) for b in ext.buffers]
+
+
+def _verify_after_read(ext: Extent) -> list[int]:
+    """File offsets of the pages of ``ext`` whose bytes do not have their expected checksum."""
+    bad, off = [], ext.offset
+    for buf, expected in zip(ext.buffers, ext.sums):
+        if expected is not None and checksum(buf) != expected:
+            bad.append(off)
+        off += buf.nbytes
+    return bad
+
+
 class IOBackend:
     """Reads and writes extents of one file; every call completes through an awaitable."""
 
@@ -101,26 +151,30 @@ class IOBackend:
     def __init__(self) -> None:
         self.fault_hook: Optional[FaultHook] = None
 
-    def _fault(self, op: str, extent: Extent) -> None:
+    def _fault(self, op: str, extent: Extent) -> Optional[int]:
         if self.fault_hook is not None:
-            self.fault_hook(op, extent.offset, extent.nbytes)
+            return self.fault_hook(op, extent.offset, extent.nbytes)
+        return None
 
-    async def read(self, extents: Sequence[Extent]) -> None:
+    async def read(self, extents: Sequence[Extent]) -> list[int]:
+        """Read every extent and verify each page's checksum; returns the file offsets of pages that failed."""
         raise NotImplementedError
 
     async def write(self, extents: Sequence[Extent]) -> None:
+        """Write every extent; fills each extent's ``sums`` with the checksums of the pages written."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
-async def _gather_all(futs: list[asyncio.Future]) -> None:
+async def _gather_all(futs: list[asyncio.Future]) -> list:
     """Wait for every future (buffers stay in use until all finish), then raise the first error."""
     results = await asyncio.gather(*futs, return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r
+    return results
 
 
 class PosixBackend(IOBackend):
@@ -134,20 +188,30 @@ class PosixBackend(IOBackend):
         self.task_bytes = task_bytes
         self.pool = thread_pool(threads, "kvstore-io")
 
-    def _run(self, op: str, task: list[Extent]) -> None:
-        fn = os.preadv if op == "read" else os.pwritev
+    def _run(self, op: str, task: list[Extent]) -> list[int]:
+        """One task on a worker thread: the I/O, then (reads) the checksums while the bytes are hot."""
+        bad: list[int] = []
         for ext in task:
-            self._fault(op, ext)
-            _full_io(fn, self.fd, ext.buffers, ext.offset, op)
+            first = self._fault(op, ext)
+            if op == "read":
+                _full_io(os.preadv, self.fd, ext.buffers, ext.offset, op, first)
+                bad.extend(_verify_after_read(ext))
+            else:
+                _sum_before_write(ext)
+                _full_io(os.pwritev, self.fd, ext.buffers, ext.offset, op, first)
+        return bad
 
-    async def _submit(self, op: str, extents: Sequence[Extent]) -> None:
+    async def _submit(self, op: str, extents: Sequence[Extent]) -> list[int]:
         loop = asyncio.get_running_loop()
-        tasks = pack_tasks(extents, self.task_bytes)
-        futs = [loop.run_in_executor(self.pool, self._run, op, t) for t in tasks]
-        await asyncio.shield(_gather_all(futs))
+        pieces = split_extents(extents, self.task_bytes)  # sums are filled on these pieces
+        futs = [loop.run_in_executor(self.pool, self._run, op, t) for t in pack_tasks(pieces, self.task_bytes)]
+        results = await asyncio.shield(_gather_all(futs))
+        if op == "write":
+            _gather_sums(extents, pieces)
+        return [off for bad in results for off in bad]
 
-    async def read(self, extents: Sequence[Extent]) -> None:
-        await self._submit("read", extents)
+    async def read(self, extents: Sequence[Extent]) -> list[int]:
+        return await self._submit("read", extents)
 
     async def write(self, extents: Sequence[Extent]) -> None:
         await self._submit("write", extents)
@@ -172,11 +236,14 @@ class KvikioBackend(IOBackend):
         self.file = kvikio.CuFile(str(path), "r+")
         self.waiters = thread_pool(4, "kvstore-kvikio")
 
-    def _run(self, op: str, extents: Sequence[Extent]) -> None:
+    def _run(self, op: str, extents: Sequence[Extent]) -> list[int]:
         futs = []
+        if op == "write":
+            for ext in extents:
+                _sum_before_write(ext)
         try:
             for ext in extents:
-                self._fault(op, ext)
+                self._fault(op, ext)  # kvikio cannot be made to transfer short: only raising faults apply
                 off = ext.offset
                 for buf in ext.buffers:
                     fn = self.file.pread if op == "read" else self.file.pwrite
@@ -195,10 +262,13 @@ class KvikioBackend(IOBackend):
             if errors:
                 err = errors[0]
                 raise err if isinstance(err, OSError) else OSError(errno.EIO, f"kvikio {op} failed: {err}")
+        if op == "read":
+            return [off for ext in extents for off in _verify_after_read(ext)]
+        return []
 
-    async def read(self, extents: Sequence[Extent]) -> None:
+    async def read(self, extents: Sequence[Extent]) -> list[int]:
         loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "read", list(extents)))
+        return await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "read", list(extents)))
 
     async def write(self, extents: Sequence[Extent]) -> None:
         loop = asyncio.get_running_loop()
