@@ -408,6 +408,36 @@ class KVStoreMachine(RuleBasedStateMachine):
         if tokens:
             self.histories.append(tuple(tokens))
 
+    @precondition(lambda self: self.mgr is not None and len(self.live) < MAX_CACHES)
+    @rule(
+        mode=st.sampled_from(["fresh", "share"]),
+        src=st.integers(0, 1000),
+        cut=st.integers(0, 40),
+        extra=st.lists(st.integers(0, VOCAB), max_size=10),
+        pages=st.integers(1, 5),
+        commit=st.booleans(),
+        suspend=st.booleans(),
+    )
+    @_step
+    def create_filled(self, mode, src, cut, extra, pages, commit, suspend):
+        """create, resume, resize to ``pages`` more pages, write them all, maybe commit, maybe suspend."""
+        self.create(mode, src, cut, extra, 0)
+        cm = self.live[-1]
+        self.resume(len([c for c in self.live if c.status is SUSPENDED]) - 1)
+        if cm.status is not ACTIVE:
+            return
+        self.resize(self.live_index(cm, ACTIVE), (len(cm.pages) + pages) * TPP)
+        if len(cm.pages) * TPP > cm.committed:
+            self.write(self.live_index(cm, ACTIVE, writable=True), list(range(len(cm.pages))))
+        if commit:
+            self.commit(self.live.index(cm), len(cm.history) - cm.committed)
+        if suspend:
+            self.suspend(self.live_index(cm, ACTIVE))
+
+    def live_index(self, cm: CModel, status: CacheStatus, writable: bool = False) -> int:
+        pool = [c for c in self.live if c.status is status and (not writable or len(c.pages) * TPP > c.committed)]
+        return pool.index(cm)
+
     @precondition(lambda self: self.has(SUSPENDED))
     @rule(i=st.integers(0, 100))
     @_step
@@ -561,7 +591,7 @@ class KVStoreMachine(RuleBasedStateMachine):
 
         self.pending.append((self.run(go()), cm))
 
-    @precondition(lambda self: self.mgr is not None)
+    @precondition(lambda self: bool(self.live))
     @rule(t=st.integers(0, 2), pages=st.integers(0, 20))
     @_step
     def set_quota(self, t, pages):
