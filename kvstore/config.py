@@ -143,10 +143,8 @@ class DiskTier:
         _quota("DiskTier", self.quota_bytes)
         if not isinstance(self.path, (str, os.PathLike)) or str(self.path) == "":
             raise ConfigError(f"DiskTier.path must be a directory path, got {self.path!r}")
-        if self.persistent:
-            raise ConfigError(
-                "DiskTier.persistent=True is not supported yet; use persistent=False (pages do not survive a restart)"
-            )
+        if not isinstance(self.persistent, bool):
+            raise ConfigError(f"DiskTier.persistent must be a bool, got {self.persistent!r}")
         p = Path(self.path)
         if p.exists() and not p.is_dir():
             raise ConfigError(f"DiskTier.path {str(p)!r} exists and is not a directory")

@@ -22,11 +22,12 @@ from ._aio import Gate
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
 from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
+from .persistence import DiskCatalog, Record
 from .placement import Page, Placement
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.copier import Copier
-from .transfer.diskfile import DiskSlotFile
+from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
 from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
@@ -67,6 +68,7 @@ class KVCacheManager:
         self._copier: Optional[Copier] = None
         self._executor: Optional[TransferExecutor] = None
         self.io_backend: Optional[str] = None  # "kvikio" or "posix" once started with a disk tier
+        self._catalog: Optional[DiskCatalog] = None  # a persistent disk tier's lock, fingerprint and journal
 
     # ------------------------------------------------------------------ start / close
     async def __aenter__(self) -> "KVCacheManager":
@@ -98,8 +100,9 @@ class KVCacheManager:
             if host_cfg is not None:
                 self._host = HostArena(self._page_bytes, pinned)
                 await asyncio.to_thread(self._host.allocate, self._slots[CacheLevel.HOST])
+            recovered: dict[int, Record] = {}
             if disk_cfg is not None:
-                await asyncio.to_thread(self._open_disk, Path(disk_cfg.path))
+                recovered = await asyncio.to_thread(self._open_disk, Path(disk_cfg.path), disk_cfg.persistent)
             self._copier = await asyncio.to_thread(Copier, device)
             staging_rows = max(1, cfg.batch_bytes // self._page_bytes)
             staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
@@ -107,7 +110,12 @@ class KVCacheManager:
                 self._placement, self._device, self._host, self._disk, self._io, self._copier, staging,
                 cfg.batch_bytes, self._stats,
             )
+            if self._catalog is not None:
+                self._restore(recovered)
+                await self._catalog.start(self._disk.fd)
         except BaseException:
+            if self._catalog is not None:
+                self._catalog.release()
             await asyncio.to_thread(self._release)
             self._state = _CLOSED
             raise
@@ -118,8 +126,18 @@ class KVCacheManager:
             self._slots.get(CacheLevel.DISK, 0), self._page_bytes,
         )
 
-    def _open_disk(self, directory: Path) -> None:
-        self._disk = DiskSlotFile(directory, self._page_bytes)
+    def _open_disk(self, directory: Path, persistent: bool) -> dict[int, Record]:
+        """Open the slot file (and, when persistent, lock the directory and recover its journal). Blocking."""
+        recovered: dict[int, Record] = {}
+        if persistent:
+            self._catalog = DiskCatalog(directory, {
+                "page_bytes": self._page_bytes,
+                "slot_stride": slot_stride(self._page_bytes),
+                "layout": self.layout.fingerprint(),
+                "hash_seed": self._hasher.seed.hex(),
+            })
+            recovered = self._catalog.open(self._slots[CacheLevel.DISK])
+        self._disk = DiskSlotFile(directory, self._page_bytes, persistent)
         self._disk.open(self._slots[CacheLevel.DISK])
         name, why = choose_backend(directory)
         if name == "kvikio":
@@ -128,6 +146,31 @@ class KVCacheManager:
             self._io = PosixBackend(self._disk.fd, self.config.resolved_io_threads())
         self.io_backend = name
         log.info("kvstore disk tier %s: I/O backend %s (%s)", self._disk.path, name, why)
+        return recovered
+
+    def _restore(self, records: dict[int, Record]) -> None:
+        """Index the committed pages a persistent disk tier recovered, then journal every later change."""
+        pl = self._placement
+        for slot in sorted(records):
+            rec = records[slot]
+            try:
+                page = pl.restore_page(CacheLevel.DISK, slot, rec.key, rec.parent)
+            except RuntimeError:
+                continue  # a key recorded twice: keep the first
+            self._executor.sums[slot] = (page.pid, rec.checksum)
+        pl.disk_listener = self._journal
+        if records:
+            log.info("kvstore disk tier: recovered %d committed pages", len(records))
+
+    def _journal(self, op: str, page: Page, slot: int) -> None:
+        if op == "del":
+            self._catalog.delete(slot)
+            return
+        record = self._executor.sums.get(slot)
+        if record is None or record[0] != page.pid:
+            return  # no checksum for these bytes: not journaled, a miss after a restart
+        node = self._placement.index.node(page)
+        self._catalog.put(slot, page.key, node.parent_key if node is not None else None, record[1])
 
     def _release(self) -> None:
         """Free memory, threads and files (blocking; run on a worker thread)."""
@@ -160,6 +203,8 @@ class KVCacheManager:
         try:
             for cache in list(self._caches):
                 cache.close()
+            if self._catalog is not None:
+                await self._catalog.close()
             await asyncio.to_thread(self._release)
         finally:
             self._gate.release_exclusive()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
@@ -98,6 +98,9 @@ class Placement:
         self.pages: dict[int, Page] = {}
         self.counters: Counter[str] = Counter()
         self._next_pid = 0
+        #: Called as ``disk_listener("put" | "del", page, slot)`` when a committed page arrives on or leaves
+        #: the disk level (a persistent tier journals it).
+        self.disk_listener: Optional[Callable[[str, Page, int], None]] = None
 
     # ----------------------------------------------------------------- page lifecycle
     def level_index(self, level: CacheLevel) -> int:
@@ -162,7 +165,24 @@ class Placement:
         if page.owners == 0 and not page.indexed and page.move is None and not page.freed:
             self._free(page, release_slot=True)
 
+    def _disk_event(self, op: str, page: Page, slot: int) -> None:
+        if self.disk_listener is not None and page.indexed:
+            self.disk_listener(op, page, slot)
+
+    def restore_page(self, level: CacheLevel, slot: int, key: bytes, parent_key: Optional[bytes]) -> Page:
+        """A committed page found at ``slot`` of ``level`` by recovery: reusable, held by no cache."""
+        self.alloc[level].take(slot)
+        page = self._new_page(0)
+        page.level, page.slot, page.key = level, slot, key
+        if not self.index.add(page, parent_key):
+            self._free(page, release_slot=True)
+            raise RuntimeError(f"recovered key of slot {slot} is indexed twice")
+        self.sync(page)
+        return page
+
     def _free(self, page: Page, release_slot: bool) -> None:
+        if page.level == CacheLevel.DISK:
+            self._disk_event("del", page, page.slot)
         if page.level is not None:
             self.queues[page.level].discard(page)
             if release_slot:
@@ -174,6 +194,8 @@ class Placement:
 
     def forget_corrupt(self, page: Page) -> None:
         """``page``'s bytes are lost: it leaves the prefix index, and is dropped if no cache holds it."""
+        if page.level == CacheLevel.DISK:
+            self._disk_event("del", page, page.slot)
         self.index.remove(page)
         if page.owners == 0 and page.move is None and not page.freed:
             self._free(page, release_slot=True)
@@ -184,6 +206,8 @@ class Placement:
         page); True if it became the reusable page for that key."""
         page.key = key
         added = self.index.add(page, parent_key)
+        if added and page.level == CacheLevel.DISK and page.move is None:
+            self._disk_event("put", page, page.slot)
         node = self.index.node(page) if added else None
         if node is not None and node.hits and page.level is not None:
             self.queues[page.level].hit(page)  # a recently dropped key committed again: a reuse
@@ -357,7 +381,11 @@ class Placement:
             self.alloc[move.src].release(move.src_slot)
         if move.src is not None and move.src < move.dst:
             self.counters[_EVICTIONS[move.src]] += 1
+        if move.src == CacheLevel.DISK:
+            self._disk_event("del", page, move.src_slot)
         page.level, page.slot = move.dst, move.dst_slot
+        if move.dst == CacheLevel.DISK:
+            self._disk_event("put", page, move.dst_slot)
         page.move = None
         move.state = MoveState.DONE
         self._free_if_orphan(page)

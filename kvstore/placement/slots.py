@@ -48,6 +48,13 @@ class SlotAllocator:
             for s in skipped:
                 heapq.heappush(self._free, s)
 
+    def take(self, slot: int) -> None:
+        """Mark a given free slot used (recovery of a persistent tier)."""
+        if not self._is_free[slot]:
+            raise RuntimeError(f"slot {slot} is already used")
+        self._is_free[slot] = 0
+        self._nfree -= 1  # its heap entry is now stale and skipped by allocate()
+
     def release(self, slot: int) -> None:
         if self._is_free[slot]:
             raise RuntimeError(f"slot {slot} released twice")
