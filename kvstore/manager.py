@@ -111,7 +111,8 @@ class KVCacheManager:
                 cfg.batch_bytes, self._stats,
             )
             if self._catalog is not None:
-                self._restore(recovered)
+                # nothing else can touch placement before start() returns: rebuild it off the loop thread
+                await asyncio.to_thread(self._restore, recovered)
                 await self._catalog.start(self._disk.fd)
         except BaseException:
             if self._catalog is not None:
