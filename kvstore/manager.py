@@ -160,6 +160,7 @@ class KVCacheManager:
                 continue  # a key recorded twice: keep the first
             self._executor.sums[slot] = (page.pid, rec.checksum)
         pl.disk_listener = self._journal
+        self._executor.before_disk_write = self._catalog.before_overwrite
         if records:
             log.info("kvstore disk tier: recovered %d committed pages", len(records))
 

@@ -11,8 +11,9 @@ Files in the tier directory (all 0600):
 
 Write order: page bytes are written, then (for a group of records) the slot file is ``fdatasync``-ed,
 then the records are appended and the journal is ``fsync``-ed — asynchronously, through aiofiles and
-worker threads. Whatever a crash leaves behind is safe because every page is verified against its
-checksum when it is read: a record whose page was never (fully) written is a mismatch, never data.
+worker threads. A slot that a durable PUT names is not overwritten before its DEL is durable
+(:meth:`DiskCatalog.before_overwrite`), so after a crash every record names the bytes it describes.
+Beyond that, every page is verified against its checksum when read: damage is a mismatch, never data.
 
 Recovery reads the journal once (a torn tail ends it), keeps the last record per slot, and rewrites the
 journal compacted (tmp file, fsync, rename, directory fsync): linear in the journal, about a second per
@@ -30,7 +31,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import aiofiles
 import xxhash
@@ -79,7 +80,10 @@ class DiskCatalog:
         self.meta = {"format": FORMAT, **meta}
         self.journal_path = self.directory / "kvstore.journal"
         self._lock_fd = -1
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[bytes, Optional[int]]] = []  # (record, slot it deletes)
+        self._claimed: set[int] = set()  # slots a PUT names (pending or durable)
+        self._unsafe: set[int] = set()  # slots whose DEL is not durable yet: not to be overwritten
+        self._lock = asyncio.Lock()
         self._wake: Optional[asyncio.Event] = None
         self._writer: Optional[asyncio.Task] = None
         self._file = None
@@ -92,17 +96,18 @@ class DiskCatalog:
         """Lock the directory, check or write the fingerprint, recover and compact the journal.
         Returns the committed pages recovered, by slot (slots >= ``slots`` are dropped). Blocking."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock()
+        self._lock_dir()
         try:
             self._check_meta()
             records = self._recover(slots)
             self._compact(records)
+            self._claimed = set(records)
             return records
         except BaseException:
             self._unlock()
             raise
 
-    def _lock(self) -> None:
+    def _lock_dir(self) -> None:
         fd = os.open(self.directory / "kvstore.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,15 +198,30 @@ class DiskCatalog:
         self._writer = asyncio.ensure_future(self._write_loop())
 
     def put(self, slot: int, key: bytes, parent: Optional[bytes], checksum: int) -> None:
-        self._append(_pack(_PUT, slot, key, parent, checksum))
+        self._claimed.add(slot)
+        self._unsafe.discard(slot)
+        self._append(_pack(_PUT, slot, key, parent, checksum), None)
 
     def delete(self, slot: int) -> None:
-        self._append(_pack(_DEL, slot))
+        if slot in self._claimed:
+            self._claimed.discard(slot)
+            self._unsafe.add(slot)  # the journal still names this slot until the DEL is durable
+        self._append(_pack(_DEL, slot), slot)
 
-    def _append(self, record: bytes) -> None:
-        self._pending.append(record)
+    def _append(self, record: bytes, deleted: Optional[int]) -> None:
+        self._pending.append((record, deleted))
         if self._wake is not None:
             self._wake.set()
+
+    async def before_overwrite(self, slots: Sequence[int]) -> None:
+        """Wait until no durable record still names one of ``slots`` (called before writing into them), so
+        that after a crash the journal never points at bytes of another page."""
+        if self._unsafe and not self._unsafe.isdisjoint(slots):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Make every record appended so far durable."""
+        await self._flush_pending()
 
     async def _write_loop(self) -> None:
         while not self._closing:
@@ -210,17 +230,22 @@ class DiskCatalog:
             await self._flush_pending()
 
     async def _flush_pending(self) -> None:
-        if not self._pending or self._file is None:
-            return
-        batch, self._pending = self._pending, []
-        try:
-            await asyncio.to_thread(os.fdatasync, self._data_fd)  # the pages before the records naming them
-            await self._file.write(b"".join(batch))
-            await self._file.flush()
-            await asyncio.to_thread(os.fsync, self._file.fileno())
-        except OSError as exc:  # a lost record only costs a miss after a restart
-            self.error = exc
-            log.error("kvstore journal write failed (%s): pages written since may be misses after a restart", exc)
+        async with self._lock:
+            if not self._pending or self._file is None:
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(os.fdatasync, self._data_fd)  # the pages before the records naming them
+                await self._file.write(b"".join(record for record, _ in batch))
+                await self._file.flush()
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+            except OSError as exc:  # a lost record only costs a miss after a restart
+                self.error = exc
+                log.error("kvstore journal write failed (%s): pages written since may be misses after a restart", exc)
+                return
+            for _, deleted in batch:
+                if deleted is not None:
+                    self._unsafe.discard(deleted)
 
     async def close(self) -> None:
         """Write what is pending, stop the writer, close the journal and release the lock."""

@@ -40,13 +40,11 @@ from typing import Optional, Union
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hypothesis import HealthCheck, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
-
-from kvstore import (  # noqa: E402
+from kvstore import (
     CacheLevel,
     CacheStatus,
     CapacityError,
@@ -153,6 +151,7 @@ class KVStoreMachine(RuleBasedStateMachine):
         self.levels: tuple[CacheLevel, ...] = ()
         self.counter = 0
         self.names = 0
+        self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup / teardown
     @initialize(
@@ -319,6 +318,22 @@ class KVStoreMachine(RuleBasedStateMachine):
     def key(self, tokens, j: int) -> tuple[int, ...]:
         return tuple(tokens[: (j + 1) * TPP])
 
+    def reuse_bounds(self, tokens) -> tuple[int, int]:
+        """(lo, hi) pages of ``tokens`` that must / may be reusable now."""
+        held = self.held()
+        lo, hi, lo_open = 0, 0, True
+        for j in range(len(tokens) // TPP):
+            k = self.key(tokens, j)
+            if k not in self.commits:
+                break
+            hi = j + 1
+            e = self.index.get(k)
+            if lo_open and isinstance(e, MPage) and e.uid in held:
+                lo = j + 1
+            else:
+                lo_open = False
+        return lo, hi
+
     # ------------------------------------------------------------------ invariant
     @invariant()
     def consistent(self) -> None:
@@ -333,6 +348,11 @@ class KVStoreMachine(RuleBasedStateMachine):
     def _consistent(self) -> None:
         self.prune_pending()
         self.mgr.check_invariants()
+        stats = self.mgr.stats()
+        for name, old in self.last_stats.items():
+            if name in stats:
+                assert stats[name] >= old, f"counter {name} went down: {old} -> {stats[name]}"
+        self.last_stats = stats
         for lvl in self.levels:
             u = self.mgr.usage(lvl)
             assert self.mgr.quota(lvl) == self.quota[lvl] * PB
@@ -376,18 +396,7 @@ class KVStoreMachine(RuleBasedStateMachine):
             tokens = None
         else:
             tokens = list(extra)
-        held = self.held()
-        lo, hi, lo_open = 0, 0, True
-        for j in range(len(tokens or []) // TPP):
-            k = self.key(tokens, j)
-            if k not in self.commits:
-                break
-            hi = j + 1
-            e = self.index.get(k)
-            if lo_open and isinstance(e, MPage) and e.uid in held:
-                lo = j + 1
-            else:
-                lo_open = False
+        lo, hi = self.reuse_bounds(tokens or [])
         looked = self.mgr.lookup(tokens).num_tokens if tokens is not None else 0
         cache = self.mgr.create_cache(tokens, priority=priority)
         r = cache.num_reused_tokens
@@ -438,6 +447,16 @@ class KVStoreMachine(RuleBasedStateMachine):
         pool = [c for c in self.live if c.status is status and (not writable or len(c.pages) * TPP > c.committed)]
         return pool.index(cm)
 
+    @precondition(lambda self: self.mgr is not None)
+    @rule(src=st.integers(0, 1000), cut=st.integers(0, 40), extra=st.lists(st.integers(0, VOCAB), max_size=6))
+    @_step
+    def lookup(self, src, cut, extra):
+        tokens = (list(self.histories[src % len(self.histories)][:cut]) if self.histories else []) + extra
+        lo, hi = self.reuse_bounds(tokens)
+        m = self.mgr.lookup(tokens)
+        assert m.num_tokens % TPP == 0 and lo * TPP <= m.num_tokens <= hi * TPP, (m, lo, hi)
+        assert set(m.pages_per_level) == set(self.levels) and sum(m.pages_per_level.values()) == m.num_tokens // TPP, m
+
     @precondition(lambda self: self.has(SUSPENDED))
     @rule(i=st.integers(0, 100))
     @_step
@@ -445,12 +464,14 @@ class KVStoreMachine(RuleBasedStateMachine):
         cm = self.pick(i, SUSPENDED)
         quiet = self.quiet()
         before = self.levels_of(cm)
+        room = self.mgr.usage(D).free_pages >= len(cm.pages) - before[D]
         try:
             self.run(cm.cache.resume())
         except CapacityError:
             assert cm.cache.status is SUSPENDED
             if quiet:
                 assert self.levels_of(cm) == before, "resume() raised CapacityError but moved pages"
+                assert not room, f"resume() raised CapacityError with {self.mgr.usage(D).free_pages} free device slots"
             return
         cm.status = ACTIVE
         assert cm.cache.status is ACTIVE
@@ -466,10 +487,12 @@ class KVStoreMachine(RuleBasedStateMachine):
         quiet = self.quiet()
         before = self.levels_of(cm)
         want = -(-n // TPP)
+        room = self.mgr.usage(D).free_pages >= want - len(cm.pages)
         try:
             self.run(c.resize(n))
         except CapacityError:
             assert want > len(cm.pages), "CapacityError from a shrink"
+            assert not (quiet and room), "resize() raised CapacityError with enough free device slots"
             assert c.num_pages == len(cm.pages) and c.num_tokens == cm.num_tokens and c.status is ACTIVE
             assert c.page_indices().tolist() == old_idx
             if quiet:
@@ -516,7 +539,9 @@ class KVStoreMachine(RuleBasedStateMachine):
         assert cm.cache.status is SUSPENDED
         assert self.levels_of(cm)[D] == len(cm.pages), "suspend() moved pages"
 
-    def check_prefetch(self, cm, target, before, after, res: Optional[PrefetchResult], quiet: bool) -> None:
+    def check_prefetch(
+        self, cm, target, before, after, res: Optional[PrefetchResult], quiet: bool, free_before: int
+    ) -> None:
         n = len(cm.pages)
         assert sum(after.values()) == n, f"prefetch left pages at no level or two: {after}"
         if not quiet:
@@ -527,6 +552,9 @@ class KVStoreMachine(RuleBasedStateMachine):
             elif lvl > target:
                 assert after[lvl] <= before[lvl], f"prefetch({target.name}) demoted a page: {before} -> {after}"
         moved = after[target] - before[target]
+        colder = sum(before[l] for l in self.levels if l > target)
+        if res is not None and free_before >= colder:
+            assert res.complete, f"prefetch({target.name}) incomplete with {free_before} free slots for {colder} pages"
         if res is not None:
             assert res.pages_moved == moved and res.bytes_moved == moved * PB, (res, before, after)
             assert res.complete == all(after[l] == 0 for l in self.levels if l > target), (res, after)
@@ -541,13 +569,14 @@ class KVStoreMachine(RuleBasedStateMachine):
         target = self.levels[t % len(self.levels)]
         quiet = self.quiet()
         before = self.levels_of(cm)
+        free = self.mgr.usage(target).free_pages
 
         async def go():
             return await cm.cache.prefetch(target)
 
         res = self.run(go())
         assert isinstance(res, PrefetchResult) and cm.cache.status is SUSPENDED
-        self.check_prefetch(cm, target, before, self.levels_of(cm), res, quiet)
+        self.check_prefetch(cm, target, before, self.levels_of(cm), res, quiet, free)
 
     @precondition(lambda self: self.has(SUSPENDED))
     @rule(i=st.integers(0, 100), t=st.integers(0, 2), spins=st.integers(0, 30), nap=st.booleans())
@@ -557,6 +586,7 @@ class KVStoreMachine(RuleBasedStateMachine):
         target = self.levels[t % len(self.levels)]
         quiet = self.quiet()
         before = self.levels_of(cm)
+        free = self.mgr.usage(target).free_pages
 
         async def go():
             task = cm.cache.prefetch(target)
@@ -577,7 +607,7 @@ class KVStoreMachine(RuleBasedStateMachine):
 
         res = self.run(go())
         assert cm.cache.status is SUSPENDED
-        self.check_prefetch(cm, target, before, self.levels_of(cm), res, quiet)
+        self.check_prefetch(cm, target, before, self.levels_of(cm), res, quiet, free)
 
     @precondition(lambda self: self.has(SUSPENDED) and len(self.pending) < MAX_PENDING)
     @rule(i=st.integers(0, 100), t=st.integers(0, 2))

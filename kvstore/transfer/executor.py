@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
 import torch
 
@@ -98,6 +98,8 @@ class TransferExecutor:
         self.stats = stats
         self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
         self.sums: dict[int, tuple[int, int]] = {}  # disk slot -> (page id, xxh3-64 of the bytes written there)
+        #: awaited with the disk slots about to be written (a persistent tier makes stale records durable-deleted)
+        self.before_disk_write: Optional[Callable[[Sequence[int]], Awaitable[None]]] = None
 
     # ------------------------------------------------------------------ planning batches
     def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
@@ -369,6 +371,10 @@ class TransferExecutor:
                 rows.append(r)
         return self._extents(disk_slots, tensors, rows, pids)
 
+    async def _before_write(self, disk_slots: Sequence[int]) -> None:
+        if self.before_disk_write is not None:
+            await settle(self.before_disk_write(disk_slots))
+
     async def _transfer(self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after) -> set[int]:
         """Move the bytes of ``moves``; returns the indices of moves whose page failed its checksum."""
         src_slots = [m.src_slot for m in moves]
@@ -383,6 +389,7 @@ class TransferExecutor:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
                 return self._bad_moves(await settle(self.io.read(extents)), moves)
             extents, order = self._mem_extents(src, src_slots, dst_slots)
+            await self._before_write(dst_slots)
             await settle(self.io.write(extents))
             self._record_sums(extents, order, dst_slots, moves)
             return set()
@@ -399,6 +406,7 @@ class TransferExecutor:
             if dst == K:
                 good = [i for i in rows if i not in bad]
                 extents, order = self._extents([dst_slots[i] for i in good], tensors, good)
+                await self._before_write([dst_slots[i] for i in good])
                 await settle(self.io.write(extents))
                 self._record_sums(extents, order, [dst_slots[i] for i in good], [moves[i] for i in good])
             else:
