@@ -230,6 +230,13 @@ class KVStoreMachine(RuleBasedStateMachine):
         pool = [cm for cm in self.live if status is None or cm.status is status]
         return pool[i % len(pool)] if pool else None
 
+    def pick_for_prefetch(self, i: int, target: CacheLevel) -> CModel:
+        """A SUSPENDED cache, preferably one with pages colder than ``target``."""
+        pool = [cm for cm in self.live if cm.status is SUSPENDED]
+        cold = [cm for cm in pool if any(n for l, n in self.levels_of(cm).items() if l > target)]
+        pool = cold or pool
+        return pool[i % len(pool)]
+
     def has(self, status: CacheStatus) -> bool:
         return any(cm.status is status for cm in self.live)
 
@@ -565,8 +572,8 @@ class KVStoreMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100), t=st.integers(0, 2))
     @_step
     def prefetch(self, i, t):
-        cm = self.pick(i, SUSPENDED)
         target = self.levels[t % len(self.levels)]
+        cm = self.pick_for_prefetch(i, target)
         quiet = self.quiet()
         before = self.levels_of(cm)
         free = self.mgr.usage(target).free_pages
@@ -582,8 +589,8 @@ class KVStoreMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100), t=st.integers(0, 2), spins=st.integers(0, 30), nap=st.booleans())
     @_step
     def prefetch_cancel(self, i, t, spins, nap):
-        cm = self.pick(i, SUSPENDED)
         target = self.levels[t % len(self.levels)]
+        cm = self.pick_for_prefetch(i, target)
         quiet = self.quiet()
         before = self.levels_of(cm)
         free = self.mgr.usage(target).free_pages
@@ -613,8 +620,8 @@ class KVStoreMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100), t=st.integers(0, 2))
     @_step
     def prefetch_background(self, i, t):
-        cm = self.pick(i, SUSPENDED)
         target = self.levels[t % len(self.levels)]
+        cm = self.pick_for_prefetch(i, target)
 
         async def go():
             return cm.cache.prefetch(target)
