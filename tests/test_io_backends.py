@@ -179,3 +179,17 @@ def test_kvikio_is_chosen_only_with_gds_unless_forced(monkeypatch, tmp_path, env
     monkeypatch.setattr(iob, "_kvikio_compat_mode", lambda: compat)
     name, reason = iob.choose_backend(tmp_path)
     assert name == expected and reason
+
+
+async def test_write_error_during_a_quota_shrink_keeps_the_quota_and_the_data(make_store):
+    async with make_store(device=2, host=6, disk=32) as mgr:
+        caches = [await new_filled_cache(mgr, 2, seed=s) for s in range(4)]  # host holds 6 pages
+        mgr._io.fault_hook = _fail("write", errno.EIO)
+        with pytest.raises(StorageIOError):
+            await mgr.set_quota(CacheLevel.HOST, 2 * mgr.layout.page_bytes)
+        assert mgr.quota(CacheLevel.HOST) == 6 * mgr.layout.page_bytes
+        mgr.check_invariants()
+        mgr._io.fault_hook = None
+        await mgr.set_quota(CacheLevel.HOST, 2 * mgr.layout.page_bytes)
+        for cache, data in caches:
+            await assert_data(mgr, cache, data)
