@@ -137,3 +137,21 @@ async def test_verification_covers_staged_disk_to_device_reads(make_store):
             await cache.resume()
         mgr.check_invariants()
         assert torch.is_tensor(data)
+
+
+async def test_staged_disk_paths_verify_and_round_trip(make_store):
+    """The disk <-> device path through pinned staging (used with CUDA), forced on here."""
+    async with make_store(device=3, host=0, disk=16, batch_bytes=2 * PAGE) as mgr:
+        ex = mgr._executor
+        plain = ex._needs_staging
+        ex._needs_staging = lambda src, dst, swap=False: plain(src, dst, swap) or {src, dst} == {D, K}
+        caches = [await new_filled_cache(mgr, 2, seed=s) for s in range(4)]
+        assert mgr.stats()["pages_device_to_disk"] > 0
+        for cache, data in caches[1:]:
+            await assert_data(mgr, cache, data)
+        victim = caches[0][0]
+        await sink_to_disk(mgr, victim)
+        scribble(mgr, victim._pages[1])
+        with pytest.raises(CorruptPageError):
+            await victim.resume()
+        mgr.check_invariants()

@@ -382,6 +382,11 @@ class KVStoreMachine(RuleBasedStateMachine):
                         a = other.candidates if isinstance(other, Ambig) else [other]
                         b = e.candidates if isinstance(e, Ambig) else [e]
                         assert {p.uid for p in a} & {p.uid for p in b}, f"device slot {s} holds two different pages"
+        if not self.pending:  # at rest, every page not locked by an ACTIVE cache is evictable
+            for lvl in self.levels:
+                u = self.mgr.usage(lvl)
+                locked = len(slots) if lvl == D else 0
+                assert u.evictable_pages == u.used_pages - locked, f"{lvl.name}: {u}, {locked} pages locked"
         suspended = [cm for cm in self.live if cm.status is SUSPENDED]
         if suspended:
             self.try_verify_suspended(self.rng.choice(suspended))
@@ -689,7 +694,12 @@ class KVStoreMachine(RuleBasedStateMachine):
     @_step
     def close(self, i, twice):
         cm = self.pick(i)
+        quiet = self.quiet()
+        used = sum(self.mgr.usage(l).used_pages for l in self.levels)
         cm.cache.close()
+        if quiet:
+            freed = used - sum(self.mgr.usage(l).used_pages for l in self.levels)
+            assert freed == len(cm.pages) - cm.committed // TPP, f"close() freed {freed} pages of {cm}"
         if twice:
             cm.cache.close()
         assert cm.cache.status is CLOSED and cm.cache.num_pages == 0
