@@ -9,7 +9,9 @@ suspend, prefetch (every configured level) and await it, start a prefetch and ca
 number of loop iterations, start a prefetch in the background (left running across later steps, joined
 by resume, cancelled by close), set_quota (grow/shrink each tier; a device shrink with an ACTIVE cache
 must raise InvalidStateError; CapacityError must change nothing), commit (the cache's token history),
-close, and calls in the wrong state (InvalidStateError, nothing changed).
+close, restart (a persistent disk tier only: close the manager and open a new one on the same directory;
+every cache is gone, and committed pages that were on disk must be reused with their exact bytes), and calls
+in the wrong state (InvalidStateError, nothing changed).
 
 The model keeps the expected bytes of every page. A page's bytes are learned when it is born (read from
 ``mgr.device_pool`` right after the ``resize`` that created it) and whenever it is written; committed pages
@@ -179,6 +181,8 @@ class KVStoreMachine(RuleBasedStateMachine):
         self.counter = 0
         self.names = 0
         self.last_stats: dict[str, float] = {}
+        self.persistent = False
+        self.restarts = 0
 
     # ------------------------------------------------------------------ setup / teardown
     @initialize(
@@ -188,15 +192,17 @@ class KVStoreMachine(RuleBasedStateMachine):
         policy=st.sampled_from(["lru", "lru-leaf", "slru"]),
         batch_pages=st.sampled_from([1, 2, 64]),
         seed=st.integers(0, 2**32 - 1),
+        persistent=st.booleans(),
     )
-    def start(self, device, host, disk, policy, batch_pages, seed):
+    def start(self, device, host, disk, policy, batch_pages, seed, persistent):
         self.rng = random.Random(seed)
         self.tmp = tempfile.mkdtemp(prefix="kvstore-stateful-")
         tiers = [DeviceTier(device * PB, device=DEVICE)]
         if host:
             tiers.append(HostTier(host * PB))
         if disk:
-            tiers.append(DiskTier(disk * PB, os.path.join(self.tmp, "disk")))
+            tiers.append(DiskTier(disk * PB, os.path.join(self.tmp, "disk"), persistent=persistent))
+        self.persistent = bool(disk) and persistent
         cfg = StoreConfig(
             LAYOUT,
             tiers,
@@ -204,6 +210,7 @@ class KVStoreMachine(RuleBasedStateMachine):
             batch_bytes=batch_pages * PB,
             io_threads=2,
         )
+        self.cfg = cfg
         self.levels = cfg.levels
         self.quota = {lvl: cfg.slots(lvl) for lvl in self.levels}
         self.loop = asyncio.new_event_loop()
@@ -885,6 +892,25 @@ class KVStoreMachine(RuleBasedStateMachine):
         cm.status = CLOSED
         self.live.remove(cm)
         self.closed = (self.closed + [cm])[-3:]
+
+    @precondition(lambda self: self.persistent)
+    @rule()
+    @_step
+    def restart(self):
+        """Close the manager and open a new one on the same persistent disk tier: every cache is gone,
+        committed pages that were on disk stay reusable (checked by the reuse rules against the model)."""
+        self.settle_pending()
+        self.run(self.mgr.aclose())
+        for cm in self.live:
+            assert cm.cache.status is CLOSED
+            cm.status = CLOSED
+        self.live, self.closed, self.pending = [], [], []
+        self.index = {k: UNKNOWN for k in self.index}  # which copy of a key survived is not known
+        self.last_stats = {}  # a new manager counts from zero
+        self.quota = {lvl: self.cfg.slots(lvl) for lvl in self.levels}
+        self.mgr = KVCacheManager(self.cfg)
+        self.run(self.mgr.start())
+        self.restarts += 1
 
     @precondition(lambda self: bool(self.live or self.closed))
     @rule(
