@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
 from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
 from .persistence import DiskCatalog, Record
-from .placement import Page, Placement
+from .placement import Page, Placement, Plan
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.copier import Copier
@@ -345,32 +345,43 @@ class KVCacheManager:
             raise result.error
         return result
 
-    async def _start_promotion(
-        self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, priority: int
+    async def _plan_in_chunks(
+        self, n: int, check: Callable[[], None], plan_chunk: Callable[[int, int], Plan], priority: int
     ) -> list[asyncio.Future]:
-        """Plan moving ``pages`` (held by the caller) up to ``target`` in chunks of ``PLAN_CHUNK`` pages and
-        start each chunk's transfers as soon as it is planned; returns the running plans.
+        """Run ``check()`` (all-or-nothing feasibility: raises before anything changes), then plan items
+        ``i..i+k`` with ``plan_chunk(i, k)`` in chunks of ``PLAN_CHUNK`` and start each chunk's transfers as
+        soon as it is planned; returns the running plans.
 
-        With ``require_all`` the whole promotion is checked first (CapacityError, nothing moved). Chunks
-        keep each synchronous step short (the event loop keeps running) and overlap planning with copying.
-        The planning lock keeps other operations from taking the room between chunks.
+        Chunks keep each synchronous step short (the event loop keeps running) and overlap planning with
+        copying. The planning lock keeps other operations from taking the room between chunks.
         """
-        pl = self._placement
         runs: list[asyncio.Future] = []
         async with self._plan_lock:
             try:
-                if require_all:
-                    pl.check_promotion(pages, target)
-                for i in range(0, len(pages), PLAN_CHUNK):
-                    plan = pl.plan_promotion(pages[i : i + PLAN_CHUNK], target, require_all=require_all)
+                check()
+                for i in range(0, n, PLAN_CHUNK):
+                    plan = plan_chunk(i, min(PLAN_CHUNK, n - i))
                     if plan.moves:
                         runs.append(asyncio.ensure_future(self._executor.run(plan, priority)))
-                    if i + PLAN_CHUNK < len(pages):
+                    if i + PLAN_CHUNK < n:
                         await asyncio.sleep(0)
             except BaseException:
                 await self._abandon(runs)
                 raise
         return runs
+
+    async def _start_promotion(
+        self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, priority: int
+    ) -> list[asyncio.Future]:
+        """Start moving ``pages`` (held by the caller) up to ``target``, planned in chunks. With
+        ``require_all`` the whole promotion is checked first (CapacityError, nothing moved)."""
+        pl = self._placement
+        return await self._plan_in_chunks(
+            len(pages),
+            (lambda: pl.check_promotion(pages, target)) if require_all else (lambda: None),
+            lambda i, k: pl.plan_promotion(pages[i : i + k], target, require_all=require_all),
+            priority,
+        )
 
     @staticmethod
     async def _abandon(runs: list[asyncio.Future]) -> None:
@@ -432,19 +443,20 @@ class KVCacheManager:
         pl = self._placement
         new: list[Page] = []
         runs: list[asyncio.Future] = []
+
+        def plan_chunk(i: int, k: int) -> Plan:
+            chunk, plan = pl.plan_new_pages(k, CacheLevel.DEVICE, cache.priority)
+            for p in chunk:
+                p.owners = 1
+                p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
+            new.extend(chunk)
+            return plan
+
         try:
             try:
-                async with self._plan_lock:
-                    pl.check_new_pages(n, CacheLevel.DEVICE)
-                    for i in range(0, n, PLAN_CHUNK):
-                        chunk, plan = pl.plan_new_pages(min(PLAN_CHUNK, n - i), CacheLevel.DEVICE, cache.priority)
-                        for p in chunk:
-                            p.owners = 1
-                            p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
-                        new.extend(chunk)
-                        runs.append(asyncio.ensure_future(self._executor.run(plan, RESUME)))
-                        if i + PLAN_CHUNK < n:
-                            await asyncio.sleep(0)
+                runs = await self._plan_in_chunks(
+                    n, lambda: pl.check_new_pages(n, CacheLevel.DEVICE), plan_chunk, RESUME
+                )
                 await self._finish(runs)
                 if cache.status is not CacheStatus.ACTIVE:
                     raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
