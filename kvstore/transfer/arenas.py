@@ -103,10 +103,6 @@ class HostArena:
             out.setdefault(c, []).append((pos, r))
         return out
 
-    def row(self, slot: int) -> torch.Tensor:
-        c, r = self.locate(slot)
-        return self.chunks[c][r]
-
 
 class StagingPool:
     """A few pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk), made on first use."""
@@ -145,6 +141,3 @@ class StagingPool:
         if self._pooled.pop(id(buf), True):
             self._free.append(buf)
             self._sem.release()
-
-    def clear(self) -> None:
-        self._free.clear()

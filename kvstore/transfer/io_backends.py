@@ -232,7 +232,6 @@ class KvikioBackend(IOBackend):
 
         if kvikio.defaults.get("num_threads") < threads:  # kvikio's own pool splits each request
             kvikio.defaults.set("num_threads", threads)
-        self.compat_mode = bool(kvikio.defaults.is_compat_mode_preferred())
         self.file = kvikio.CuFile(str(path), "r+")
         self.waiters = thread_pool(4, "kvstore-kvikio")
 

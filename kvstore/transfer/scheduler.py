@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from typing import Optional
 
 RESUME, PREFETCH, BACKGROUND = 0, 1, 2
 
@@ -58,6 +57,3 @@ class IOScheduler:
             heapq.heappop(self._waiters)
             self.in_flight += nbytes
             fut.set_result(None)
-
-    def pending(self) -> Optional[int]:
-        return len(self._waiters)
