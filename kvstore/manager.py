@@ -415,8 +415,8 @@ class KVCacheManager:
         await self._gate.acquire_shared()
         pl = self._placement
         pages = cache._pages
-        for p in pages:
-            pl.hold(p)
+        pl.hold_all(pages)
+        locked = False
         try:
             for _ in range(8):  # another operation may be moving a shared page: wait for it and go again
                 await self._wait_moving(pages)
@@ -429,12 +429,12 @@ class KVCacheManager:
                     break
             else:
                 raise CapacityError("resume() could not bring every page to the device level; retry")
-            for p in pages:
-                pl.lock(p)
+            pl.holds_to_locks(pages)
+            locked = True
             cache._status = CacheStatus.ACTIVE
         finally:
-            for p in pages:
-                pl.release(p)
+            if not locked:
+                pl.release_all(pages)
             self._gate.release_shared()
 
     async def _grow(self, cache: KVCache, n: int) -> None:
@@ -467,30 +467,27 @@ class KVCacheManager:
                         pl.release(p)
                         pl.remove_owner(p)
                 raise
-            for p in new:
-                pl.lock(p)
-                pl.release(p)
+            pl.holds_to_locks(new)
             cache._pages.extend(new)
         finally:
             self._gate.release_shared()
 
     def _shrink(self, cache: KVCache, keep: int) -> None:
         pl = self._placement
-        for p in cache._pages[keep:]:
-            pl.unlock(p)
+        dropped = cache._pages[keep:]
+        pl.unlock_all(dropped)
+        for p in dropped:
             pl.remove_owner(p)
         del cache._pages[keep:]
 
     def _suspend(self, cache: KVCache) -> None:
-        for p in cache._pages:
-            self._placement.unlock(p)
+        self._placement.unlock_all(cache._pages)
 
     def _close_cache(self, cache: KVCache) -> None:
         pl = self._placement
-        active = cache.status is CacheStatus.ACTIVE
+        if cache.status is CacheStatus.ACTIVE:
+            pl.unlock_all(cache._pages)
         for p in cache._pages:
-            if active:
-                pl.unlock(p)
             pl.remove_owner(p)
         cache._pages = []
         self._caches.discard(cache)
@@ -511,24 +508,20 @@ class KVCacheManager:
             ti = pl.level_index(target)
             colder = [p for p in pages if pl.level_index(p.level) > ti]
             if cache.status is CacheStatus.SUSPENDED:
-                for p in pages:  # hold every page while planning: none of this cache's pages is a victim
-                    pl.hold(p)
+                pl.hold_all(pages)  # while planning none of this cache's pages is a victim
                 runs: list[asyncio.Future] = []
                 try:
                     runs = await self._start_promotion(pages, target, require_all=False, priority=PREFETCH)
                 finally:
-                    for p in pages:
-                        if p.move is None:
-                            pl.release(p)  # already hot (now most recently used) or not moved: evictable
-                        else:
-                            held.append(p)  # moving: held until the prefetch ends
+                    held = [p for p in pages if p.move is not None]  # moving: held until the prefetch ends
+                    # the rest (already hot, now most recently used, or not moved) are evictable again
+                    pl.release_all([p for p in pages if p.move is None])
                 await self._finish(runs)
             complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
             n = sum(1 for p in colder if not p.freed and pl.level_index(p.level) <= ti)
             return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0)
         finally:
-            for p in held:
-                pl.release(p)
+            pl.release_all(held)
             self._gate.release_shared()
 
     # ------------------------------------------------------------------ quotas

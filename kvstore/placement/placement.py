@@ -140,6 +140,46 @@ class Placement:
         self.sync(page)
         self.touch(page)
 
+    def hold_all(self, pages: Sequence[Page]) -> None:
+        """``hold`` every page of ``pages`` (a tight loop: resume and prefetch hold whole caches)."""
+        queues = self.queues
+        for page in pages:
+            page.holds += 1
+            if page.level is not None:  # freed pages have no level
+                queues[page.level].discard(page)
+
+    def release_all(self, pages: Sequence[Page]) -> None:
+        """``release`` every page of ``pages``: each that became evictable is queued most recently used."""
+        queues = self.queues
+        for page in pages:
+            page.holds -= 1
+            if page.level is None or page.holds or page.locks or page.move is not None:
+                continue  # not evictable (and so not queued)
+            q = queues[page.level]
+            if page in q:
+                q.touch(page)
+            else:
+                q.push(page)
+
+    def holds_to_locks(self, pages: Sequence[Page]) -> None:
+        """Turn one hold of every page into a lock (a resume that succeeded); every page must be on the
+        device level and settled. Neither state is evictable, so no queue changes."""
+        for page in pages:
+            if page.level != CacheLevel.DEVICE or page.move is not None:
+                raise RuntimeError(f"locking page {page.pid} that is not settled on the device level")
+        for page in pages:
+            page.holds -= 1
+            page.locks += 1
+
+    def unlock_all(self, pages: Sequence[Page]) -> None:
+        """``unlock`` every page of ``pages`` (a suspend)."""
+        for page in pages:
+            page.locks -= 1
+            if page.level is not None and not page.locks and not page.holds and page.move is None:
+                q = self.queues[page.level]
+                if page not in q:
+                    q.push(page)
+
     def lock(self, page: Page) -> None:
         if page.level != CacheLevel.DEVICE:
             raise RuntimeError(f"locking page {page.pid} that is not on the device level")
@@ -239,9 +279,24 @@ class Placement:
             )
         return planned
 
+    def surely_obtainable(self, i: int, n: int) -> bool:
+        """A sufficient condition, in O(levels), for a draft to obtain ``n`` slots at level index ``i``:
+        free slots there, and for the rest as many evictable pages, which in turn surely find slots one
+        level colder. False means "maybe not": run the full draft."""
+        for lvl in self.levels[i:]:
+            n -= self.alloc[lvl].free_count
+            if n <= 0:
+                return True
+            if n > len(self.queues[lvl]):
+                return False
+        return False
+
     def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> None:
         """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing."""
-        self._draft_promotion(pages, self.level_index(target), True)
+        ti = self.level_index(target)
+        colder = sum(1 for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti)
+        if not self.surely_obtainable(ti, colder):
+            self._draft_promotion(pages, ti, True)
 
     def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
         """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
@@ -270,7 +325,8 @@ class Placement:
 
     def check_new_pages(self, n: int, level: CacheLevel) -> None:
         """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing."""
-        self._draft_new_pages(n, level)
+        if not self.surely_obtainable(self.level_index(level), n):
+            self._draft_new_pages(n, level)
 
     def _draft_new_pages(self, n: int, level: CacheLevel) -> list[_Grant]:
         grants = _Draft(self).acquire(self.level_index(level), n)

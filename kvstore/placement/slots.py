@@ -31,6 +31,15 @@ class SlotAllocator:
 
     def allocate(self) -> int:
         """Take the lowest free slot below ``limit``; raise LookupError if none."""
+        free, is_free = self._free, self._is_free
+        if self.limit == self.total:  # the common case: no hidden slots to skip
+            while free:
+                slot = heapq.heappop(free)
+                if is_free[slot]:
+                    is_free[slot] = 0
+                    self._nfree -= 1
+                    return slot
+            raise LookupError("no free slot")
         skipped = []
         try:
             while self._free:

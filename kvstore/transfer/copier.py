@@ -13,6 +13,7 @@ loop thread never issues or waits for a CUDA copy and never copies more than ``I
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -44,9 +45,16 @@ def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int
 
 
 def _copy_runs(segments: Sequence[Segment], non_blocking: bool) -> None:
+    """One ``copy_`` per run, all issued by a single ``_foreach_copy_`` call: the calling thread gives the
+    GIL up once for the whole request, not once per run (each re-acquire can wait on a busy event loop)."""
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
     for seg in segments:
         for d0, s0, n in coalesce(seg.dst_rows, seg.src_rows):
-            seg.dst[d0 : d0 + n].copy_(seg.src[s0 : s0 + n], non_blocking=non_blocking)
+            dst.append(seg.dst[d0 : d0 + n])
+            src.append(seg.src[s0 : s0 + n])
+    if dst:
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
 
 #: Host-memory copies up to this size run inline on the caller's thread (about 10 us of memcpy, less
@@ -105,9 +113,7 @@ class _ZeroCopy:
         return n > 0 and n * host.shape[1] / len(coalesce(seg.dst_rows, seg.src_rows)) < ZERO_COPY_BELOW
 
     def copy(self, seg: Segment) -> None:
-        dev = self.device
-        didx = torch.tensor(list(seg.dst_rows), dtype=torch.int64).to(dev, non_blocking=True)
-        sidx = torch.tensor(list(seg.src_rows), dtype=torch.int64).to(dev, non_blocking=True)
+        didx, sidx = torch.tensor([list(seg.dst_rows), list(seg.src_rows)], dtype=torch.int64).to(self.device)
         if seg.dst.is_cuda:  # host -> device: gather over PCIe, scatter in HBM
             src = self.mapped(seg.src)
             dst = seg.dst.view(torch.int64) if src.word == 8 else seg.dst
@@ -116,6 +122,15 @@ class _ZeroCopy:
             dst = self.mapped(seg.dst)
             src = seg.src.view(torch.int64) if dst.word == 8 else seg.src
             dst.tensor.index_copy_(0, didx, src.index_select(0, sidx))
+
+
+def _wait_event(event: torch.cuda.Event, done: Future) -> None:
+    try:
+        event.synchronize()
+    except BaseException as exc:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 class Copier:
@@ -164,8 +179,19 @@ class Copier:
                 return
             await settle(loop.run_in_executor(self._issue[lane], _copy_runs, segments, False))
             return
-        event = await settle(loop.run_in_executor(self._issue[lane], self._issue_cuda, segments, lane, after))
-        await settle(loop.run_in_executor(self._wait, event.synchronize))
+        done: Future = Future()
+        self._issue[lane].submit(self._issue_then_wait, segments, lane, after, done)
+        await settle(asyncio.wrap_future(done))
+
+    def _issue_then_wait(self, segments: Sequence[Segment], lane: str, after, done: Future) -> None:
+        """Issue thread: queue the copies, then hand their completion to a waiter thread (this thread goes
+        on issuing the next request while the copies run)."""
+        try:
+            event = self._issue_cuda(segments, lane, after)
+        except BaseException as exc:
+            done.set_exception(exc)
+            return
+        self._wait.submit(_wait_event, event, done)
 
     def close(self) -> None:
         for pool in self._issue.values():

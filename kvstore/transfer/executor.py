@@ -116,13 +116,15 @@ class TransferExecutor:
 
     def _batches(self, plan: Plan) -> list[_Batch]:
         open_: dict[tuple, _Batch] = {}
+        limits: dict[tuple, int] = {}
         of: dict[int, _Batch] = {}
         out: list[_Batch] = []
         for mv in plan.moves:
             key = (mv.src, mv.dst, mv.swap)
             b = open_.get(key)
-            if b is None or len(b.moves) >= self._rows_limit(mv.src, mv.dst, mv.swap):
+            if b is None or len(b.moves) >= limits[key]:
                 b = open_[key] = _Batch(mv.src, mv.dst, mv.swap)
+                limits[key] = self._rows_limit(mv.src, mv.dst, mv.swap)
                 out.append(b)
             b.moves.append(mv)
             of[id(mv)] = b
