@@ -165,7 +165,7 @@ def _verify_after_crash(directory: Path) -> tuple[int, int]:
                     refused += 1
                     cache.close()
                     continue
-                got = mgr.device_pool[cache.page_indices()]
+                got = mgr.device_pool[cache.page_indices()].cpu()
                 for j in range(cache.num_pages):
                     want = crash_writer.expected_page(tokens[: (j + 1) * tpp])
                     assert torch.equal(got[j].view(torch.uint8), want.view(torch.uint8)), "a page was served wrong"
