@@ -92,9 +92,7 @@ class Engine:
             p.holds = 1
         self.pl.check_invariants()
         run_plan(self.pl, plan)
-        for p in pages:
-            self.pl.lock(p)
-            self.pl.release(p)
+        self.pl.holds_to_locks(pages)
         self.pl.check_invariants()
         return pages
 
@@ -104,54 +102,49 @@ class Engine:
         return pages
 
     def suspend(self, pages: Sequence[Page]) -> None:
-        for p in pages:
-            self.pl.unlock(p)
+        self.pl.unlock_all(pages)
         self.pl.check_invariants()
 
     def resume(self, pages: Sequence[Page], fail: Iterable[Move] = ()) -> Plan:
         pl = self.pl
-        for p in pages:
-            pl.hold(p)
+        pl.hold_all(pages)
+        locked = False
         try:
+            pl.check_promotion(pages, D)
             plan = pl.plan_promotion(pages, D, require_all=True)
             pl.check_invariants()
             run_plan(pl, plan, fail)
             if all(p.level == D for p in pages):
-                for p in pages:
-                    pl.lock(p)
+                pl.holds_to_locks(pages)
+                locked = True
             return plan
         finally:
-            for p in pages:
-                pl.release(p)
+            if not locked:
+                pl.release_all(pages)
             pl.check_invariants()
 
     def prefetch(self, pages: Sequence[Page], target: CacheLevel, fail: Iterable[Move] = ()) -> Plan:
         pl = self.pl
         pl.level_index(target)
         held = []
-        for p in pages:  # as KVCacheManager._prefetch: hold every page while planning
-            pl.hold(p)
+        pl.hold_all(pages)  # as KVCacheManager._prefetch: hold every page while planning
         try:
             plan = pl.plan_promotion(pages, target, require_all=False)
         finally:
-            for p in pages:
-                if p.move is None:
-                    pl.release(p)
-                else:
-                    held.append(p)
+            held = [p for p in pages if p.move is not None]
+            pl.release_all([p for p in pages if p.move is None])
         try:
             pl.check_invariants()
             run_plan(pl, plan, fail)
             return plan
         finally:
-            for p in held:
-                pl.release(p)
+            pl.release_all(held)
             pl.check_invariants()
 
     def close(self, pages: Sequence[Page], active: bool = False) -> None:
+        if active:
+            self.pl.unlock_all(pages)
         for p in pages:
-            if active:
-                self.pl.unlock(p)
             self.pl.remove_owner(p)
         self.pl.check_invariants()
 
@@ -1011,3 +1004,105 @@ def test_check_invariants_accepts_new_pages_held_the_way_the_manager_grows_a_cac
         pl.release(p)
     pl.check_invariants()
     assert all(p.level == D and p.locks == 1 and not p.evictable for p in pages)
+
+
+# ---------------------------------------------------------------------------------------------- bulk operations
+def _three_caches(policy: str) -> tuple[Engine, list[list[Page]]]:
+    """Caches spread over the levels: a (committed) and b suspended, c ACTIVE on the device."""
+    eng = Engine(Placement([D, H, K], [6, 6, 32], policy=policy))
+    a = eng.new_suspended(4)
+    eng.commit(a, "a")
+    b = eng.new_suspended(4)  # demotes some of a
+    c = eng.new_active(3)  # demotes more
+    return eng, [a, b, c]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lru-leaf", "slru"])
+def test_bulk_hold_release_lock_unlock_match_the_one_page_calls(policy):
+    def run(bulk: bool) -> list[dict]:
+        eng, (a, b, c) = _three_caches(policy)
+        pl, shots = eng.pl, []
+        if bulk:
+            pl.hold_all(a + b)
+        else:
+            for p in a + b:
+                pl.hold(p)
+        shots.append(snapshot(pl))
+        if bulk:
+            pl.release_all(b + a)
+        else:
+            for p in b + a:
+                pl.release(p)
+        shots.append(snapshot(pl))
+        if bulk:
+            pl.unlock_all(c)
+        else:
+            for p in c:
+                pl.unlock(p)
+        shots.append(snapshot(pl))
+        pl.check_invariants()
+        return shots
+
+    assert run(bulk=True) == run(bulk=False)
+
+
+def test_holds_to_locks_equals_lock_then_release_and_refuses_a_page_off_the_device():
+    for bulk in (True, False):
+        eng, (a, b, c) = _three_caches("lru")
+        pl = eng.pl
+        eng.suspend(c)
+        pl.hold_all(c)
+        if bulk:
+            pl.holds_to_locks(c)
+        else:
+            for p in c:
+                pl.lock(p)
+                pl.release(p)
+        assert [(p.holds, p.locks) for p in c] == [(0, 1)] * 3 and all(p not in pl.queues[D] for p in c)
+        pl.check_invariants()
+    off = [p for p in a if p.level != D]
+    pl.hold_all(off)
+    before = snapshot(pl)
+    with pytest.raises(RuntimeError):
+        pl.holds_to_locks(off)
+    assert snapshot(pl) == before  # checked before anything changed
+
+
+def test_surely_obtainable_counts_victims_that_fit_one_level_colder():
+    eng = Engine(make(device=4, host=3, disk=None))
+    eng.new_suspended(4)  # device full of evictable pages, host empty
+    pl = eng.pl
+    assert pl.alloc[D].free_count == 0
+    assert pl.surely_obtainable(0, 3)  # three victims, three free host slots
+    assert not pl.surely_obtainable(0, 4)  # the fourth victim may have nowhere to go: run the full draft
+    assert not pl.surely_obtainable(1, 4)  # host: 3 free, nothing evictable there
+
+
+def test_surely_obtainable_never_promises_what_the_full_draft_cannot_get():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kvstore.placement.placement import _Draft
+
+    cache = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(["active", "suspended", "closed"]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(cache, min_size=1, max_size=8), st.sampled_from(["lru", "lru-leaf", "slru"]),
+           st.integers(0, 2), st.integers(1, 24))
+    def check(caches, policy, level_i, n):
+        eng = Engine(Placement([D, H, K], [6, 6, 12], policy=policy))
+        for k, (size, commit, state) in enumerate(caches):
+            try:
+                pages = eng.new_active(size)
+            except CapacityError:
+                continue
+            if commit:
+                eng.commit(pages, f"c{k}-")
+            if state != "active":
+                eng.suspend(pages)
+            if state == "closed":
+                eng.close(pages)
+        if eng.pl.surely_obtainable(level_i, n):
+            assert len(_Draft(eng.pl).acquire(level_i, n)) == n
+
+    check()
