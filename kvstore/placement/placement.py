@@ -118,10 +118,10 @@ class Placement:
 
     def sync(self, page: Page) -> None:
         """Queue ``page`` (most recently used) iff it is evictable; otherwise take it out of its queue."""
-        if page.level is None or page.freed:
+        if page.level is None:  # not placed yet, or freed
             return
         q = self.queues[page.level]
-        if page.evictable:
+        if page.locks == 0 and page.holds == 0 and page.move is None:  # evictable (inlined: hot path)
             if page not in q:
                 q.push(page)
         else:
@@ -432,15 +432,16 @@ class Placement:
 
     def complete(self, move: Move) -> None:
         """The transfer of ``move`` succeeded: the page is now at its destination."""
-        page = move.page
-        if move.src is not None and not move.handoff:
-            self.alloc[move.src].release(move.src_slot)
-        if move.src is not None and move.src < move.dst:
-            self.counters[_EVICTIONS[move.src]] += 1
-        if move.src == CacheLevel.DISK:
-            self._disk_event("del", page, move.src_slot)
-        page.level, page.slot = move.dst, move.dst_slot
-        if move.dst == CacheLevel.DISK:
+        page, src, dst = move.page, move.src, move.dst
+        if src is not None:
+            if not move.handoff:
+                self.alloc[src].release(move.src_slot)
+            if src < dst:
+                self.counters[_EVICTIONS[src]] += 1
+            if src == CacheLevel.DISK:
+                self._disk_event("del", page, move.src_slot)
+        page.level, page.slot = dst, move.dst_slot
+        if dst == CacheLevel.DISK:
             self._disk_event("put", page, move.dst_slot)
         page.move = None
         move.state = MoveState.DONE

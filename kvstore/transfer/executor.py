@@ -242,10 +242,12 @@ class TransferExecutor:
             if K in (b.src, b.dst) and not state.stop:
                 admitted = len(b.moves) * self.page_bytes
                 await self.io_sched.acquire(admitted, (priority, int(b.dst == K)))
-            ready = [m for m in b.moves if _slot_free(m)]
-            blocked = [m for m in b.moves if not _slot_free(m)]
-            for m in blocked:
-                self.placement.abort(m)
+            ready = []
+            for m in b.moves:
+                if _slot_free(m):
+                    ready.append(m)
+                else:
+                    self.placement.abort(m)  # the slot it needed was never vacated
             if state.stop:
                 for m in ready:
                     self.placement.abort(m)
