@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.errors import CapacityError
 from kvstore.placement import Move, MoveState, Page, Placement, Plan, PrefixIndex, SlotAllocator
+from kvstore.placement.placement import _Draft
 from kvstore.types import CacheLevel
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
@@ -1078,31 +1081,72 @@ def test_surely_obtainable_counts_victims_that_fit_one_level_colder():
     assert not pl.surely_obtainable(1, 4)  # host: 3 free, nothing evictable there
 
 
-def test_surely_obtainable_never_promises_what_the_full_draft_cannot_get():
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
+_CACHE = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(["active", "suspended", "closed"]))
+_POLICY = st.sampled_from(["lru", "lru-leaf", "slru"])
 
-    from kvstore.placement.placement import _Draft
 
-    cache = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(["active", "suspended", "closed"]))
+def _random_state(caches, policy: str) -> tuple[Engine, list[list[Page]]]:
+    """Caches made, committed, suspended and closed as drawn; those that did not fit are skipped."""
+    eng = Engine(Placement([D, H, K], [6, 6, 12], policy=policy))
+    made = []
+    for k, (size, commit, state) in enumerate(caches):
+        try:
+            pages = eng.new_active(size)
+        except CapacityError:
+            continue
+        if commit:
+            eng.commit(pages, f"c{k}-")
+        if state != "active":
+            eng.suspend(pages)
+        if state == "closed":
+            eng.close(pages)
+        else:
+            made.append(pages)
+    return eng, made
 
-    @settings(max_examples=300, deadline=None)
-    @given(st.lists(cache, min_size=1, max_size=8), st.sampled_from(["lru", "lru-leaf", "slru"]),
-           st.integers(0, 2), st.integers(1, 24))
-    def check(caches, policy, level_i, n):
-        eng = Engine(Placement([D, H, K], [6, 6, 12], policy=policy))
-        for k, (size, commit, state) in enumerate(caches):
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_CACHE, min_size=1, max_size=8), _POLICY, st.integers(0, 2), st.integers(1, 24))
+def test_surely_obtainable_never_promises_what_the_full_draft_cannot_get(caches, policy, level_i, n):
+    eng, _ = _random_state(caches, policy)
+    if eng.pl.surely_obtainable(level_i, n):
+        assert len(_Draft(eng.pl).acquire(level_i, n)) == n
+
+
+def _moves(plan: Plan) -> list[tuple]:
+    return [(m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after.page.pid if m.after else None, m.handoff,
+             m.swap) for m in plan.moves]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_CACHE, min_size=1, max_size=8), _POLICY, st.integers(1, 8), st.integers(0, 7),
+       st.sampled_from([D, H]))
+def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which, target):
+    """The no-draft fast path (free slots, victims into free slots one level colder) plans exactly what
+    the full draft plans: same moves, same slots, same state after."""
+    results = []
+    for fast in (True, False):
+        eng, made = _random_state(caches, policy)
+        pl = eng.pl
+        if not fast:
+            pl._simple_room = lambda i, n: None  # force the draft
+        try:
+            _, plan = pl.plan_new_pages(n, D, 0)
+            new = _moves(plan)
+        except CapacityError:
+            new = "capacity"
+        suspended = [c for c in made if not c[0].locks]
+        promoted = None
+        if suspended:
+            pages = suspended[which % len(suspended)]
+            pl.hold_all(pages)
             try:
-                pages = eng.new_active(size)
+                promoted = _moves(pl.plan_promotion(pages, target, require_all=False))
             except CapacityError:
-                continue
-            if commit:
-                eng.commit(pages, f"c{k}-")
-            if state != "active":
-                eng.suspend(pages)
-            if state == "closed":
-                eng.close(pages)
-        if eng.pl.surely_obtainable(level_i, n):
-            assert len(_Draft(eng.pl).acquire(level_i, n)) == n
-
-    check()
+                promoted = "capacity"
+        shot = snapshot(pl)
+        for pid, state in shot["pages"].items():  # moves are objects: compare what they say
+            mv = state[2]
+            shot["pages"][pid] = state[:2] + ((mv.dst, mv.dst_slot) if mv else None,) + state[3:]
+        results.append((new, promoted, shot))
+    assert results[0] == results[1]

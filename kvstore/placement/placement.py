@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import CapacityError
@@ -92,6 +93,7 @@ class Placement:
 
     def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int], policy: str = "lru") -> None:
         self.levels: tuple[CacheLevel, ...] = tuple(levels)
+        self._index_of = {lvl: i for i, lvl in enumerate(self.levels)}
         self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots, strict=False)}
         self.index = PrefixIndex(ghost_capacity=sum(slots))
         self.queues = make_queues(policy, self.index, self.levels, sum(slots))
@@ -104,7 +106,7 @@ class Placement:
 
     # ----------------------------------------------------------------- page lifecycle
     def level_index(self, level: CacheLevel) -> int:
-        return self.levels.index(level)
+        return self._index_of[level]
 
     def next_level(self, level: CacheLevel) -> Optional[CacheLevel]:
         i = self.levels.index(level) + 1
@@ -306,8 +308,18 @@ class Placement:
         CapacityError and nothing changes; otherwise the pages that fit (token order first) are planned.
         """
         ti = self.level_index(target)
-        planned = self._draft_promotion(pages, ti, require_all)
         plan = Plan()
+        colder = [p for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti]
+        simple = self._simple_room(ti, len(colder))
+        if simple is not None:
+            for page, (slot, after) in zip(colder, simple, strict=True):
+                if after is not None:
+                    plan.moves.append(after)  # the victim's demotion, in the order a draft would plan it
+                page.move = Move(page, page.level, page.slot, target, slot, after)
+                self.sync(page)
+                plan.moves.append(page.move)
+            return plan
+        planned = self._draft_promotion(pages, ti, require_all)
         for page, grant in planned:
             slot, after = self._realize(grant, ti, plan)
             move = Move(page, page.level, page.slot, target, slot, after)
@@ -340,9 +352,19 @@ class Placement:
     def plan_new_pages(self, n: int, level: CacheLevel, priority: int) -> tuple[list[Page], Plan]:
         """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible."""
         li = self.level_index(level)
-        grants = self._draft_new_pages(n, level)
         plan = Plan()
         pages = []
+        simple = self._simple_room(li, n)
+        for slot, after in simple if simple is not None else ():
+            if after is not None:
+                plan.moves.append(after)  # the victim's demotion, in the order a draft would plan it
+            page = self._new_page(priority)
+            page.move = Move(page, None, -1, level, slot, after)
+            plan.moves.append(page.move)
+            pages.append(page)
+        if simple is not None:
+            return pages, plan
+        grants = self._draft_new_pages(n, level)
         for grant in grants:
             slot, after = self._realize(grant, li, plan)
             page = self._new_page(priority)
@@ -399,6 +421,29 @@ class Placement:
         except BaseException:
             alloc.limit = old_limit
             raise
+
+    def _simple_room(self, i: int, n: int) -> Optional[list[tuple[int, Optional[Move]]]]:
+        """The common case without a draft: ``n`` slots at level index ``i`` from its free slots and, for
+        the rest, its first eviction candidates demoted into free slots one level colder. Returns
+        (slot, move that vacates it first) per slot — what a draft would have realized; each such move is
+        new and belongs in the caller's plan — or None, changing nothing, when the case is not that simple."""
+        level, alloc = self.levels[i], self.alloc[self.levels[i]]
+        need = n - alloc.free_count
+        if need > 0:
+            if i + 1 >= len(self.levels) or need > len(self.queues[level]):
+                return None
+            colder = self.levels[i + 1]
+            if need > self.alloc[colder].free_count:
+                return None
+        out: list[tuple[int, Optional[Move]]] = [(alloc.allocate(), None) for _ in range(n - max(need, 0))]
+        if need > 0:
+            queue, colder_alloc = self.queues[level], self.alloc[colder]
+            for victim in list(islice(queue.candidates(), need)):
+                queue.remove(victim)
+                move = Move(victim, level, victim.slot, colder, colder_alloc.allocate(), None, handoff=True)
+                victim.move = move
+                out.append((victim.slot, move))
+        return out
 
     def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
         """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
