@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ async def _no_copy(self, segments, lane, after=None) -> None:
     return None
 
 
-async def run(pages: int, reps: int) -> dict[str, float]:
+async def run(pages: int, reps: int, gc_freeze: bool) -> dict[str, float]:
     layout = PageLayout(num_layers=1, num_kv_heads=1, head_dim=8, tokens_per_page=4, dtype=torch.float16)
     pb = layout.page_bytes
     cfg = StoreConfig(layout, [DeviceTier(2 * pages * pb, device="cpu"), HostTier(pages * pb, pinned=False)])
@@ -48,6 +49,9 @@ async def run(pages: int, reps: int) -> dict[str, float]:
             await a.resize(i * layout.tokens_per_page)
             await b.resize(i * layout.tokens_per_page)
         a.suspend()
+        if gc_freeze:  # as a serving process does after start-up (see docs/architecture.md)
+            gc.collect()
+            gc.freeze()
         for _ in range(reps + 1):  # the first repetition warms up
             c = mgr.create_cache()
             await c.resume()
@@ -70,12 +74,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pages", type=int, default=8192, help="pages per cache (default 8192)")
     p.add_argument("--reps", type=int, default=5, help="measured repetitions (medians; one warm-up extra)")
+    p.add_argument("--no-gc-freeze", action="store_true", help="do not freeze the objects alive after set-up")
     args = p.parse_args()
     if args.pages < 1 or args.reps < 1:
         p.error("--pages and --reps must be >= 1")
     copier.Copier.copy = _no_copy  # what is left is the bookkeeping
-    res = asyncio.run(run(args.pages, args.reps))
-    print(f"kvstore bookkeeping, copies stubbed out, {args.pages} pages, median of {args.reps}:")
+    res = asyncio.run(run(args.pages, args.reps, not args.no_gc_freeze))
+    print(f"kvstore bookkeeping, copies stubbed out, {args.pages} pages, median of {args.reps}, "
+          f"gc {'unfrozen' if args.no_gc_freeze else 'frozen after set-up'}:")
     for k, v in res.items():
         print(f"  {k:16s} {v:6.2f} us/page")
     return 0
