@@ -176,9 +176,7 @@ class Copier:
                 else:
                     dma.append(seg)
             _copy_runs(dma, non_blocking=True)
-            done = torch.cuda.Event(blocking=True)  # its waiter sleeps instead of spinning on a core
-            done.record(stream)
-            return done
+            return stream.record_event()
 
     def forget_host_memory(self) -> None:
         """Drop cached device views of host memory (after the host arena was reallocated)."""
