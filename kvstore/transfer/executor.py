@@ -311,6 +311,8 @@ class TransferExecutor:
         """Rows of ``slots`` on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
         if level == D:
             return [(self.device.rows, list(range(len(slots))), list(slots))]
+        if len(self.host.chunks) == 1:  # one chunk: a slot is its row
+            return [(self.host.chunks[0], list(range(len(slots))), list(slots))]
         groups = self.host.group(slots)
         return [(self.host.chunks[c], [p for p, _ in pr], [r for _, r in pr]) for c, pr in groups.items()]
 
