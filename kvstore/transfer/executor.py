@@ -385,11 +385,11 @@ class TransferExecutor:
         """Move the bytes of ``moves``; returns the indices of moves whose page failed its checksum."""
         src_slots = [m.src_slot for m in moves]
         dst_slots = [m.dst_slot for m in moves]
-        pids = [m.page.pid for m in moves]
         if src != K and dst != K:
             lane = "up" if dst.value < src.value else "down"
             await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
             return set()
+        pids = [m.page.pid for m in moves]
         if not self._needs_staging(src, dst):
             if src == K:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
