@@ -462,10 +462,10 @@ class KVCacheManager:
                     raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
             except BaseException:
                 await self._abandon(runs)
-                for p in new:
-                    if not p.freed:
-                        pl.release(p)
-                        pl.remove_owner(p)
+                placed = [p for p in new if not p.freed]
+                pl.release_all(placed)
+                for p in placed:
+                    pl.remove_owner(p)
                 raise
             pl.holds_to_locks(new)
             cache._pages.extend(new)

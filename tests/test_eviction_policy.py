@@ -56,7 +56,7 @@ def test_leaf_first_waits_for_every_queued_child():
 def test_child_that_is_not_evictable_does_not_defer_its_parent():
     pl = Placement([D], [8], policy="lru-leaf")
     a, b = _committed(pl, [(b"a", None), (b"b", b"a")])
-    pl.hold(b)  # e.g. being resumed: out of the queue
+    pl.hold_all([b])  # e.g. being resumed: out of the queue
     assert _order(pl) == [b"a"]
 
 

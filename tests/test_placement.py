@@ -221,13 +221,16 @@ def test_suspended_pages_are_queued_in_token_order():
     assert queue(eng.pl, D) == [p.pid for p in pages]
 
 
-def test_lock_refuses_a_page_off_the_device_level():
-    eng = Engine(make(device=1, host=2))
-    a = eng.new_suspended(1)
+def test_lock_refuses_a_page_off_the_device_level_and_changes_nothing():
+    eng = Engine(make(device=2, host=2))
+    a = eng.new_suspended(2)
     eng.new_active(1)
-    assert a[0].level == H
+    assert [p.level for p in a] == [H, D]
+    eng.pl.hold_all(a)
+    before = snapshot(eng.pl)
     with pytest.raises(RuntimeError):
-        eng.pl.lock(a[0])
+        eng.pl.holds_to_locks(a)
+    assert snapshot(eng.pl) == before  # checked before anything changed
 
 
 # ---------------------------------------------------------------------------------------------- eviction order
@@ -277,8 +280,8 @@ def test_touch_makes_a_page_most_recently_used():
 def test_release_after_hold_makes_a_page_most_recently_used():
     eng = Engine(make(device=4, host=8))
     pages = eng.new_suspended(3)
-    eng.pl.hold(pages[0])
-    eng.pl.release(pages[0])
+    eng.pl.hold_all([pages[0]])
+    eng.pl.release_all([pages[0]])
     assert queue(eng.pl, D) == [pages[1].pid, pages[2].pid, pages[0].pid]
 
 
@@ -332,8 +335,7 @@ def test_device_victim_skips_a_host_level_that_cannot_take_it():
     eng = Engine(make(device=2, host=2, disk=8))
     a = eng.new_suspended(2)
     b = eng.new_suspended(2)
-    for p in a:  # a prefetch holds a's host pages: host has neither free slots nor victims
-        eng.pl.hold(p)
+    eng.pl.hold_all(a) # a prefetch holds a's host pages: host has neither free slots nor victims
     pages, plan = eng.pl.plan_new_pages(1, D, 0)
     assert [(m.page.pid, m.src, m.dst) for m in plan.moves if m.src is not None] == [(b[0].pid, D, K)]
     pages[0].owners = 1
@@ -418,11 +420,11 @@ def test_held_pages_are_never_victims():
     a = eng.new_suspended(2)
     eng.commit(a)
     eng.close(a)  # droppable, so only the hold protects them
-    eng.pl.hold(a[0])
-    eng.pl.hold(a[1])
+    eng.pl.hold_all([a[0]])
+    eng.pl.hold_all([a[1]])
     with pytest.raises(CapacityError):
         eng.pl.plan_new_pages(1, D, 0)
-    eng.pl.release(a[0])
+    eng.pl.release_all([a[0]])
     pages, plan = eng.pl.plan_new_pages(1, D, 0)
     assert a[0].freed and not a[1].freed
 
@@ -466,8 +468,7 @@ def test_promotion_victims_move_before_the_promotions_that_take_their_slots():
     eng = Engine(make(device=2, host=4))
     a = eng.new_suspended(2)
     b = eng.new_suspended(2)
-    for p in a:
-        eng.pl.hold(p)
+    eng.pl.hold_all(a)
     plan = eng.pl.plan_promotion(a, D, require_all=True)
     by_page = {m.page.pid: m for m in plan.moves}
     for p in a:
@@ -485,8 +486,7 @@ def test_resume_that_cannot_fit_raises_and_leaves_placement_exactly_as_it_was():
     eng.close(c[:1], active=True)
     d = eng.new_suspended(1)  # device: 2 locked pages + 1 evictable: only 1 slot can be freed for 2 pages
     pl = eng.pl
-    for p in a:
-        pl.hold(p)
+    pl.hold_all(a)
     before = snapshot(pl)
     with pytest.raises(CapacityError):
         pl.plan_promotion(a, D, require_all=True)
@@ -571,7 +571,7 @@ def test_swap_plans_device_victim_into_the_host_slot_the_promotion_vacates():
     a = eng.new_suspended(1)
     b = eng.new_suspended(1)  # a -> host; both levels full
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     victim = next(m for m in plan.moves if m.page is b[0])
     promo = next(m for m in plan.moves if m.page is a[0])
@@ -581,7 +581,7 @@ def test_swap_plans_device_victim_into_the_host_slot_the_promotion_vacates():
     assert victim.after is promo and promo.after is victim and promo.handoff
     pl.check_invariants()
     run_plan(pl, plan)
-    pl.release(a[0])
+    pl.release_all([a[0]])
     assert where(a + b) == [(D, 0), (H, 0)]
     assert pl.alloc[D].free_count == 0 and pl.alloc[H].free_count == 0
 
@@ -603,11 +603,11 @@ def test_aborted_swap_promotion_puts_both_pages_back():
     b = eng.new_suspended(1)
     before = where(a + b)
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     promo = next(m for m in plan.moves if m.page is a[0])
     run_plan(pl, plan, fail=[promo])
-    pl.release(a[0])
+    pl.release_all([a[0]])
     pl.check_invariants()
     assert where(a + b) == before
     assert pl.alloc[D].free_count == 0 and pl.alloc[H].free_count == 0
@@ -618,7 +618,7 @@ def test_check_invariants_accepts_a_staged_victim_whose_promotion_aborted():
     a = eng.new_suspended(1)
     eng.new_suspended(1)
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     victim = next(m for m in plan.moves if m.swap)
     promo = next(m for m in plan.moves if not m.swap)
@@ -633,8 +633,7 @@ def test_each_swap_promotion_waits_for_the_staged_victim_in_its_device_slot():
     a = eng.new_suspended(2)
     eng.new_suspended(2)
     pl = eng.pl
-    for p in a:
-        pl.hold(p)
+    pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
     swaps = [m for m in plan.moves if m.swap]
     assert len(swaps) == 2
@@ -643,8 +642,7 @@ def test_each_swap_promotion_waits_for_the_staged_victim_in_its_device_slot():
         if m.page in a:
             assert m.after.swap and m.after.src_slot == m.dst_slot
     run_plan(pl, plan)
-    for p in a:
-        pl.release(p)
+    pl.release_all(a)
 
 
 def test_failed_promotion_in_a_multi_page_swap_leaves_every_page_in_one_slot():
@@ -652,8 +650,7 @@ def test_failed_promotion_in_a_multi_page_swap_leaves_every_page_in_one_slot():
     a = eng.new_suspended(2)
     eng.new_suspended(2)
     pl = eng.pl
-    for p in a:
-        pl.hold(p)
+    pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
     swaps = [m for m in plan.moves if m.swap]
     promos = {m.page.pid: m for m in plan.moves if not m.swap}
@@ -677,11 +674,11 @@ def test_aborted_promotion_leaves_page_at_source_and_releases_the_reserved_slot(
     eng.close(b, active=True)  # device empty again
     src = where(a)
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     assert pl.alloc[D].free_count == 1  # the destination is reserved while in flight
     run_plan(pl, plan, fail=plan.moves)
-    pl.release(a[0])
+    pl.release_all([a[0]])
     assert where(a) == src
     assert pl.alloc[D].free_count == 2
     assert queue(pl, H) == [a[0].pid]
@@ -693,15 +690,13 @@ def test_aborted_victim_aborts_the_promotion_that_needed_its_slot():
     b = eng.new_suspended(2)  # a -> host; host still has 2 free slots: no swap
     a_src, b_src = where(a), where(b)
     pl = eng.pl
-    for p in a:
-        pl.hold(p)
+    pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
     assert not any(m.swap for m in plan.moves)
     victim0 = next(m for m in plan.moves if m.page is b[0])
     dependent = next(m for m in plan.moves if m.after is victim0)
     run_plan(pl, plan, fail=[victim0])
-    for p in a:
-        pl.release(p)
+    pl.release_all(a)
     pl.check_invariants()
     assert victim0.state is MoveState.ABORTED and dependent.state is MoveState.ABORTED
     assert where([dependent.page]) == [a_src[a.index(dependent.page)]]
@@ -732,12 +727,12 @@ def test_orphan_page_is_freed_when_its_move_completes():
     b = eng.new_active(2)
     eng.close(b, active=True)
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     eng.close(a)  # the cache closes while its page is in flight
     assert not a[0].freed
     run_plan(pl, plan)
-    pl.release(a[0])
+    pl.release_all([a[0]])
     pl.check_invariants()
     assert a[0].freed and pl.pages == {}
     assert pl.alloc[D].free_count == 2 and pl.alloc[H].free_count == 4
@@ -749,11 +744,11 @@ def test_orphan_page_is_freed_when_its_move_aborts():
     b = eng.new_active(2)
     eng.close(b, active=True)
     pl = eng.pl
-    pl.hold(a[0])
+    pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     eng.close(a)
     run_plan(pl, plan, fail=plan.moves)
-    pl.release(a[0])
+    pl.release_all([a[0]])
     pl.check_invariants()
     assert a[0].freed and pl.pages == {}
     assert pl.alloc[D].free_count == 2 and pl.alloc[H].free_count == 4
@@ -1002,9 +997,7 @@ def test_check_invariants_accepts_new_pages_held_the_way_the_manager_grows_a_cac
     pl.check_invariants()
     for m in plan.moves:
         pl.complete(m)
-    for p in pages:
-        pl.lock(p)
-        pl.release(p)
+    pl.holds_to_locks(pages)
     pl.check_invariants()
     assert all(p.level == D and p.locks == 1 and not p.evictable for p in pages)
 
@@ -1021,54 +1014,30 @@ def _three_caches(policy: str) -> tuple[Engine, list[list[Page]]]:
 
 
 @pytest.mark.parametrize("policy", ["lru", "lru-leaf", "slru"])
-def test_bulk_hold_release_lock_unlock_match_the_one_page_calls(policy):
-    def run(bulk: bool) -> list[dict]:
-        eng, (a, b, c) = _three_caches(policy)
-        pl, shots = eng.pl, []
-        if bulk:
-            pl.hold_all(a + b)
-        else:
-            for p in a + b:
-                pl.hold(p)
-        shots.append(snapshot(pl))
-        if bulk:
-            pl.release_all(b + a)
-        else:
-            for p in b + a:
-                pl.release(p)
-        shots.append(snapshot(pl))
-        if bulk:
-            pl.unlock_all(c)
-        else:
-            for p in c:
-                pl.unlock(p)
-        shots.append(snapshot(pl))
-        pl.check_invariants()
-        return shots
-
-    assert run(bulk=True) == run(bulk=False)
+def test_hold_release_and_unlock_of_whole_caches_keep_the_queues_exact(policy):
+    eng, (a, b, c) = _three_caches(policy)
+    pl = eng.pl
+    pl.hold_all(a + b)
+    assert not any(p in pl.queues[p.level] for p in a + b)  # held: not victims
+    pl.check_invariants()
+    pl.release_all(b + a)
+    assert all(p in pl.queues[p.level] for p in a + b)
+    if policy == "lru":  # released pages are the most recently used, in the order released
+        assert queue(pl, D) == [p.pid for p in b + a if p.level == D]
+    pl.check_invariants()
+    pl.unlock_all(c)
+    assert all(p in pl.queues[D] for p in c)  # suspended: evictable again
+    pl.check_invariants()
 
 
-def test_holds_to_locks_equals_lock_then_release_and_refuses_a_page_off_the_device():
-    for bulk in (True, False):
-        eng, (a, b, c) = _three_caches("lru")
-        pl = eng.pl
-        eng.suspend(c)
-        pl.hold_all(c)
-        if bulk:
-            pl.holds_to_locks(c)
-        else:
-            for p in c:
-                pl.lock(p)
-                pl.release(p)
-        assert [(p.holds, p.locks) for p in c] == [(0, 1)] * 3 and all(p not in pl.queues[D] for p in c)
-        pl.check_invariants()
-    off = [p for p in a if p.level != D]
-    pl.hold_all(off)
-    before = snapshot(pl)
-    with pytest.raises(RuntimeError):
-        pl.holds_to_locks(off)
-    assert snapshot(pl) == before  # checked before anything changed
+def test_holds_to_locks_turns_each_hold_into_a_lock():
+    eng, (a, b, c) = _three_caches("lru")
+    pl = eng.pl
+    eng.suspend(c)
+    pl.hold_all(c)
+    pl.holds_to_locks(c)
+    assert [(p.holds, p.locks) for p in c] == [(0, 1)] * 3 and all(p not in pl.queues[D] for p in c)
+    pl.check_invariants()
 
 
 def test_surely_obtainable_counts_victims_that_fit_one_level_colder():
@@ -1129,7 +1098,7 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
         eng, made = _random_state(caches, policy)
         pl = eng.pl
         if not fast:
-            pl._simple_room = lambda i, n: None  # force the draft
+            pl._room_is_simple = lambda i, n: False  # force the draft
         try:
             _, plan = pl.plan_new_pages(n, D, 0)
             new = _moves(plan)

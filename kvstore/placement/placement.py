@@ -108,10 +108,6 @@ class Placement:
     def level_index(self, level: CacheLevel) -> int:
         return self._index_of[level]
 
-    def next_level(self, level: CacheLevel) -> Optional[CacheLevel]:
-        i = self.levels.index(level) + 1
-        return self.levels[i] if i < len(self.levels) else None
-
     def _new_page(self, priority: int) -> Page:
         page = Page(self._next_pid, None, -1, priority=priority)
         self._next_pid += 1
@@ -123,7 +119,7 @@ class Placement:
         if page.level is None:  # not placed yet, or freed
             return
         q = self.queues[page.level]
-        if page.locks == 0 and page.holds == 0 and page.move is None:  # evictable (inlined: hot path)
+        if page.evictable:
             if page not in q:
                 q.push(page)
         else:
@@ -133,39 +129,23 @@ class Placement:
         if page.level is not None and not page.freed:
             self.queues[page.level].touch(page)
 
-    def hold(self, page: Page) -> None:
-        page.holds += 1
-        self.sync(page)
-
-    def release(self, page: Page) -> None:
-        page.holds -= 1
-        self.sync(page)
-        self.touch(page)
-
     def hold_all(self, pages: Sequence[Page]) -> None:
-        """``hold`` every page of ``pages`` (a tight loop: resume and prefetch hold whole caches)."""
-        queues = self.queues
+        """Keep every page of ``pages`` out of eviction while an operation (resume, prefetch) works on it."""
         for page in pages:
             page.holds += 1
-            if page.level is not None:  # freed pages have no level
-                queues[page.level].discard(page)
+            self.sync(page)
 
     def release_all(self, pages: Sequence[Page]) -> None:
-        """``release`` every page of ``pages``: each that became evictable is queued most recently used."""
-        queues = self.queues
+        """Undo one ``hold_all``: each page that became evictable is queued, most recently used."""
         for page in pages:
             page.holds -= 1
-            if page.level is None or page.holds or page.locks or page.move is not None:
-                continue  # not evictable (and so not queued)
-            q = queues[page.level]
-            if page in q:
-                q.touch(page)
-            else:
-                q.push(page)
+            self.sync(page)
+            self.touch(page)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
-        """Turn one hold of every page into a lock (a resume that succeeded); every page must be on the
-        device level and settled. Neither state is evictable, so no queue changes."""
+        """Turn one hold of every page into a lock (an ACTIVE cache's pages); every page must be settled on
+        the device level (RuntimeError, nothing changed, otherwise). Neither state is evictable, so no
+        queue changes."""
         for page in pages:
             if page.level != CacheLevel.DEVICE or page.move is not None:
                 raise RuntimeError(f"locking page {page.pid} that is not settled on the device level")
@@ -174,23 +154,10 @@ class Placement:
             page.locks += 1
 
     def unlock_all(self, pages: Sequence[Page]) -> None:
-        """``unlock`` every page of ``pages`` (a suspend)."""
+        """Drop one lock of every page (a suspend, a shrink, a close): unlocked pages become evictable."""
         for page in pages:
             page.locks -= 1
-            if page.level is not None and not page.locks and not page.holds and page.move is None:
-                q = self.queues[page.level]
-                if page not in q:
-                    q.push(page)
-
-    def lock(self, page: Page) -> None:
-        if page.level != CacheLevel.DEVICE:
-            raise RuntimeError(f"locking page {page.pid} that is not on the device level")
-        page.locks += 1
-        self.sync(page)
-
-    def unlock(self, page: Page) -> None:
-        page.locks -= 1
-        self.sync(page)
+            self.sync(page)
 
     def add_owner(self, page: Page, priority: int) -> None:
         page.owners += 1
@@ -261,9 +228,12 @@ class Placement:
             self.queues[page.level].hit(page)
 
     # ----------------------------------------------------------------- planning
-    def _draft_promotion(self, pages: Sequence[Page], ti: int, require_all: bool) -> list[tuple[Page, _Grant]]:
+    def _colder(self, pages: Sequence[Page], ti: int) -> list[Page]:
+        """The pages of ``pages`` a promotion to level index ``ti`` moves: placed, settled and colder."""
+        return [p for p in pages if p.level is not None and p.move is None and self._index_of[p.level] > ti]
+
+    def _draft_promotion(self, colder: Sequence[Page], ti: int, require_all: bool) -> list[tuple[Page, _Grant]]:
         target = self.levels[ti]
-        colder = [p for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti]
         draft = _Draft(self)
         planned: list[tuple[Page, _Grant]] = []
         can_swap = ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST
@@ -296,9 +266,9 @@ class Placement:
     def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> None:
         """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing."""
         ti = self.level_index(target)
-        colder = sum(1 for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti)
-        if not self.surely_obtainable(ti, colder):
-            self._draft_promotion(pages, ti, True)
+        colder = self._colder(pages, ti)
+        if not self.surely_obtainable(ti, len(colder)):
+            self._draft_promotion(colder, ti, True)
 
     def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
         """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
@@ -309,19 +279,13 @@ class Placement:
         """
         ti = self.level_index(target)
         plan = Plan()
-        colder = [p for p in pages if p.level is not None and p.move is None and self.level_index(p.level) > ti]
-        simple = self._simple_room(ti, len(colder))
-        if simple is not None:
-            for page, (slot, after) in zip(colder, simple, strict=True):
-                if after is not None:
-                    plan.moves.append(after)  # the victim's demotion, in the order a draft would plan it
-                page.move = Move(page, page.level, page.slot, target, slot, after)
-                self.sync(page)
-                plan.moves.append(page.move)
-            return plan
-        planned = self._draft_promotion(pages, ti, require_all)
-        for page, grant in planned:
-            slot, after = self._realize(grant, ti, plan)
+        colder = self._colder(pages, ti)
+        if self._room_is_simple(ti, len(colder)):
+            rooms = zip(colder, self._simple_room(ti, len(colder), plan))
+        else:
+            drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
+            rooms = ((page, self._realize(grant, ti, plan)) for page, grant in drafted)
+        for page, (slot, after) in rooms:
             move = Move(page, page.level, page.slot, target, slot, after)
             page.move = move
             self.sync(page)
@@ -354,19 +318,12 @@ class Placement:
         li = self.level_index(level)
         plan = Plan()
         pages = []
-        simple = self._simple_room(li, n)
-        for slot, after in simple if simple is not None else ():
-            if after is not None:
-                plan.moves.append(after)  # the victim's demotion, in the order a draft would plan it
-            page = self._new_page(priority)
-            page.move = Move(page, None, -1, level, slot, after)
-            plan.moves.append(page.move)
-            pages.append(page)
-        if simple is not None:
-            return pages, plan
-        grants = self._draft_new_pages(n, level)
-        for grant in grants:
-            slot, after = self._realize(grant, li, plan)
+        if self._room_is_simple(li, n):
+            rooms = self._simple_room(li, n, plan)
+        else:
+            drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
+            rooms = (self._realize(grant, li, plan) for grant in drafted)
+        for slot, after in rooms:
             page = self._new_page(priority)
             page.move = Move(page, None, -1, level, slot, after)
             plan.moves.append(page.move)
@@ -422,28 +379,34 @@ class Placement:
             alloc.limit = old_limit
             raise
 
-    def _simple_room(self, i: int, n: int) -> Optional[list[tuple[int, Optional[Move]]]]:
-        """The common case without a draft: ``n`` slots at level index ``i`` from its free slots and, for
-        the rest, its first eviction candidates demoted into free slots one level colder. Returns
-        (slot, move that vacates it first) per slot — what a draft would have realized; each such move is
-        new and belongs in the caller's plan — or None, changing nothing, when the case is not that simple."""
+    def _room_is_simple(self, i: int, n: int) -> bool:
+        """Whether ``n`` slots at level index ``i`` come from its free slots and, for the rest, from its
+        first eviction candidates demoted into free slots one level colder (no cascade, swap or drop):
+        then :meth:`_simple_room` gets them without a draft."""
+        level = self.levels[i]
+        need = n - self.alloc[level].free_count
+        if need <= 0:
+            return True
+        return i + 1 < len(self.levels) and need <= len(self.queues[level]) and (
+            need <= self.alloc[self.levels[i + 1]].free_count
+        )
+
+    def _simple_room(self, i: int, n: int, plan: Plan) -> Iterator[tuple[int, Optional[Move]]]:
+        """The room of :meth:`_room_is_simple`, lazily: (slot, move that vacates it first) per slot, each
+        victim's move added to ``plan`` as its slot is taken — what realizing a draft would give."""
         level, alloc = self.levels[i], self.alloc[self.levels[i]]
-        need = n - alloc.free_count
-        if need > 0:
-            if i + 1 >= len(self.levels) or need > len(self.queues[level]):
-                return None
+        free = min(n, alloc.free_count)
+        victims = list(islice(self.queues[level].candidates(), n - free))
+        for _ in range(free):
+            yield alloc.allocate(), None
+        if victims:
             colder = self.levels[i + 1]
-            if need > self.alloc[colder].free_count:
-                return None
-        out: list[tuple[int, Optional[Move]]] = [(alloc.allocate(), None) for _ in range(n - max(need, 0))]
-        if need > 0:
-            queue, colder_alloc = self.queues[level], self.alloc[colder]
-            for victim in list(islice(queue.candidates(), need)):
-                queue.remove(victim)
-                move = Move(victim, level, victim.slot, colder, colder_alloc.allocate(), None, handoff=True)
+            for victim in victims:
+                self.queues[level].remove(victim)
+                move = Move(victim, level, victim.slot, colder, self.alloc[colder].allocate(), None, handoff=True)
                 victim.move = move
-                out.append((victim.slot, move))
-        return out
+                plan.moves.append(move)
+                yield victim.slot, move
 
     def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
         """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
