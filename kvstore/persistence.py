@@ -64,8 +64,15 @@ def _pack(op: int, slot: int, key: bytes = _NO_PARENT, parent: Optional[bytes] =
     return body + xxhash.xxh3_64_digest(body)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` as a whole: a 0600 temporary file, fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_suffix(".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)  # a file object writes all of it (os.write may stop short)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -144,15 +151,7 @@ class DiskCatalog:
                     "use another directory, or the same layout and namespace"
                 )
             return
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(self.meta, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        _replace_durably(path, json.dumps(self.meta, sort_keys=True).encode())
 
     def _recover(self, slots: int) -> dict[int, Record]:
         try:
@@ -179,15 +178,9 @@ class DiskCatalog:
         return {s: r for s, r in live.items() if s < slots}
 
     def _compact(self, records: dict[int, Record]) -> None:
-        tmp = self.journal_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(_pack(_PUT, r.slot, r.key, r.parent, r.checksum) for r in records.values()))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.journal_path)
-        _fsync_dir(self.directory)
+        _replace_durably(
+            self.journal_path, b"".join(_pack(_PUT, r.slot, r.key, r.parent, r.checksum) for r in records.values())
+        )
 
     # ------------------------------------------------------------------ logging (loop thread)
     async def start(self, data_fd: int) -> None:
@@ -219,17 +212,14 @@ class DiskCatalog:
         if self._unsafe and not self._unsafe.isdisjoint(slots):
             await self.flush()
 
-    async def flush(self) -> None:
-        """Make every record appended so far durable."""
-        await self._flush_pending()
-
     async def _write_loop(self) -> None:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            await self._flush_pending()
+            await self.flush()
 
-    async def _flush_pending(self) -> None:
+    async def flush(self) -> None:
+        """Make every record appended so far durable."""
         async with self._lock:
             if not self._pending or self._file is None:
                 return
@@ -254,7 +244,7 @@ class DiskCatalog:
             self._wake.set()
             await settle(self._writer)
             self._writer = None
-        await self._flush_pending()
+        await self.flush()
         if self._file is not None:
             await self._file.close()
             self._file = None

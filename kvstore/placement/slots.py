@@ -32,30 +32,24 @@ class SlotAllocator:
     def allocate(self) -> int:
         """Take the lowest free slot below ``limit``; raise LookupError if none."""
         free, is_free = self._free, self._is_free
-        if self.limit == self.total:  # the common case: no hidden slots to skip
-            while free:
-                slot = heapq.heappop(free)
-                if is_free[slot]:
-                    is_free[slot] = 0
-                    self._nfree -= 1
-                    return slot
+        skipped = []  # free slots hidden above the limit: back into the heap afterwards
+        slot = -1
+        while free:
+            s = heapq.heappop(free)
+            if not is_free[s]:
+                continue  # stale entry
+            if s >= self.limit:
+                skipped.append(s)
+                continue
+            slot = s
+            break
+        for s in skipped:
+            heapq.heappush(free, s)
+        if slot < 0:
             raise LookupError("no free slot")
-        skipped = []
-        try:
-            while self._free:
-                slot = heapq.heappop(self._free)
-                if not self._is_free[slot]:
-                    continue  # stale entry
-                if slot >= self.limit:
-                    skipped.append(slot)
-                    continue
-                self._is_free[slot] = 0
-                self._nfree -= 1
-                return slot
-            raise LookupError("no free slot")
-        finally:
-            for s in skipped:
-                heapq.heappush(self._free, s)
+        is_free[slot] = 0
+        self._nfree -= 1
+        return slot
 
     def take(self, slot: int) -> None:
         """Mark a given free slot used (recovery of a persistent tier)."""

@@ -411,10 +411,11 @@ class TransferExecutor:
                 await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
             if dst == K:
                 good = [i for i in rows if i not in bad]
-                extents, order = self._extents([dst_slots[i] for i in good], tensors, good)
-                await self._before_write([dst_slots[i] for i in good])
+                good_slots = [dst_slots[i] for i in good]
+                extents, order = self._extents(good_slots, tensors, good)
+                await self._before_write(good_slots)
                 await settle(self.io.write(extents))
-                self._record_sums(extents, order, [dst_slots[i] for i in good], [moves[i] for i in good])
+                self._record_sums(extents, order, good_slots, [moves[i] for i in good])
             else:
                 await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)
             return bad
