@@ -502,8 +502,7 @@ async def scenario_scatter(ctx: Ctx, page_bytes: int, want: set[str], reps: int,
         a.suspend()
         for rep in range(-1, reps):  # rep -1 warms up (first touch of host memory, allocator caches)
             s0 = rig.mgr.stats()
-            c = rig.mgr.create_cache()
-            await ctx.within(c.resume(), rig.t(1), "resume() of an empty cache")
+            c = await rig.active(0)
             t0 = time.perf_counter()
             await ctx.within(c.resize(n * rig.tpp), rig.t(n), f"resize() to {n} pages demoting {n} pages")
             t_d2h = time.perf_counter() - t0
@@ -614,6 +613,13 @@ async def scenario_disk(ctx: Ctx, page_bytes: int, want: set[str], reps: int) ->
     return out, notes
 
 
+async def _timed(ends: dict[str, float], name: str, aw: Awaitable[T]) -> T:
+    """Await ``aw`` and record when it ended under ``name``."""
+    r = await aw
+    ends[name] = time.perf_counter()
+    return r
+
+
 async def scenario_bidir(ctx: Ctx, page_bytes: int, want: set[str], reps: int) -> tuple[Samples, Notes]:
     """X on host, Y suspended on device, N device slots free. Per rep, one way at a time then both at once:
 
@@ -641,7 +647,7 @@ async def scenario_bidir(ctx: Ctx, page_bytes: int, want: set[str], reps: int) -
             if not res.complete:
                 raise BenchCheckError(f"prefetch(DEVICE) incomplete: {res}")
             expect(x, D, "after prefetch(DEVICE)")
-            await ctx.within(y.resume(), rig.t(n), "resume() of a device-resident cache")  # lock Y ...
+            await rig.resume(y, "resume() of a device-resident cache")  # lock Y ...
             p = await rig.active(n)  # ... so that this demotes X back to the host
             p.close()
             y.suspend()
@@ -660,19 +666,13 @@ async def scenario_bidir(ctx: Ctx, page_bytes: int, want: set[str], reps: int) -
             # both at once
             c = await rig.active(0)
             ends: dict[str, float] = {}
-
-            async def timed(name: str, aw: Awaitable[Any]) -> Any:
-                r = await aw
-                ends[name] = time.perf_counter()
-                return r
-
             t0 = time.perf_counter()
             pf = x.prefetch(D)
             for _ in range(1000):  # let the prefetch plan (it reserves the free slots) before the resize
                 if rig.mgr.usage(D).free_pages == 0:
                     break
                 await asyncio.sleep(0)
-            both = asyncio.gather(timed("up", pf), timed("down", c.resize(n * rig.tpp)))
+            both = asyncio.gather(_timed(ends, "up", pf), _timed(ends, "down", c.resize(n * rig.tpp)))
             results = await ctx.within(both, rig.t(2 * n), "prefetch(DEVICE) + demoting resize() at once")
             t_both = max(ends.values()) - t0
             if not results[0].complete:
@@ -741,6 +741,8 @@ async def scenario_lag(ctx: Ctx, page_bytes: int, want: set[str], reps: int) -> 
             s0 = rig.mgr.stats()
             t0 = time.perf_counter()
             _, res = await rig.prefetch(a, H)
+            if not res.complete:
+                raise BenchCheckError(f"prefetch(HOST) incomplete: {res}")
             await rig.resume(a)
             a.suspend()
             await rig.push_device()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from typing import AsyncIterator, Callable
 
 import pytest
@@ -88,3 +90,41 @@ async def sink_to_disk(mgr: KVCacheManager, cache: KVCache) -> None:
         fillers.append((await new_filled_cache(mgr, 1, seed=10_000 + len(fillers)))[0])
     for f in fillers:
         f.close()
+
+
+async def new_cache_on_disk(mgr: KVCacheManager, pages: int, seed: int) -> tuple[KVCache, torch.Tensor]:
+    """A SUSPENDED cache of ``pages`` pages of random data (returned), every page on the disk level."""
+    cache, data = await new_filled_cache(mgr, pages, seed=seed)
+    await sink_to_disk(mgr, cache)
+    return cache, data
+
+
+@contextlib.contextmanager
+def io_hook(mgr: KVCacheManager, hook):
+    """Install ``hook`` as the disk backend's fault hook for the ``with`` block."""
+    mgr._io.fault_hook = hook
+    try:
+        yield
+    finally:
+        if mgr._io is not None:  # gone once the manager closed
+            mgr._io.fault_hook = None
+
+
+def slow_io(mgr: KVCacheManager, seconds: float):
+    """Every disk I/O call of ``mgr`` first sleeps ``seconds`` (on its worker thread) in the ``with`` block."""
+    return io_hook(mgr, lambda op, off, n: time.sleep(seconds))
+
+
+@contextlib.contextmanager
+def gated_io(mgr: KVCacheManager):
+    """Disk I/O of ``mgr`` waits (on its worker threads) until the yielded event is set; set on exit."""
+    gate = threading.Event()
+
+    def hook(op, off, n):
+        gate.wait()  # returns None: no short transfer
+
+    with io_hook(mgr, hook):
+        try:
+            yield gate
+        finally:
+            gate.set()

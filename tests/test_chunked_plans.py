@@ -1,14 +1,13 @@
 """Resume, prefetch and resize plan in chunks (short event-loop steps); all-or-nothing semantics hold."""
 
 import asyncio
-import time
 
 import pytest
 
 import kvstore.manager as manager_module
 from kvstore import CacheLevel, CacheStatus, CapacityError
 
-from .conftest import PAGE, assert_data, levels, new_filled_cache, read_pages, sink_to_disk
+from .conftest import PAGE, assert_data, levels, new_cache_on_disk, new_filled_cache, read_pages, sink_to_disk, slow_io
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 
@@ -20,16 +19,14 @@ def tiny_chunks(monkeypatch):
 
 async def test_chunked_resume_from_disk_is_exact(make_store, tiny_chunks):
     async with make_store(device=12, host=12, disk=64) as mgr:
-        cache, data = await new_filled_cache(mgr, 9, seed=1)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 9, seed=1)
         await assert_data(mgr, cache, data)
         assert mgr.stats()["pages_disk_to_device"] >= 9
 
 
 async def test_chunked_resume_that_cannot_fit_moves_nothing(make_store, tiny_chunks):
     async with make_store(device=6, host=8, disk=64) as mgr:
-        cache, _ = await new_filled_cache(mgr, 5, seed=1)
-        await sink_to_disk(mgr, cache)
+        cache, _ = await new_cache_on_disk(mgr, 5, seed=1)
         blocker = mgr.create_cache()
         await blocker.resume()
         await blocker.resize(2 * mgr.layout.tokens_per_page)  # 2 locked: 4 device slots left for 5 pages
@@ -41,8 +38,7 @@ async def test_chunked_resume_that_cannot_fit_moves_nothing(make_store, tiny_chu
 
 async def test_chunked_prefetch_moves_every_page(make_store, tiny_chunks):
     async with make_store(device=12, host=12, disk=64) as mgr:
-        cache, data = await new_filled_cache(mgr, 7, seed=2)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 7, seed=2)
         result = await cache.prefetch(H)
         assert result.complete and result.pages_moved == 7 and levels(cache) == {H: 7}
         await assert_data(mgr, cache, data)
@@ -61,20 +57,18 @@ async def test_chunked_resize_grows_and_keeps_others_data(make_store, tiny_chunk
 
 async def test_cancelled_resume_leaves_the_cache_suspended_and_consistent(make_store, tiny_chunks):
     async with make_store(device=12, host=12, disk=64, batch_bytes=PAGE) as mgr:
-        cache, data = await new_filled_cache(mgr, 10, seed=4)
-        await sink_to_disk(mgr, cache)
-        mgr._io.fault_hook = lambda op, off, n: time.sleep(0.003)
-        task = asyncio.ensure_future(cache.resume())
-        while mgr.stats()["pages_disk_to_device"] < 2:
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        cache, data = await new_cache_on_disk(mgr, 10, seed=4)
+        with slow_io(mgr, 0.003):
+            task = asyncio.ensure_future(cache.resume())
+            while mgr.stats()["pages_disk_to_device"] < 2 and not task.done():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         assert cache.status is CacheStatus.SUSPENDED
         where = cache.page_levels()
         assert where[D] + where[K] == 10 and where[K] > 0, where
         mgr.check_invariants()
-        mgr._io.fault_hook = None
         await assert_data(mgr, cache, data)
 
 
@@ -82,20 +76,19 @@ async def test_cancelled_resize_changes_nothing(make_store, tiny_chunks):
     async with make_store(device=8, host=8, disk=64, batch_bytes=PAGE) as mgr:
         other, data = await new_filled_cache(mgr, 8, seed=5)
         await mgr.set_quota(H, 2 * PAGE)  # host mostly full: growing forces writes to disk
-        mgr._io.fault_hook = lambda op, off, n: time.sleep(0.003)
         cache = mgr.create_cache()
         await cache.resume()
-        task = asyncio.ensure_future(cache.resize(8 * mgr.layout.tokens_per_page))
-        # cancel once the first page reached disk (directly or through the host; timing decides which)
-        while mgr.stats()["pages_host_to_disk"] + mgr.stats()["pages_device_to_disk"] < 1 and not task.done():
-            await asyncio.sleep(0.001)
-        assert not task.done(), "the resize ended before any disk write: the test no longer cancels mid-flight"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        with slow_io(mgr, 0.003):
+            task = asyncio.ensure_future(cache.resize(8 * mgr.layout.tokens_per_page))
+            # cancel once the first page reached disk (directly or through the host; timing decides which)
+            while mgr.stats()["pages_host_to_disk"] + mgr.stats()["pages_device_to_disk"] < 1 and not task.done():
+                await asyncio.sleep(0.001)
+            assert not task.done(), "the resize ended before any disk write: the test no longer cancels mid-flight"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         assert cache.num_pages == 0 and cache.status is CacheStatus.ACTIVE
         mgr.check_invariants()
-        mgr._io.fault_hook = None
         cache.close()
         await assert_data(mgr, other, data)
 

@@ -7,7 +7,7 @@ import torch
 
 from kvstore import CacheLevel, PageLayout
 
-from .conftest import assert_data, levels, new_filled_cache, read_pages, sink_to_disk
+from .conftest import assert_data, levels, new_cache_on_disk, new_filled_cache, read_pages
 
 pytestmark = pytest.mark.cuda
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
@@ -45,8 +45,7 @@ async def test_cuda_swap_between_full_device_and_full_host(make_store):
 @pytest.mark.parametrize("target", [D, H])
 async def test_cuda_prefetch_from_disk(make_store, target):
     async with make_store(device=8, host=8, disk=64, device_name="cuda", layout=MIB) as mgr:
-        cache, data = await new_filled_cache(mgr, 6, seed=3)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 6, seed=3)
         result = await cache.prefetch(target)
         assert result.complete and levels(cache) == {target: 6}
         await cache.resume()
@@ -74,8 +73,7 @@ async def test_cuda_demotion_waits_for_compute_queued_before_it(make_store):
 
 async def test_cuda_cancelled_prefetch_keeps_data_exact(make_store):
     async with make_store(device=16, host=16, disk=64, device_name="cuda", layout=MIB, batch_bytes=1 << 20) as mgr:
-        cache, data = await new_filled_cache(mgr, 12, seed=5)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 12, seed=5)
         task = cache.prefetch(D)
         await asyncio.sleep(0)
         task.cancel()

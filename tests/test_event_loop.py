@@ -7,7 +7,7 @@ import torch
 
 from kvstore import CacheLevel, PageLayout
 
-from .conftest import levels, new_filled_cache
+from .conftest import levels, new_filled_cache, slow_io
 
 BIG = PageLayout(num_layers=4, num_kv_heads=4, head_dim=64, tokens_per_page=128, dtype=torch.float16)  # 1 MiB
 
@@ -31,12 +31,12 @@ async def test_ticker_keeps_ticking_during_a_large_disk_prefetch(make_store):
         assert levels(cache)[CacheLevel.DISK] >= pages - 2
         # stretch each disk task by 20 ms (off the loop) so the transfer lasts long enough to sample the
         # loop; on a 2-core CI machine saturated warm-cache memcpy alone starves every thread for ~20 ms
-        mgr._io.fault_hook = lambda op, offset, nbytes: time.sleep(0.02)
         stop, gaps = asyncio.Event(), []
         ticker = asyncio.create_task(_ticker(stop, gaps))
-        t0 = time.perf_counter()
-        result = await cache.prefetch(CacheLevel.HOST)
-        elapsed = time.perf_counter() - t0
+        with slow_io(mgr, 0.02):
+            t0 = time.perf_counter()
+            result = await cache.prefetch(CacheLevel.HOST)
+            elapsed = time.perf_counter() - t0
         stop.set()
         await ticker
         assert result.complete

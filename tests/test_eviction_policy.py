@@ -1,11 +1,12 @@
 """Eviction policies: leaf-first order, segmented LRU (probation before protected), config, engine behaviour."""
 
 import pytest
+import torch
 
 from kvstore import CacheLevel, ConfigError, DeviceTier, HostTier, KVCacheManager, StoreConfig
 from kvstore.placement import Placement
 
-from .conftest import LAYOUT, PAGE
+from .conftest import LAYOUT, PAGE, new_filled_cache, read_pages, write_pages
 
 D, H = CacheLevel.DEVICE, CacheLevel.HOST
 TPP = LAYOUT.tokens_per_page
@@ -174,10 +175,6 @@ async def test_leaf_first_keeps_the_shared_prefix_reusable_under_pressure():
 
 
 async def test_reused_page_demoted_to_host_keeps_exact_data_under_slru():
-    import torch
-
-    from .conftest import read_pages, write_pages
-
     cfg = StoreConfig(LAYOUT, [DeviceTier(2 * PAGE), HostTier(4 * PAGE, pinned=False)], eviction_policy="slru")
     async with KVCacheManager(cfg) as mgr:
         tokens = list(range(2 * TPP))
@@ -206,10 +203,6 @@ def test_pages_touched_in_token_order_are_queued_children_first(policy):
 
 @pytest.mark.parametrize("policy", ["lru", "lru-leaf", "slru"])
 async def test_prefix_demoted_to_disk_is_reused_with_exact_data(make_store, policy):
-    import torch
-
-    from .conftest import new_filled_cache, read_pages, write_pages
-
     async with make_store(device=2, host=2, disk=16, eviction_policy=policy) as mgr:
         tokens = list(range(2 * TPP))
         cache = mgr.create_cache(tokens)

@@ -6,7 +6,7 @@ import pytest
 
 from kvstore import CacheLevel, CacheStatus, CorruptPageError
 
-from .conftest import LAYOUT, PAGE, assert_data, levels, new_filled_cache, sink_to_disk, write_pages
+from .conftest import LAYOUT, PAGE, assert_data, levels, new_cache_on_disk, new_filled_cache, sink_to_disk, write_pages
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 TPP = LAYOUT.tokens_per_page
@@ -20,8 +20,7 @@ def scribble(mgr, page, at: int = 100) -> None:
 
 async def test_corrupt_page_of_a_suspended_cache_fails_resume_and_hands_out_nothing(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        cache, data = await new_filled_cache(mgr, 3, seed=1)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 3, seed=1)
         scribble(mgr, cache._pages[1])
         with pytest.raises(CorruptPageError, match="checksum"):
             await cache.resume()
@@ -35,8 +34,7 @@ async def test_corrupt_page_of_a_suspended_cache_fails_resume_and_hands_out_noth
 
 async def test_pages_swapped_on_disk_are_detected(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        cache, _ = await new_filled_cache(mgr, 2, seed=2)
-        await sink_to_disk(mgr, cache)
+        cache, _ = await new_cache_on_disk(mgr, 2, seed=2)
         a, b = cache._pages
         fd, off_a, off_b = mgr._disk.fd, mgr._disk.offset(a.slot), mgr._disk.offset(b.slot)
         bytes_a, bytes_b = os.pread(fd, PAGE, off_a), os.pread(fd, PAGE, off_b)
@@ -49,8 +47,7 @@ async def test_pages_swapped_on_disk_are_detected(make_store):
 
 async def test_corrupt_prefetch_moves_the_good_pages_and_fails(make_store):
     async with make_store(device=4, host=8, disk=32) as mgr:
-        cache, _ = await new_filled_cache(mgr, 4, seed=3)
-        await sink_to_disk(mgr, cache)
+        cache, _ = await new_cache_on_disk(mgr, 4, seed=3)
         scribble(mgr, cache._pages[2])
         with pytest.raises(CorruptPageError):
             await cache.prefetch(H)

@@ -11,7 +11,7 @@ from kvstore import CacheLevel, CacheStatus, ConfigError, StorageIOError
 from kvstore.transfer.diskfile import DiskSlotFile, slot_stride
 from kvstore.transfer.io_backends import Extent, _full_io, choose_backend, split_extents
 
-from .conftest import assert_data, levels, new_filled_cache, sink_to_disk
+from .conftest import assert_data, levels, new_cache_on_disk, new_filled_cache
 
 
 def test_slots_are_aligned_to_4k():
@@ -108,8 +108,7 @@ def _fail(op_name, err=errno.EIO):
 
 async def test_read_error_fails_resume_with_nothing_moved(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        cache, data = await new_filled_cache(mgr, 3, seed=4)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 3, seed=4)
         mgr._io.fault_hook = _fail("read")
         with pytest.raises(StorageIOError) as err:
             await cache.resume()
@@ -143,8 +142,7 @@ async def test_write_error_during_demotion_keeps_pages_and_surfaces(make_store):
 
 async def test_prefetch_read_error_surfaces_from_the_task(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        cache, data = await new_filled_cache(mgr, 3, seed=4)
-        await sink_to_disk(mgr, cache)
+        cache, data = await new_cache_on_disk(mgr, 3, seed=4)
         mgr._io.fault_hook = _fail("read")
         task = cache.prefetch(CacheLevel.HOST)
         with pytest.raises(StorageIOError):
