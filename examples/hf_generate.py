@@ -252,7 +252,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
             stats = mgr.stats()
         print(f"served in {time.perf_counter() - t0:.2f} s; transfers: "
               + ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if k.startswith("pages_") and v))
-        for rep, prompt in zip(reports, prompts, strict=False):
+        for rep, prompt in zip(reports, prompts, strict=True):
             same = rep.tokens == reference_tokens(model, prompt, args.max_new_tokens)
             ok &= same
             print(f"req {rep.rid}: tokens match model.generate: {same}")

@@ -19,7 +19,7 @@ def _committed(pl: Placement, keys_parents):
         p.owners = 1
     for m in plan.moves:
         pl.complete(m)
-    for p, (k, parent) in zip(pages, keys_parents, strict=False):
+    for p, (k, parent) in zip(pages, keys_parents, strict=True):
         pl.set_key(p, k, parent)
         pl.remove_owner(p)
     return pages

@@ -150,7 +150,7 @@ async def test_round_robin_serving_demotes_prefetches_resumes_and_matches_genera
     async with _manager(model, tmp_path, 4, device_pages=10, host_pages=6) as mgr:
         reports = await example.serve(model, mgr, prompts, max_new_tokens=max_new, prefetch_ahead=2)
         stats = mgr.stats()
-    for rep, prompt in zip(reports, prompts, strict=False):
+    for rep, prompt in zip(reports, prompts, strict=True):
         assert rep.tokens == example.reference_tokens(model, prompt, max_new)
         assert rep.suspends == max_new - 1
     assert sum(rep.found_on["disk"] for rep in reports) > 0
@@ -238,5 +238,5 @@ async def test_round_robin_serving_on_cuda_matches_generate(tmp_path):
     prompts = [_prompt(n, seed=200 + n) for n in (21, 13, 30, 9)]
     async with _manager(model, tmp_path, 4, device_pages=10, host_pages=12, device="cuda") as mgr:
         reports = await example.serve(model, mgr, prompts, max_new_tokens=8)
-    for rep, prompt in zip(reports, prompts, strict=False):
+    for rep, prompt in zip(reports, prompts, strict=True):
         assert rep.tokens == example.reference_tokens(model, prompt, 8)

@@ -659,11 +659,11 @@ def test_failed_promotion_in_a_multi_page_swap_leaves_every_page_in_one_slot():
     pl.complete(promos[a[1].pid])  # one promotion lands (its batch ran first) ...
     pl.abort(promos[a[0].pid])  # ... the other fails / is cancelled
     for m in swaps:  # swap victims settle according to the promotion they wait for
-        if m.after.state is MoveState.DONE:
-            pl.complete(m)
-        else:
-            pl.abort(m)
+        assert _step(pl, m, failing=False)
     pl.check_invariants()
+    victim_of = {m.after.page.pid: m.page for m in swaps}
+    assert a[1].level == D and victim_of[a[1].pid].level == H  # the swap that happened
+    assert a[0].level == H and victim_of[a[0].pid].level == D  # the one that did not: both back
 
 
 # ---------------------------------------------------------------------------------------------- abort

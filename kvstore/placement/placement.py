@@ -94,7 +94,7 @@ class Placement:
     def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int], policy: str = "lru") -> None:
         self.levels: tuple[CacheLevel, ...] = tuple(levels)
         self._index_of = {lvl: i for i, lvl in enumerate(self.levels)}
-        self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots, strict=False)}
+        self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots, strict=True)}
         self.index = PrefixIndex(ghost_capacity=sum(slots))
         self.queues = make_queues(policy, self.index, self.levels, sum(slots))
         self.pages: dict[int, Page] = {}

@@ -33,7 +33,7 @@ class Segment:
 
 def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int, int, int]]:
     """Runs (dst_start, src_start, count) covering the row pairs, contiguous on both sides."""
-    pairs = sorted(zip(src_rows, dst_rows, strict=False))
+    pairs = sorted(zip(src_rows, dst_rows, strict=True))
     runs: list[tuple[int, int, int]] = []
     for s, d in pairs:
         if runs:
