@@ -19,30 +19,55 @@ if TYPE_CHECKING:
 
 
 class PrefetchTask:
-    """Handle of a running prefetch: ``await task`` gives a :class:`PrefetchResult`."""
+    """Handle of a running prefetch: ``await task`` gives a :class:`PrefetchResult`.
 
-    def __init__(self, task: "asyncio.Task[PrefetchResult]", target: CacheLevel) -> None:
-        self._task = task
+    Stopped by :meth:`cancel`, ``cache.close()`` or ``mgr.aclose()``, it still gives a result, with
+    ``cancelled=True``. Cancelling a coroutine that awaits the task cancels only that coroutine.
+    """
+
+    def __init__(self, cache: "KVCache", target: CacheLevel, previous: Sequence["PrefetchTask"]) -> None:
         self.target = target
-        task.add_done_callback(_retrieve)
+        self._cache = cache
+        self._previous = list(previous)  # older prefetches of the cache, in flight: this one runs after them
+        self._stop_requested = False
+        self._op = None  # the manager's Operation once it runs
+        self._task: "asyncio.Task[PrefetchResult]" = asyncio.ensure_future(cache._mgr._prefetch(cache, target, self))
+        self._task.add_done_callback(_retrieve)
 
     def __await__(self) -> Generator[object, None, PrefetchResult]:
-        return self._task.__await__()
+        return self._wait().__await__()
+
+    async def _wait(self) -> PrefetchResult:
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.done():
+                raise  # the awaiting coroutine was cancelled, not the prefetch
+        return self.result()
 
     def done(self) -> bool:
         return self._task.done()
 
     def cancel(self) -> bool:
         """Stop moving pages; each page ends at its old level or its new one. False if already done."""
+        if self._task.done():
+            return False
+        self._stop_requested = True
         return self._task.cancel()
 
     def cancelled(self) -> bool:
-        return self._task.cancelled()
+        """Whether it was stopped by :meth:`cancel`, ``close()`` or ``aclose()`` before it finished."""
+        return self._stop_requested and (self._task.cancelled() or self._task.result().cancelled)
 
     def result(self) -> PrefetchResult:
-        """The result of a finished prefetch (raises its error, or CancelledError if it was cancelled)."""
+        """The result of a finished prefetch (raises its error)."""
         if not self._task.done():
             raise InvalidStateError("the prefetch is still running; await it or check done() first")
+        if self._task.cancelled():  # stopped before its first step: nothing moved
+            pages = self._cache._pages
+            ti = self.target.value
+            complete = all(p.level is not None and p.level.value <= ti for p in pages)
+            return PrefetchResult(complete, 0, 0, 0.0, cancelled=True)
         return self._task.result()
 
 
@@ -71,7 +96,7 @@ class KVCache:
         self._num_reused_tokens = self._num_tokens
         self._committed_tokens = tokens  # tokens of the committed full pages
         self._last_key = last_key
-        self._prefetch: Optional[PrefetchTask] = None
+        self._prefetches: list[PrefetchTask] = []  # in flight, oldest first
         self._busy: Optional[str] = None  # "resume" or "resize" while one runs
 
     # ------------------------------------------------------------------ properties
@@ -131,8 +156,9 @@ class KVCache:
             self._busy = None
 
     async def _join_prefetch(self) -> None:
-        while self._prefetch is not None and not self._prefetch.done():
-            await asyncio.wait({self._prefetch._task})
+        """Wait for every prefetch of this cache in flight (none can start while a resume runs)."""
+        while any(not t.done() for t in self._prefetches):
+            await asyncio.wait([t._task for t in self._prefetches if not t.done()])
         if self._status is not CacheStatus.SUSPENDED:
             raise InvalidStateError(f"the cache became {self._status.name} while resume() waited for its prefetch")
 
@@ -172,17 +198,18 @@ class KVCache:
         target = self._mgr._level_arg(target, "prefetch(target)")
         self._require(CacheStatus.SUSPENDED, what="prefetch()")
         self._require_idle("prefetch()")
-        previous = self._prefetch
-        task = PrefetchTask(asyncio.ensure_future(self._mgr._prefetch(self, target, previous)), target)
-        self._prefetch = task
+        task = PrefetchTask(self, target, self._prefetches)
+        self._prefetches.append(task)
+        task._task.add_done_callback(lambda _: self._prefetches.remove(task))
+        self._mgr._stats["prefetches"] += 1
         return task
 
     def close(self) -> None:
         """CLOSED. Cancels a prefetch in flight; uncommitted pages are freed, committed ones stay reusable."""
         if self._status is CacheStatus.CLOSED:
             return
-        if self._prefetch is not None and not self._prefetch.done():
-            self._prefetch.cancel()
+        for task in list(self._prefetches):
+            task.cancel()
         self._mgr._close_cache(self)
         self._status = CacheStatus.CLOSED
 

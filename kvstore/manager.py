@@ -9,19 +9,21 @@ exclusively, so a quota change never races a transfer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ._aio import Gate
+from ._aio import Gate, settle
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
 from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
+from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
 from .placement import Page, Placement, Plan
 from .placement.prefix import PrefixHasher, as_token_array
@@ -42,6 +44,15 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 PLAN_CHUNK = 128
 
 
+def _uncancel(times: int) -> None:
+    """Withdraw ``times`` cancellation requests of the current task that were handled (Python >= 3.11)."""
+    task = asyncio.current_task()
+    for _ in range(times):
+        if task is None or not hasattr(task, "uncancel"):
+            return
+        task.uncancel()
+
+
 class KVCacheManager:
     """Owns the tiers and every cache. ``async with KVCacheManager(config) as mgr: ...``"""
 
@@ -60,7 +71,10 @@ class KVCacheManager:
         self._caches: set[KVCache] = set()
         self._gate = Gate()
         self._plan_lock = asyncio.Lock()
+        self._ledger = Ledger(self._placement)
+        self._store_tasks: set[asyncio.Future] = set()  # memory and disk space being given back after a shrink
         self._state = _NEW
+        self._closed = asyncio.Event()
         self._device: Optional[DeviceArena] = None
         self._host: Optional[HostArena] = None
         self._disk: Optional[DiskSlotFile] = None
@@ -184,40 +198,72 @@ class KVCacheManager:
         self._executor = None
 
     async def aclose(self) -> None:
-        """Cancel prefetches, let transfers settle, close every cache, release memory and files. Idempotent."""
+        """Stop prefetches, let transfers settle, close every cache, release memory and files. Idempotent.
+
+        From the moment it starts, every other call gets InvalidStateError; operations in flight stop at
+        their next step (their transfers that started settle first)."""
         if self._state in (_CLOSED, _CLOSING):
-            while self._state == _CLOSING:
-                await asyncio.sleep(0.001)
+            await self._closed.wait()
             return
         if self._state == _NEW:
             self._state = _CLOSED
+            self._closed.set()
             return
         self._state = _CLOSING
-        tasks = []
-        for cache in list(self._caches):
-            pf = cache._prefetch
-            if pf is not None and not pf.done():
-                pf.cancel()
-                tasks.append(pf._task)
-        if tasks:
-            await asyncio.wait(tasks)
+        self._ledger.notify()  # operations waiting for room see the manager closing
+        prefetches = [t for cache in list(self._caches) for t in list(cache._prefetches)]
+        for task in prefetches:
+            task.cancel()
+        if prefetches:
+            await asyncio.wait([t._task for t in prefetches])
         await self._gate.acquire_exclusive()
         try:
             for cache in list(self._caches):
                 cache.close()
+            await self._settle_store_tasks()
             if self._catalog is not None:
                 await self._catalog.close()
             await asyncio.to_thread(self._release)
         finally:
             self._gate.release_exclusive()
             self._state = _CLOSED
+            self._closed.set()
 
     def _check_running(self) -> None:
         if self._state == _RUNNING:
             return
         if self._state == _NEW:
             raise InvalidStateError("the manager is not started; use 'async with KVCacheManager(cfg)' or await start()")
-        raise InvalidStateError("the manager is closed; create a new KVCacheManager")
+        raise InvalidStateError(f"the manager is {self._state}; create a new KVCacheManager")
+
+    def _check_live(self, cache: Optional[KVCache], status: Optional[CacheStatus], what: str) -> None:
+        """InvalidStateError unless the manager runs and ``cache`` (if any) is in ``status``."""
+        self._check_running()
+        if cache is not None and cache.status is not status:
+            raise InvalidStateError(f"{what} needs a {status.name} cache; this cache is {cache.status.name}")
+
+    @contextlib.asynccontextmanager
+    async def _operation(
+        self, kind: str, cache: Optional[KVCache], status: Optional[CacheStatus], what: str, exclusive: bool = False
+    ) -> AsyncIterator[Operation]:
+        """Run an operation: the gate held (shared, or exclusive for a quota change), the manager and the
+        cache checked once it is held, the operation registered in the ledger until it ends."""
+        if exclusive:
+            await self._gate.acquire_exclusive()
+        else:
+            await self._gate.acquire_shared()
+        op: Optional[Operation] = None
+        try:
+            self._check_live(cache, status, what)
+            op = self._ledger.begin(kind, cache)
+            yield op
+        finally:
+            if op is not None:
+                self._ledger.end(op)
+            if exclusive:
+                self._gate.release_exclusive()
+            else:
+                self._gate.release_shared()
 
     def _level_arg(self, level: object, what: str) -> CacheLevel:
         if isinstance(level, bool) or not isinstance(level, (int, CacheLevel)):
@@ -265,9 +311,12 @@ class KVCacheManager:
         return out
 
     def check_invariants(self) -> None:
-        """Raise AssertionError naming the first broken invariant (slow; for tests and debugging)."""
+        """Raise AssertionError naming the first broken invariant (slow; for tests and debugging).
+
+        Holds at every await point: every owner count is a cache's page list or an operation's new pages,
+        every lock an ACTIVE cache's, every hold an operation's in flight."""
         self._placement.check_invariants()
-        owners: Counter[int] = Counter()
+        holds, owners = self._ledger.counts()
         locks: Counter[int] = Counter()
         for cache in self._caches:
             for page in cache._pages:
@@ -280,9 +329,15 @@ class KVCacheManager:
                     raise AssertionError(f"a cache holds freed page {page.pid}")
         for page in self._placement.pages.values():
             if page.owners != owners[page.pid]:
-                raise AssertionError(f"page {page.pid} counts {page.owners} owners, caches hold it {owners[page.pid]} times")
+                raise AssertionError(
+                    f"page {page.pid} counts {page.owners} owners; caches and operations hold it {owners[page.pid]} times"
+                )
             if page.locks != locks[page.pid]:
                 raise AssertionError(f"page {page.pid} counts {page.locks} locks, ACTIVE caches hold {locks[page.pid]}")
+            if page.holds != holds[page.pid]:
+                raise AssertionError(
+                    f"page {page.pid} counts {page.holds} holds, operations in flight hold it {holds[page.pid]} times"
+                )
 
     # ------------------------------------------------------------------ prefix reuse
     def _match(self, tokens: np.ndarray) -> tuple[list[Page], Optional[bytes]]:
@@ -334,143 +389,167 @@ class KVCacheManager:
     async def _wait_moving(self, pages: Sequence[Page]) -> None:
         """Wait until none of ``pages`` is in flight (moved by another operation)."""
         while True:
-            pending = {p.move.settled for p in pages if p.move is not None and p.move.settled is not None}
+            pending = {p.move.settled for p in pages if p.move is not None}
             if not pending:
                 return
             await asyncio.wait(pending)
 
-    async def _run(self, plan, priority: int = BACKGROUND) -> RunResult:
+    async def _run(self, plan: Plan, priority: int = BACKGROUND) -> RunResult:
         result = await self._executor.run(plan, priority)
         if result.error is not None:
             raise result.error
         return result
 
-    async def _plan_in_chunks(
-        self, n: int, check: Callable[[], None], plan_chunk: Callable[[int, int], Plan], priority: int
-    ) -> list[asyncio.Future]:
-        """Run ``check()`` (all-or-nothing feasibility: raises before anything changes), then plan items
-        ``i..i+k`` with ``plan_chunk(i, k)`` in chunks of ``PLAN_CHUNK`` and start each chunk's transfers as
-        soon as it is planned; returns the running plans.
+    async def _with_room(self, op: Operation, status: CacheStatus, what: str, attempt: Callable[[], Awaitable[bool]]) -> None:
+        """Call ``attempt()`` under the planning lock until it returns True (False: wait for the pages it
+        holds to stop moving, then try again).
 
-        Chunks keep each synchronous step short (the event loop keeps running) and overlap planning with
-        copying. The planning lock keeps other operations from taking the room between chunks.
-        """
-        runs: list[asyncio.Future] = []
-        async with self._plan_lock:
-            try:
-                check()
-                for i in range(0, n, PLAN_CHUNK):
-                    plan = plan_chunk(i, min(PLAN_CHUNK, n - i))
-                    if plan.moves:
-                        runs.append(asyncio.ensure_future(self._executor.run(plan, priority)))
-                    if i + PLAN_CHUNK < n:
-                        await asyncio.sleep(0)
-            except BaseException:
-                await self._abandon(runs)
-                raise
-        return runs
+        ``attempt`` raises CapacityError before it changes anything. Then the operations in flight that
+        hold room (pages held, new pages, transfers) are waited for: prefetches are asked to stop their
+        transfers that have not started, this operation releases its own holds (so two waiters never wait
+        for each other) and tries again whenever room may have come back. CapacityError propagates only
+        when none of the operations in flight at the first failure is left holding room."""
+        waiting_on: Optional[set[Operation]] = None
+        while True:
+            async with self._plan_lock:
+                self._check_live(op.cache, status, what)
+                try:
+                    if await attempt():
+                        return
+                except CapacityError:
+                    if op.runs:
+                        raise  # room vanished after transfers started: no quiet retry over moved pages
+                    if waiting_on is None:
+                        waiting_on = self._ledger.room_holders(op)
+                    waiting_on = {o for o in waiting_on if not o.ended and o.holds_room}
+                    if not waiting_on:
+                        raise
+                    self._ledger.release(op)
+                    for other in waiting_on:
+                        if other.kind == "prefetch":
+                            other.stop()
+                    self._stats["room_waits"] += 1
+                    moving: set[asyncio.Future] = set()
+                else:
+                    moving = {p.move.settled for p in op.held if p.move is not None}
+            if moving:
+                await asyncio.wait(moving)
+            else:
+                await self._ledger.changed()
 
-    async def _start_promotion(
-        self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, priority: int
-    ) -> list[asyncio.Future]:
-        """Start moving ``pages`` (held by the caller) up to ``target``, planned in chunks. With
-        ``require_all`` the whole promotion is checked first (CapacityError, nothing moved)."""
-        pl = self._placement
-        return await self._plan_in_chunks(
-            len(pages),
-            (lambda: pl.check_promotion(pages, target)) if require_all else (lambda: None),
-            lambda i, k: pl.plan_promotion(pages[i : i + k], target, require_all=require_all),
-            priority,
-        )
+    async def _plan_chunks(
+        self, op: Operation, n: int, plan_chunk: Callable[[int, int], Plan], chunked: bool, priority: int,
+        status: CacheStatus, what: str,
+    ) -> None:
+        """Plan items ``0..n`` with ``plan_chunk(i, k)`` (under the planning lock), submitting each plan as
+        soon as it is made: in chunks of ``PLAN_CHUNK`` with a yield between them when ``chunked`` (the
+        event loop keeps running and planning overlaps copying), else in one step. A prefetch asked to stop
+        plans no more chunks."""
+        step = PLAN_CHUNK if chunked else max(n, 1)
+        for i in range(0, n, step):
+            plan = plan_chunk(i, min(step, n - i))
+            if plan.moves:
+                op.runs.append(self._executor.submit(plan, priority))
+            if i + step < n:
+                await asyncio.sleep(0)
+                self._check_live(op.cache, status, what)
+                if op.stopping:
+                    return
 
     @staticmethod
-    async def _abandon(runs: list[asyncio.Future]) -> None:
-        """Cancel the runs (batches not started are dropped) and wait until every one has settled."""
-        for r in runs:
-            r.cancel()
-        while not all(r.done() for r in runs):
+    async def _abandon(op: Operation) -> None:
+        """Stop ``op``'s runs (batches not started are dropped) and wait until every one has settled."""
+        op.stop()
+        tasks = [r.task for r in op.runs]
+        while not all(t.done() for t in tasks):
             try:
-                await asyncio.wait(runs)
+                await asyncio.wait(tasks)
             except asyncio.CancelledError:
                 continue
 
-    async def _finish(self, runs: list[asyncio.Future]) -> None:
-        """Wait for every run to settle (if we are cancelled meanwhile, cancel them and still wait); raise
+    async def _finish(self, op: Operation) -> None:
+        """Wait for every run of ``op`` to settle (if cancelled meanwhile, stop them and still wait); raise
         the first transfer error."""
-        if not runs:
+        tasks = [r.task for r in op.runs]
+        if not tasks:
             return
         try:
-            await asyncio.wait(runs)
+            await asyncio.wait(tasks)
         except asyncio.CancelledError:
-            await self._abandon(runs)
+            await self._abandon(op)
             raise
-        for r in runs:
-            if not r.cancelled() and r.exception() is None and r.result().error is not None:
-                raise r.result().error
-        for r in runs:
-            if not r.cancelled() and r.exception() is not None:
-                raise r.exception()
+        for t in tasks:
+            if t.exception() is not None:
+                raise t.exception()
+            if t.result().error is not None:
+                raise t.result().error
 
     async def _resume(self, cache: KVCache) -> None:
-        await self._gate.acquire_shared()
         pl = self._placement
-        pages = cache._pages
-        pl.hold_all(pages)
-        locked = False
-        try:
-            for _ in range(8):  # another operation may be moving a shared page: wait for it and go again
-                await self._wait_moving(pages)
-                self._check_running()
-                runs = await self._start_promotion(pages, CacheLevel.DEVICE, require_all=True, priority=RESUME)
-                await self._finish(runs)
-                if cache.status is not CacheStatus.SUSPENDED:
-                    raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resume() ran")
-                if all(p.level == CacheLevel.DEVICE for p in pages):
-                    break
-            else:
-                raise CapacityError("resume() could not bring every page to the device level; retry")
-            pl.holds_to_locks(pages)
-            locked = True
+        async with self._operation("resume", cache, CacheStatus.SUSPENDED, "resume()") as op:
+
+            async def attempt() -> bool:
+                if not op.held:
+                    self._ledger.hold(op, cache._pages)
+                if any(p.move is not None for p in op.held):
+                    return False  # another operation moves a page of this cache: wait for it
+                pages = op.held
+                chunked = pl.check_promotion(pages, CacheLevel.DEVICE)
+                await self._plan_chunks(
+                    op, len(pages), lambda i, k: pl.plan_promotion(pages[i : i + k], CacheLevel.DEVICE, require_all=True),
+                    chunked, RESUME, CacheStatus.SUSPENDED, "resume()",
+                )
+                return True
+
+            try:
+                for _ in range(8):  # a page shared with another cache may be moved meanwhile: go again
+                    await self._with_room(op, CacheStatus.SUSPENDED, "resume()", attempt)
+                    await self._finish(op)
+                    op.runs = []
+                    self._check_live(cache, CacheStatus.SUSPENDED, "resume()")
+                    if all(p.level == CacheLevel.DEVICE and p.move is None for p in op.held):
+                        break
+                else:
+                    raise CapacityError("resume() could not bring every page to the device level; retry")
+            except BaseException:
+                await self._abandon(op)
+                raise
+            self._ledger.holds_to_locks(op)
             cache._status = CacheStatus.ACTIVE
-        finally:
-            if not locked:
-                pl.release_all(pages)
-            self._gate.release_shared()
 
     async def _grow(self, cache: KVCache, n: int) -> None:
         """Add ``n`` device pages to an ACTIVE cache: checked whole first, then planned and run in chunks."""
-        await self._gate.acquire_shared()
         pl = self._placement
-        new: list[Page] = []
-        runs: list[asyncio.Future] = []
 
         def plan_chunk(i: int, k: int) -> Plan:
             chunk, plan = pl.plan_new_pages(k, CacheLevel.DEVICE, cache.priority)
             for p in chunk:
-                p.owners = 1
-                p.holds = 1  # not evictable once placed; locked when the whole resize succeeded
-            new.extend(chunk)
+                p.owners = 1  # owned by this operation until the whole resize succeeded
+            op.owned.extend(chunk)
+            self._ledger.hold(op, chunk)  # not evictable once placed; locked at the end
             return plan
 
-        try:
+        async def attempt() -> bool:
+            chunked = pl.check_new_pages(n, CacheLevel.DEVICE)
+            await self._plan_chunks(op, n, plan_chunk, chunked, RESUME, CacheStatus.ACTIVE, "resize()")
+            return True
+
+        async with self._operation("resize", cache, CacheStatus.ACTIVE, "resize()") as op:
             try:
-                runs = await self._plan_in_chunks(
-                    n, lambda: pl.check_new_pages(n, CacheLevel.DEVICE), plan_chunk, RESUME
-                )
-                await self._finish(runs)
-                if cache.status is not CacheStatus.ACTIVE:
-                    raise InvalidStateError(f"the cache was {cache.status.name.lower()} while resize() ran")
+                await self._with_room(op, CacheStatus.ACTIVE, "resize()", attempt)
+                await self._finish(op)
+                self._check_live(cache, CacheStatus.ACTIVE, "resize()")
             except BaseException:
-                await self._abandon(runs)
-                placed = [p for p in new if not p.freed]
-                pl.release_all(placed)
+                await self._abandon(op)
+                placed = [p for p in op.owned if not p.freed]
+                self._ledger.release(op)
+                op.owned = []
                 for p in placed:
                     pl.remove_owner(p)
                 raise
-            pl.holds_to_locks(new)
-            cache._pages.extend(new)
-        finally:
-            self._gate.release_shared()
+            self._ledger.holds_to_locks(op)
+            cache._pages.extend(op.owned)
+            op.owned = []
 
     def _shrink(self, cache: KVCache, keep: int) -> None:
         pl = self._placement
@@ -479,9 +558,11 @@ class KVCacheManager:
         for p in dropped:
             pl.remove_owner(p)
         del cache._pages[keep:]
+        self._ledger.notify()
 
     def _suspend(self, cache: KVCache) -> None:
         self._placement.unlock_all(cache._pages)
+        self._ledger.notify()
 
     def _close_cache(self, cache: KVCache) -> None:
         pl = self._placement
@@ -491,45 +572,60 @@ class KVCacheManager:
             pl.remove_owner(p)
         cache._pages = []
         self._caches.discard(cache)
+        self._ledger.notify()
 
-    async def _prefetch(
-        self, cache: KVCache, target: CacheLevel, previous: Optional[PrefetchTask]
-    ) -> PrefetchResult:
+    async def _prefetch(self, cache: KVCache, target: CacheLevel, task: PrefetchTask) -> PrefetchResult:
+        """Body of a prefetch task: after the older prefetches of the cache, hold its pages, plan their
+        promotion in chunks (what fits), and keep the moving ones held until they settle."""
         t0 = time.perf_counter()
-        self._stats["prefetches"] += 1
-        if previous is not None and not previous.done():
-            await asyncio.wait({previous._task})
-        await self._gate.acquire_shared()
         pl = self._placement
-        held: list[Page] = []
+        ti = pl.level_index(target)
+        pages: list[Page] = []
+        colder: list[Page] = []
         try:
-            pages = cache._pages
-            await self._wait_moving(pages)
-            ti = pl.level_index(target)
-            colder = [p for p in pages if pl.level_index(p.level) > ti]
-            if cache.status is CacheStatus.SUSPENDED:
-                pl.hold_all(pages)  # while planning none of this cache's pages is a victim
-                runs: list[asyncio.Future] = []
-                try:
-                    runs = await self._start_promotion(pages, target, require_all=False, priority=PREFETCH)
-                finally:
-                    held = [p for p in pages if p.move is not None]  # moving: held until the prefetch ends
-                    # the rest (already hot, now most recently used, or not moved) are evictable again
-                    pl.release_all([p for p in pages if p.move is None])
-                await self._finish(runs)
-            complete = all(pl.level_index(p.level) <= ti for p in cache._pages)
-            n = sum(1 for p in colder if not p.freed and pl.level_index(p.level) <= ti)
-            return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0)
-        finally:
-            pl.release_all(held)
-            self._gate.release_shared()
+            if task._previous:
+                await asyncio.wait([t._task for t in task._previous])
+            async with self._operation("prefetch", cache, CacheStatus.SUSPENDED, "prefetch()") as op:
+                task._op = op
+                await self._wait_moving(list(cache._pages))
+                async with self._plan_lock:
+                    self._check_live(cache, CacheStatus.SUSPENDED, "prefetch()")
+                    self._ledger.hold(op, cache._pages)
+                    pages = list(op.held)
+                    colder = pl._colder(pages, ti)
+                    try:
+                        await self._plan_chunks(
+                            op, len(pages), lambda i, k: pl.plan_promotion(pages[i : i + k], target, require_all=False),
+                            True, PREFETCH, CacheStatus.SUSPENDED, "prefetch()",
+                        )
+                    finally:
+                        # pages not moving (already hot, now most recently used, or not moved) are evictable
+                        # again; moving ones stay held until the prefetch ends
+                        self._ledger.release(op, keep={p.pid for p in pages if p.move is not None})
+                await self._finish(op)
+            return self._prefetch_result(pages, colder, ti, t0, cancelled=False)
+        except asyncio.CancelledError:
+            if not task._stop_requested:
+                raise
+            _uncancel(1)
+            return self._prefetch_result(pages, colder, ti, t0, cancelled=True)
+
+    def _prefetch_result(
+        self, pages: Sequence[Page], colder: Sequence[Page], ti: int, t0: float, cancelled: bool
+    ) -> PrefetchResult:
+        idx = self._placement.level_index
+        complete = all(p.level is not None and idx(p.level) <= ti for p in pages)
+        n = sum(1 for p in colder if p.level is not None and idx(p.level) <= ti)
+        return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0, cancelled=cancelled)
 
     # ------------------------------------------------------------------ quotas
     async def set_quota(self, level: CacheLevel, quota_bytes: int) -> None:
-        """Grow or shrink a tier. Shrinking evicts to colder levels and gives memory/disk back.
+        """Grow or shrink a tier, all or nothing (also when cancelled). Shrinking evicts to colder levels and
+        gives memory/disk back.
 
-        CapacityError (quota unchanged) if it cannot be done without losing data; InvalidStateError for
-        a device shrink while any cache is ACTIVE.
+        CapacityError (quota unchanged) if it cannot be done without losing data; InvalidStateError for a
+        device grow or shrink while any cache is ACTIVE (a model may be writing to the device pool, which
+        a resize replaces).
         """
         level = self._level_arg(level, "set_quota(level)")
         if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int):
@@ -540,43 +636,100 @@ class KVCacheManager:
             raise InvalidArgumentError(
                 f"set_quota({level.name}, {quota_bytes}) leaves no page of {self._page_bytes} bytes; keep at least one"
             )
-        await self._gate.acquire_exclusive()
-        try:
-            self._check_running()
+        async with self._operation("quota", None, None, "set_quota()", exclusive=True):
+            await self._settle_store_tasks()
             alloc = self._placement.alloc[level]
             old = alloc.total
+            if new == old:
+                return
+            if level == CacheLevel.DEVICE and any(c.status is CacheStatus.ACTIVE for c in self._caches):
+                raise InvalidStateError(
+                    "cannot resize the device level while a cache is ACTIVE (its pages are locked and a model may "
+                    "be writing to the device pool); suspend every cache first"
+                )
             if new > old:
-                await asyncio.to_thread(self._resize_store, level, new)
+                prepared = await self._prepare_store(level, new)
+                release = self._commit_store(level, new, prepared)  # the commit point: synchronous
                 alloc.grow(new)
-            elif new < old:
-                if level == CacheLevel.DEVICE and any(c.status is CacheStatus.ACTIVE for c in self._caches):
-                    raise InvalidStateError(
-                        "cannot shrink the device level while a cache is ACTIVE (its pages are locked); suspend first"
-                    )
+            else:
                 plan = self._placement.plan_shrink(level, new)
                 try:
                     await self._run(plan)
+                    prepared = await self._prepare_store(level, new)
                 except BaseException:
                     alloc.limit = alloc.total
                     raise
                 alloc.shrink(new)
-                await asyncio.to_thread(self._resize_store, level, new)
+                release = self._commit_store(level, new, prepared)
             self._slots[level] = new
-        finally:
-            self._gate.release_exclusive()
+            self._ledger.notify()
+            await self._after_commit(release)
 
-    def _resize_store(self, level: CacheLevel, slots: int) -> None:
-        """Resize the backing store of ``level`` (blocking: runs on a worker thread)."""
+    async def _after_commit(self, release: Optional[asyncio.Future]) -> None:
+        """Wait while the memory or disk space given up is released. The change is made: a cancellation
+        arriving now lets the release finish and set_quota return normally (all or nothing)."""
+        if release is None:
+            return
+        cancels = 0
+        while not release.done():
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:
+                cancels += 1
+        _uncancel(cancels)
+
+    async def _prepare_store(self, level: CacheLevel, slots: int) -> object:
+        """Build what the backing store of ``level`` needs for ``slots`` slots, off to the side on a worker
+        thread (nothing in use changes). If the caller is cancelled meanwhile, the thread still finishes,
+        its result is thrown away and the cancellation goes on."""
+        fut = asyncio.ensure_future(asyncio.to_thread(self._build_store, level, slots))
+        try:
+            return await settle(fut)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._background(self._discard_store, level, fut.result())
+            raise
+
+    def _build_store(self, level: CacheLevel, slots: int) -> object:
+        """Blocking (worker thread): a resized device pool; host chunks to add or the chunk that replaces the
+        one straddling the new end; disk space reserved for a grow."""
         if level == CacheLevel.DEVICE:
             pool = self._device.resized(slots)
             if pool.is_cuda:
                 torch.cuda.synchronize(pool.device)
-            self._device.pool = pool
-        elif level == CacheLevel.HOST:
-            if slots > self._host.slots:
-                self._host.allocate(slots)
-            else:
-                self._host.release_to(slots)
-            self._copier.forget_host_memory()
-        else:
+            return pool
+        if level == CacheLevel.HOST:
+            return self._host.prepare(slots)
+        if slots > self._disk.slots:
             self._disk.resize(slots)
+        return None
+
+    def _commit_store(self, level: CacheLevel, slots: int, prepared: object) -> Optional[asyncio.Future]:
+        """Swap in what :meth:`_build_store` made (synchronous); the memory or space given back is freed on
+        a worker thread."""
+        if level == CacheLevel.DEVICE:
+            old = [self._device.pool]
+            self._device.pool = prepared
+            return self._background(old.clear)
+        if level == CacheLevel.HOST:
+            dropped = self._host.commit(slots, prepared)
+            self._copier.forget_host_memory()
+            return self._background(self._host.free, dropped)
+        if slots < self._disk.slots:
+            return self._background(self._disk.resize, slots)
+        return None
+
+    def _discard_store(self, level: CacheLevel, prepared: object) -> None:
+        if level == CacheLevel.HOST and isinstance(prepared, list):
+            self._host.free(prepared)
+
+    def _background(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
+        """Run blocking ``fn(*args)`` on a worker thread; the next quota change and aclose() wait for it."""
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+        return task
+
+    async def _settle_store_tasks(self) -> None:
+        while self._store_tasks:
+            await settle(asyncio.gather(*self._store_tasks, return_exceptions=True))

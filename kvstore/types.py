@@ -37,6 +37,7 @@ class PrefetchResult:
     pages_moved: int
     bytes_moved: int
     seconds: float
+    cancelled: bool = False  # stopped by task.cancel(), cache.close() or mgr.aclose() before it finished
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,7 @@ async def test_cuda_cancelled_prefetch_keeps_data_exact(make_store):
         task = cache.prefetch(D)
         await asyncio.sleep(0)
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        res = await task
+        assert res.cancelled or res.complete  # a cancel may land after the last copy
         mgr.check_invariants()
         await assert_data(mgr, cache, data)

@@ -6,7 +6,7 @@ import pytest
 
 from kvstore import CacheLevel, CapacityError, InvalidArgumentError, InvalidStateError
 
-from .conftest import PAGE, assert_data, new_filled_cache
+from .conftest import PAGE, assert_data, levels, new_filled_cache
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 
@@ -80,15 +80,24 @@ async def test_device_shrink_with_an_active_cache_is_refused(make_store):
         assert mgr.quota(D) == 4 * PAGE
 
 
-async def test_device_grow_with_an_active_cache_keeps_its_indices_valid(make_store):
+async def test_device_grow_with_an_active_cache_is_refused_and_changes_nothing(make_store):
+    # a model may be writing into the ACTIVE cache's pages: replacing the pool would lose those writes
     async with make_store(device=2) as mgr:
         cache = mgr.create_cache()
         await cache.resume()
         await cache.resize(8)
-        idx = cache.page_indices()
-        mgr.device_pool[idx] = 3.0
+        pool = mgr.device_pool
+        with pytest.raises(InvalidStateError, match="suspend"):
+            await mgr.set_quota(D, 6 * PAGE)
+        assert mgr.quota(D) == 2 * PAGE and mgr.device_pool is pool
+
+
+async def test_device_grow_keeps_suspended_pages(make_store):
+    async with make_store(device=2) as mgr:
+        cache, data = await new_filled_cache(mgr, 2, seed=3)
         await mgr.set_quota(D, 6 * PAGE)
-        assert bool((mgr.device_pool[cache.page_indices()] == 3.0).all())
+        assert mgr.device_pool.shape[0] == 6 and levels(cache) == {D: 2}
+        await assert_data(mgr, cache, data)
 
 
 @pytest.mark.parametrize("bad", [0, PAGE - 1, -5, 1.5, "1"])

@@ -8,7 +8,7 @@ priority), resume, resize (grow/shrink), write random data into the uncommitted 
 suspend, prefetch (every configured level) and await it, start a prefetch and cancel it after a random
 number of loop iterations, start a prefetch in the background (left running across later steps, joined
 by resume, cancelled by close), set_quota (grow/shrink each tier; a device shrink with an ACTIVE cache
-must raise InvalidStateError; CapacityError must change nothing), commit (the cache's token history),
+or grow with an ACTIVE cache must raise InvalidStateError; CapacityError must change nothing), commit (the cache's token history),
 close, restart (a persistent disk tier only: close the manager and open a new one on the same directory;
 every cache is gone, and committed pages that were on disk must be reused with their exact bytes), and calls
 in the wrong state (InvalidStateError, nothing changed).
@@ -799,7 +799,8 @@ class KVStoreMachine(RuleBasedStateMachine):
         quiet = self.quiet()
         snap = self.snapshot()
         used = self.mgr.usage(level).used_pages
-        shrink_active = level == D and pages < old and self.has(ACTIVE)
+        # a device grow or shrink with an ACTIVE cache is refused (a model may be writing to the pool)
+        shrink_active = level == D and pages >= 1 and pages != old and self.has(ACTIVE)
         try:
             self.run(self.mgr.set_quota(level, pages * PB))
         except InvalidArgumentError:

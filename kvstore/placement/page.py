@@ -51,7 +51,7 @@ class Move:
     """Move ``page`` from (src, src_slot) to (dst, dst_slot).
 
     ``src is None`` marks a new page being placed (no data moves). ``after`` is the move that must
-    vacate ``dst_slot`` first. ``handoff`` is set when a later move of the same plan will take this
+    vacate ``dst_slot`` first (``successor`` is the reverse link). ``handoff`` is set when a later move of the same plan will take this
     move's source slot, so completing this move must not free it. ``swap`` marks a victim whose
     destination is vacated by a promotion of the same plan that in turn may need this move's source
     slot: its bytes go through a staging buffer (read first, written once ``after`` is done).
@@ -66,7 +66,17 @@ class Move:
     handoff: bool = False
     swap: bool = False
     state: MoveState = MoveState.PENDING
-    settled: Any = None  # set by the transfer layer: an awaitable that finishes when the move is settled
+    settled: Any = None  # set by the transfer layer when the plan is submitted: done once the move is settled
+    successor: Optional["Move"] = None  # the move whose ``after`` is this one (it takes this move's source slot)
+
+    def __post_init__(self) -> None:
+        if self.after is not None:
+            self.after.successor = self
+
+    @property
+    def pending(self) -> bool:
+        """Not settled yet (PENDING or STAGED)."""
+        return self.state is MoveState.PENDING or self.state is MoveState.STAGED
 
 
 @dataclass(eq=False)

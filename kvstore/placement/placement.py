@@ -263,12 +263,18 @@ class Placement:
                 return False
         return False
 
-    def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> None:
-        """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing."""
+    def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> bool:
+        """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing.
+
+        True when the room comes from free slots and evictable pages demoted into free slots
+        (:meth:`surely_obtainable`): nothing but a hold or a plan can take it, so the promotion may be planned
+        in chunks. False when it also counts on drops: plan it in one step."""
         ti = self.level_index(target)
         colder = self._colder(pages, ti)
-        if not self.surely_obtainable(ti, len(colder)):
-            self._draft_promotion(colder, ti, True)
+        if self.surely_obtainable(ti, len(colder)):
+            return True
+        self._draft_promotion(colder, ti, True)
+        return False
 
     def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
         """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
@@ -294,15 +300,19 @@ class Placement:
             if promoted.move is None:  # its promotion did not fit after all: the slot stays its own
                 raise RuntimeError("swap planned against a page that is not promoted")
             victim_move.after = promoted.move
+            promoted.move.successor = victim_move
             victim_move.swap = True
             promoted.move.handoff = True
         plan.swaps.clear()
         return plan
 
-    def check_new_pages(self, n: int, level: CacheLevel) -> None:
-        """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing."""
-        if not self.surely_obtainable(self.level_index(level), n):
-            self._draft_new_pages(n, level)
+    def check_new_pages(self, n: int, level: CacheLevel) -> bool:
+        """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing. The result is
+        :meth:`check_promotion`'s: whether the plan may be made in chunks."""
+        if self.surely_obtainable(self.level_index(level), n):
+            return True
+        self._draft_new_pages(n, level)
+        return False
 
     def _draft_new_pages(self, n: int, level: CacheLevel) -> list[_Grant]:
         grants = _Draft(self).acquire(self.level_index(level), n)
@@ -457,17 +467,27 @@ class Placement:
         self.sync(page)
 
     def abort(self, move: Move) -> None:
-        """The transfer of ``move`` did not happen: the page stays at its source."""
-        page = move.page
-        if move.after is None or move.after.state is MoveState.DONE:
-            self.alloc[move.dst].release(move.dst_slot)
-        page.move = None
-        move.state = MoveState.ABORTED
-        if move.src is None:
-            self._free(page, release_slot=False)  # a new page that was never placed
-            return
-        self._free_if_orphan(page)
-        self.sync(page)
+        """The transfer of ``move`` did not happen: the page stays at its source. A no-op for a settled move.
+
+        The move waiting for this one's source slot (its ``successor``) can no longer happen either: it is
+        aborted in the same step, so no other operation ever sees a slot reserved for a move that cannot run.
+        """
+        chain: list[Move] = []
+        while move is not None and move.pending:
+            page = move.page
+            if move.after is None or move.after.state is MoveState.DONE:
+                self.alloc[move.dst].release(move.dst_slot)
+            page.move = None
+            move.state = MoveState.ABORTED
+            chain.append(move)
+            move = move.successor
+        for move in chain:  # pages settle once every dependent move let go of its slot
+            page = move.page
+            if move.src is None:
+                self._free(page, release_slot=False)  # a new page that was never placed
+                continue
+            self._free_if_orphan(page)
+            self.sync(page)
 
     # ----------------------------------------------------------------- queries
     def usage(self, level: CacheLevel) -> TierUsage:

@@ -68,25 +68,60 @@ class HostArena:
 
     def allocate(self, slots: int) -> None:
         """Grow to ``slots`` slots (blocking: call from a worker thread)."""
-        while self.slots < slots:
-            rows = self._chunk_rows(slots - self.slots)
-            chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
-            self._starts.append(self.slots)
-            self.chunks.append(chunk)
-            self.slots += rows
+        self.commit(slots, self.prepare(slots))
 
-    def release_to(self, slots: int) -> None:
-        """Shrink to ``slots`` slots (those above must be unused): whole chunks are dropped and the chunk
-        that straddles the limit is replaced by a smaller copy. Blocking: call from a worker thread."""
+    def prepare(self, slots: int) -> "list[torch.Tensor] | torch.Tensor | None":
+        """What :meth:`commit` needs to make the arena ``slots`` slots, built without changing it (blocking):
+        the chunks to add for a grow; for a shrink, the smaller copy of the chunk that straddles the new end
+        (None when the end falls between chunks)."""
+        if slots > self.slots:
+            return self._new_chunks(slots - self.slots)
+        c = bisect.bisect_left(self._starts, slots)  # chunks from c on are dropped whole
+        if c == 0 or self._starts[c - 1] + self.chunks[c - 1].shape[0] <= slots:
+            return None
+        keep = slots - self._starts[c - 1]
+        smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        smaller.copy_(self.chunks[c - 1][:keep])
+        return smaller
+
+    def _new_chunks(self, rows_needed: int) -> list[torch.Tensor]:
+        """Chunks for ``rows_needed`` more slots, every page of them touched (pre-faulted, so the first
+        transfers into them run at memory speed). If one allocation fails, the ones made are freed."""
+        made: list[torch.Tensor] = []
+        try:
+            while rows_needed > 0:
+                rows = self._chunk_rows(rows_needed)
+                chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+                chunk.view(-1)[::4096].zero_()  # one write per 4 KiB page faults every page in
+                made.append(chunk)
+                rows_needed -= rows
+        except BaseException:
+            self.free(made)
+            raise
+        return made
+
+    def commit(self, slots: int, prepared: "list[torch.Tensor] | torch.Tensor | None") -> list[torch.Tensor]:
+        """Become ``slots`` slots with what :meth:`prepare` built (fast: call on any thread while nothing
+        copies to or from the arena); returns the chunks given up, for :meth:`free`."""
+        if isinstance(prepared, list):
+            for chunk in prepared:
+                self._starts.append(self.slots)
+                self.chunks.append(chunk)
+                self.slots += chunk.shape[0]
+            return []
+        dropped: list[torch.Tensor] = []
         while self.chunks and self._starts[-1] >= slots:
-            self.chunks.pop()
+            dropped.append(self.chunks.pop())
             self.slots = self._starts.pop()
-        if self.chunks and self.slots > slots:
-            keep = slots - self._starts[-1]
-            smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
-            smaller.copy_(self.chunks[-1][:keep])
-            self.chunks[-1] = smaller
+        if prepared is not None:
+            dropped.append(self.chunks[-1])
+            self.chunks[-1] = prepared
             self.slots = slots
+        return dropped
+
+    def free(self, chunks: list[torch.Tensor]) -> None:
+        """Give ``chunks`` back to the system (blocking: call from a worker thread)."""
+        chunks.clear()
         if self.pinned and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
 

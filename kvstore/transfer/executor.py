@@ -71,6 +71,26 @@ class _RunState:
         self.result = RunResult()
 
 
+class Run:
+    """A submitted plan in flight. Every move of the plan has its ``settled`` awaitable from the moment the
+    plan is submitted, and every move is settled (completed or aborted) by the time ``task`` is done.
+
+    ``stop()`` aborts the batches that have not started; the others finish. The task itself is never
+    cancelled (a task cancelled before its first step would leave its moves unsettled): awaiting it
+    through ``asyncio.shield`` or :func:`asyncio.wait` leaves it running when the awaiter is cancelled.
+    """
+
+    def __init__(self, task: "asyncio.Future[RunResult]", state: _RunState) -> None:
+        self.task = task
+        self._state = state
+
+    def stop(self) -> None:
+        self._state.stop = True
+
+    def done(self) -> bool:
+        return self.task.done()
+
+
 class TransferExecutor:
     """Moves page data between the tier stores and settles each move in :class:`Placement`."""
 
@@ -145,18 +165,31 @@ class TransferExecutor:
 
         ``priority`` (scheduler.RESUME / PREFETCH / BACKGROUND) orders this plan's disk I/O against others'.
         """
-        t0 = time.perf_counter()
+        run = self.submit(plan, priority)
+        try:
+            return await asyncio.shield(run.task)
+        except asyncio.CancelledError:
+            run.stop()
+            await settle(run.task)
+            raise
+
+    def submit(self, plan: Plan, priority: int = BACKGROUND) -> Run:
+        """Start running ``plan`` (see :meth:`run`); each move's ``settled`` is set before this returns."""
         state = _RunState()
-        if not plan.moves:
-            return state.result
         loop = asyncio.get_running_loop()
         batches = self._batches(plan)
-        after = self.copier.after_current_stream()
         for b in batches:
             b.done = loop.create_future()
             b.read_done = loop.create_future() if b.swap else None
             for mv in b.moves:
                 mv.settled = b.done
+        return Run(asyncio.ensure_future(self._execute(batches, state, priority)), state)
+
+    async def _execute(self, batches: list[_Batch], state: _RunState, priority: int) -> RunResult:
+        t0 = time.perf_counter()
+        if not batches:
+            return state.result
+        after = self.copier.after_current_stream()
         tasks = [
             asyncio.ensure_future(
                 self._run_swap(b, state, after) if b.swap else self._run_batch(b, state, after, priority)
@@ -193,7 +226,8 @@ class TransferExecutor:
                 state.result.error = state.result.error or self._wrap(exc, b)
                 return
             for m in b.moves:
-                self.placement.stage(m)
+                if m.pending:
+                    self.placement.stage(m)
             b.read_done.set_result(None)
             await asyncio.wait(b.waits())
             ok = [i for i, m in enumerate(b.moves) if m.after.state is MoveState.DONE]
@@ -244,6 +278,8 @@ class TransferExecutor:
                 await self.io_sched.acquire(admitted, (priority, int(b.dst == K)))
             ready = []
             for m in b.moves:
+                if not m.pending:
+                    continue  # aborted with the move it depended on
                 if _slot_free(m):
                     ready.append(m)
                 else:
