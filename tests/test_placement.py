@@ -175,7 +175,7 @@ def snapshot(pl: Placement) -> dict:
         },
         "queues": {lvl: queue(pl, lvl) for lvl in pl.levels},
         "alloc": {
-            lvl: (a.total, a.limit, a.free_count, a.used_count, bytes(a._is_free)) for lvl, a in pl.alloc.items()
+            lvl: (a.total, a.limit, a.free_count, a.used_count, a.free_ranges()) for lvl, a in pl.alloc.items()
         },
         "index": sorted(p.pid for p in pl.index.pages()),
         "counters": dict(pl.counters),

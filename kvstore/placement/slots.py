@@ -1,83 +1,192 @@
-"""Slot allocator of one level: fixed slots, lowest free slot first (keeps a cache's pages contiguous)."""
+"""Slot allocator of one level: fixed slots, lowest free slot first (keeps a cache's pages contiguous).
+
+The free slots are kept as sorted, disjoint, non-adjacent ranges, so memory and the cost of building,
+growing and shrinking depend on how fragmented the free space is, never on how many slots there are: a
+fresh allocator of 2**25 slots is one range.
+
+The ranges are stored mirrored, as half-open ranges ``[a, b)`` of ``y = -1 - slot`` in two ascending
+lists, so that the LOWEST free slots sit at the END of the lists: allocate() (which always takes the
+lowest free slot) and a release below every free slot pop or append there in O(1). Other lookups bisect
+(O(log ranges)); splitting or merging a range elsewhere inserts into or deletes from the lists, a C
+memmove of the entries of the lower ranges (nothing at all when taking the end of a range or releasing a
+slot next to a free one). Slot range ``[s, e)`` is ``[-e, -s)`` mirrored.
+"""
 
 from __future__ import annotations
 
-import heapq
+from bisect import bisect_left, bisect_right
 
 
 class SlotAllocator:
     """Tracks which of ``total`` slots are free. ``limit`` < total hides the top slots while a shrink runs."""
 
     def __init__(self, total: int) -> None:
+        if total < 0:
+            raise ValueError(f"a slot allocator needs total >= 0, got {total}")
         self.total = total
-        self.limit = total
-        self._free: list[int] = list(range(total))
-        self._is_free = bytearray(b"\x01") * total
+        # mirrored free range i: slots y in [_a[i], _b[i]) with y = -1 - slot; ascending, so slot-descending
+        self._a: list[int] = [-total] if total else []
+        self._b: list[int] = [0] if total else []
         self._nfree = total
+        self._limit = total
+        self._above = 0  # free slots >= limit (kept up to date so that free_count is O(1))
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        """Hide the slots >= ``limit`` from :meth:`allocate` and :attr:`free_count`: O(free ranges above it)."""
+        self._limit = limit
+        self._above = self._free_from(limit)
 
     @property
     def free_count(self) -> int:
         """Free slots below ``limit``."""
-        if self.limit == self.total:
-            return self._nfree
-        return sum(self._is_free[: self.limit])
+        return self._nfree - self._above
 
     @property
     def used_count(self) -> int:
         return self.total - self._nfree
 
-    def is_free(self, slot: int) -> bool:
-        return bool(self._is_free[slot])
+    def _free_from(self, slot: int) -> int:
+        """Free slots >= ``slot``, i.e. mirrored y < -slot (O(free ranges above ``slot``))."""
+        a, b, y = self._a, self._b, -slot
+        j = bisect_left(a, y)  # ranges 0..j-1 start (mirrored) below y; only the last may reach past it
+        if j == 0:
+            return 0
+        return sum(b[:j]) - sum(a[:j]) - max(0, b[j - 1] - y)  # sums in C: no Python loop per range
 
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """The free slots as ascending, disjoint, non-adjacent ``(start, end)`` half-open ranges."""
+        return [(-b, -a) for a, b in zip(reversed(self._a), reversed(self._b))]
+
+    # ------------------------------------------------------------------ queries
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < self.total:
+            raise IndexError(f"slot {slot} is outside the allocator's {self.total} slots")
+
+    def is_free(self, slot: int) -> bool:
+        self._check(slot)
+        y = -1 - slot
+        i = bisect_right(self._a, y) - 1
+        return i >= 0 and y < self._b[i]
+
+    # ------------------------------------------------------------------ allocate / take / release
     def allocate(self) -> int:
-        """Take the lowest free slot below ``limit``; raise LookupError if none."""
-        free, is_free = self._free, self._is_free
-        skipped = []  # free slots hidden above the limit: back into the heap afterwards
-        slot = -1
-        while free:
-            s = heapq.heappop(free)
-            if not is_free[s]:
-                continue  # stale entry
-            if s >= self.limit:
-                skipped.append(s)
-                continue
-            slot = s
-            break
-        for s in skipped:
-            heapq.heappush(free, s)
-        if slot < 0:
+        """Take the lowest free slot below ``limit``; raise LookupError if none. O(1)."""
+        a, b = self._a, self._b
+        if not b or -b[-1] >= self._limit:
             raise LookupError("no free slot")
-        is_free[slot] = 0
+        y = b[-1] - 1
+        if y == a[-1]:
+            a.pop()
+            b.pop()
+        else:
+            b[-1] = y
         self._nfree -= 1
-        return slot
+        return -1 - y
+
+    def allocate_many(self, n: int) -> list[range]:
+        """Take the ``n`` lowest free slots below ``limit``, as ascending ranges (O(ranges taken)).
+        All or nothing: LookupError and no change if fewer than ``n`` are free below the limit."""
+        if n < 0:
+            raise ValueError(f"allocate_many() needs n >= 0, got {n}")
+        if n > self.free_count:
+            raise LookupError(f"no {n} free slots (only {self.free_count} below the limit)")
+        a, b = self._a, self._b
+        out: list[range] = []
+        left = n
+        while left:
+            lo, hi = a[-1], b[-1]
+            if hi - lo > left:  # the lowest ``left`` slots of this range
+                out.append(range(-hi, -hi + left))
+                b[-1] = hi - left
+                break
+            out.append(range(-hi, -lo))
+            left -= hi - lo
+            a.pop()
+            b.pop()
+        self._nfree -= n
+        return out
 
     def take(self, slot: int) -> None:
         """Mark a given free slot used (recovery of a persistent tier)."""
-        if not self._is_free[slot]:
+        self._check(slot)
+        a, b, y = self._a, self._b, -1 - slot
+        i = bisect_right(a, y) - 1
+        if i < 0 or y >= b[i]:
             raise RuntimeError(f"slot {slot} is already used")
-        self._is_free[slot] = 0
-        self._nfree -= 1  # its heap entry is now stale and skipped by allocate()
+        lo, hi = a[i], b[i]
+        if hi - lo == 1:
+            del a[i], b[i]
+        elif y == lo:
+            a[i] = y + 1
+        elif y == hi - 1:
+            b[i] = y
+        else:  # split [lo, hi) into [lo, y) and [y + 1, hi)
+            b[i] = y
+            a.insert(i + 1, y + 1)
+            b.insert(i + 1, hi)
+        self._nfree -= 1
+        if slot >= self._limit:
+            self._above -= 1
 
     def release(self, slot: int) -> None:
-        if self._is_free[slot]:
+        self._check(slot)
+        a, b, y = self._a, self._b, -1 - slot
+        i = bisect_right(a, y) - 1  # the last range starting (mirrored) at or below y
+        if i >= 0 and y < b[i]:
             raise RuntimeError(f"slot {slot} released twice")
-        self._is_free[slot] = 1
+        joins_left = i >= 0 and b[i] == y
+        joins_right = i + 1 < len(a) and a[i + 1] == y + 1
+        if joins_left and joins_right:
+            b[i] = b[i + 1]
+            del a[i + 1], b[i + 1]
+        elif joins_left:
+            b[i] = y + 1
+        elif joins_right:
+            a[i + 1] = y
+        else:
+            a.insert(i + 1, y)
+            b.insert(i + 1, y + 1)
         self._nfree += 1
-        heapq.heappush(self._free, slot)
+        if slot >= self._limit:
+            self._above += 1
 
+    # ------------------------------------------------------------------ resize
     def grow(self, total: int) -> None:
-        for s in range(self.total, total):
-            heapq.heappush(self._free, s)
-        self._is_free.extend(b"\x01" * (total - self.total))
-        self._nfree += total - self.total
-        self.total = self.limit = total
+        """Add the free slots ``[total before, total)``; the limit becomes the new total.
+        O(1) when the top slot was free, else O(free ranges)."""
+        old = self.total
+        if total < old:
+            raise ValueError(f"grow() to {total} slots from {old}: use shrink()")
+        if total > old:
+            if self._a and self._a[0] == -old:  # the top free range reaches the old total: extend it
+                self._a[0] = -total
+            else:
+                self._a.insert(0, -total)
+                self._b.insert(0, -old)
+            self._nfree += total - old
+        self.total = self._limit = total
+        self._above = 0
 
     def shrink(self, total: int) -> None:
-        """Drop slots >= total; they must all be free."""
-        if any(not f for f in self._is_free[total:]):
-            raise RuntimeError("shrinking a slot allocator over used slots")
-        self._nfree -= self.total - total
-        del self._is_free[total:]
-        self._free = [s for s in self._free if s < total and self._is_free[s]]
-        self._free = sorted(set(self._free))
-        self.total = self.limit = total
+        """Drop slots >= total; they must all be free. The limit becomes the new total.
+        RuntimeError and no change if any is used. O(1), or O(free ranges) if the top range goes."""
+        old = self.total
+        if not 0 <= total <= old:
+            raise ValueError(f"shrink() to {total} slots from {old}: use grow()")
+        if total < old:
+            a, b = self._a, self._b
+            if not (a and a[0] == -old and b[0] >= -total):  # slots [total, old) are not one free range
+                raise RuntimeError("shrinking a slot allocator over used slots")
+            if b[0] == -total:
+                del a[0], b[0]
+            else:
+                a[0] = -total
+            self._nfree -= old - total
+        self.total = self._limit = total
+        self._above = 0
