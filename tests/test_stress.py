@@ -464,7 +464,8 @@ class Stress:
             # ---- NEW CONTRACT check: a prefetch stopped by cancel()/close()/aclose() must RETURN
             # ---- PrefetchResult(cancelled=True), not raise CancelledError into its awaiter.
             if NEW_CONTRACT_PREFETCH_CANCEL_RESULT:
-                why = "task.cancel()" if we_cancelled else f"close()/aclose() (cache {cm.cache.status.name})"
+                why = "task.cancel()" if we_cancelled else (
+                    f"close()/aclose() (cache {cm.cache.status.name}{', manager closing' if lane.closing else ''})")
                 self.fail(
                     lane, op, "NewContract:CancelledError",
                     f"await prefetch_task raised CancelledError (stopped by {why}) instead of PrefetchResult(cancelled=True)",
