@@ -3,19 +3,59 @@
 Every store exposes its slots as rows of 2-D ``uint8`` tensors (``rows x page_bytes``), so one copy
 routine and one I/O routine serve all of them. The host arena is allocated in chunks (each a power of
 two bytes, the unit of torch's pinned allocator), so a large pinned tier starts chunk by chunk on a
-worker thread instead of stalling start-up, and shrinking gives whole chunks back.
+worker thread instead of stalling start-up, and shrinking gives whole chunks back. New host chunks are
+pre-faulted on that worker thread (:func:`prefault`), so the first transfer into them runs at full speed
+instead of paying a page fault per 4 KiB. Allocation failures raise :class:`~kvstore.errors.CapacityError`
+naming the tier and the size, and leave the arena as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
+import logging
 import math
 from typing import Sequence
 
 import torch
 
+from ..resources import allocating
+
+log = logging.getLogger("kvstore")
+
 _MAX_CHUNK = 1 << 30
+_OS_PAGE = 4096
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise_fn = _madvise()
+
+
+def prefault(t: torch.Tensor) -> None:
+    """Make every page of the CPU tensor ``t`` resident now (blocking: call from a worker thread).
+
+    ``madvise(MADV_POPULATE_WRITE)`` faults the range in one call where the kernel has it; otherwise every
+    byte is written (the contents of a new chunk are undefined anyway)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return
+    if _madvise_fn is not None:
+        start = t.data_ptr() & ~(_OS_PAGE - 1)
+        end = (t.data_ptr() + n + _OS_PAGE - 1) & ~(_OS_PAGE - 1)
+        if _madvise_fn(start, end - start, _MADV_POPULATE_WRITE) == 0:
+            return
+    t.zero_()
 
 
 def _pow2_floor(n: int) -> int:
@@ -30,7 +70,8 @@ class DeviceArena:
         self.dtype = dtype
         self.device = device
         self.page_bytes = math.prod(page_shape) * torch.empty((), dtype=dtype).element_size()
-        self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
+        with allocating(f"the device tier on {device} ({slots} pages)", slots * self.page_bytes):
+            self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
 
     @property
     def slots(self) -> int:
@@ -43,7 +84,8 @@ class DeviceArena:
 
     def resized(self, slots: int) -> torch.Tensor:
         """A new pool of ``slots`` slots holding the first ``min(old, new)`` slots of the old one."""
-        new = torch.zeros((slots, *self.page_shape), dtype=self.dtype, device=self.device)
+        with allocating(f"the device tier on {self.device} ({slots} pages)", slots * self.page_bytes):
+            new = torch.zeros((slots, *self.page_shape), dtype=self.dtype, device=self.device)
         keep = min(slots, self.slots)
         new[:keep].copy_(self.pool[:keep])
         return new
@@ -66,29 +108,53 @@ class HostArena:
         # the largest power-of-two chunk may leave a tail smaller than a page: take the rows that fit
         return min(rows, remaining)
 
+    def _new_chunk(self, rows: int) -> torch.Tensor:
+        chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        prefault(chunk)
+        return chunk
+
     def allocate(self, slots: int) -> None:
-        """Grow to ``slots`` slots (blocking: call from a worker thread)."""
-        while self.slots < slots:
-            rows = self._chunk_rows(slots - self.slots)
-            chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
-            self._starts.append(self.slots)
-            self.chunks.append(chunk)
-            self.slots += rows
+        """Grow to ``slots`` slots, pre-faulting the new chunks (blocking: call from a worker thread).
+
+        All or nothing: if a chunk cannot be allocated, the chunks allocated by this call are given back
+        and CapacityError names the tier and the size."""
+        before = self.slots
+        try:
+            with allocating(
+                f"the host tier ({slots - before} more pages{', pinned' if self.pinned else ''})",
+                (slots - before) * self.page_bytes,
+            ):
+                while self.slots < slots:
+                    rows = self._chunk_rows(slots - self.slots)
+                    chunk = self._new_chunk(rows)
+                    self._starts.append(self.slots)
+                    self.chunks.append(chunk)
+                    self.slots += rows
+        except BaseException:
+            self._drop_to(before)
+            raise
+
+    def _drop_to(self, slots: int) -> None:
+        """Drop the chunks that start at or above ``slots`` (a chunk boundary) and give pinned memory back."""
+        while self.chunks and self._starts[-1] >= slots:
+            self.chunks.pop()
+            self.slots = self._starts.pop()
+        if self.pinned and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
     def release_to(self, slots: int) -> None:
         """Shrink to ``slots`` slots (those above must be unused): whole chunks are dropped and the chunk
         that straddles the limit is replaced by a smaller copy. Blocking: call from a worker thread."""
-        while self.chunks and self._starts[-1] >= slots:
-            self.chunks.pop()
-            self.slots = self._starts.pop()
+        self._drop_to(slots)
         if self.chunks and self.slots > slots:
             keep = slots - self._starts[-1]
-            smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+            with allocating(f"the host tier (a {keep}-page chunk while shrinking)", keep * self.page_bytes):
+                smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
             smaller.copy_(self.chunks[-1][:keep])
             self.chunks[-1] = smaller
             self.slots = slots
-        if self.pinned and hasattr(torch._C, "_host_emptyCache"):
-            torch._C._host_emptyCache()
+            if self.pinned and hasattr(torch._C, "_host_emptyCache"):
+                torch._C._host_emptyCache()
 
     def locate(self, slot: int) -> tuple[int, int]:
         """(chunk index, row in chunk) of ``slot``."""
