@@ -141,7 +141,8 @@ class KVCacheManager:
         if device.type == "cpu":
             host_bytes += dev_bytes
         if CacheLevel.HOST in self._slots or device.type == "cpu":
-            resources.check_memory_total("the device and host tiers", host_bytes, "their quota_bytes")
+            what = "the host tier" if device.type == "cuda" else f"the device tier on {device} and the host tier"
+            resources.check_memory_total(what, host_bytes, "HostTier.quota_bytes / DeviceTier.quota_bytes")
         disk_cfg = next((t for t in cfg.tiers if isinstance(t, DiskTier)), None)
         if disk_cfg is not None:
             size = self._slots[CacheLevel.DISK] * slot_stride(pb)
