@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Generator, Optional, Sequence
 import numpy as np
 import torch
 
+from ._args import describe, integral
 from .errors import InvalidArgumentError, InvalidStateError
 from .placement import Page
 from .placement.prefix import as_token_array
@@ -164,9 +165,9 @@ class KVCache:
 
     async def resize(self, num_tokens: int) -> None:
         """ACTIVE only: grow or shrink to ``ceil(num_tokens / tokens_per_page)`` pages; on error nothing changes."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
-            raise InvalidArgumentError(f"resize() takes an int number of tokens, got {num_tokens!r}")
-        num_tokens = int(num_tokens)
+        if (n := integral(num_tokens)) is None:
+            raise InvalidArgumentError(f"resize() takes an int number of tokens, got {describe(num_tokens)}")
+        num_tokens = n
         if num_tokens < 0:
             raise InvalidArgumentError(f"resize() needs num_tokens >= 0, got {num_tokens}")
         self._require(CacheStatus.ACTIVE, what="resize()")

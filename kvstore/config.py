@@ -13,6 +13,7 @@ from typing import Sequence, Union
 
 import torch
 
+from ._args import describe, integral
 from .errors import ConfigError
 from .placement.policies import POLICIES
 from .types import CacheLevel
@@ -21,19 +22,26 @@ __all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "StoreConfig", "T
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{owner}.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ConfigError(f"{owner}.{name} must be > 0, got {value}")
-    return value
+    """``value`` as an int > 0 (any integral scalar: int, numpy integer, 0-d integer tensor; not a bool)."""
+    n = integral(value)
+    if n is None:
+        raise ConfigError(f"{owner}.{name} must be an int, got {describe(value)}")
+    if n <= 0:
+        raise ConfigError(f"{owner}.{name} must be > 0, got {n}")
+    return n
 
 
 def _quota(owner: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{owner}.quota_bytes must be an int number of bytes, got {value!r}")
-    if value < 0:
-        raise ConfigError(f"{owner}.quota_bytes must be >= 0, got {value}")
-    return value
+    n = integral(value)
+    if n is None:
+        raise ConfigError(f"{owner}.quota_bytes must be an int number of bytes, got {describe(value)}")
+    if n < 0:
+        raise ConfigError(f"{owner}.quota_bytes must be >= 0, got {n}")
+    return n
+
+
+def _set(record: object, name: str, value: object) -> None:
+    object.__setattr__(record, name, value)  # frozen dataclasses: store the validated (plain int) value
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class PageLayout:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_page"):
-            _positive_int("PageLayout", name, getattr(self, name))
+            _set(self, name, _positive_int("PageLayout", name, getattr(self, name)))
         if not isinstance(self.dtype, torch.dtype):
             raise ConfigError(f"PageLayout.dtype must be a torch.dtype, got {self.dtype!r}")
         if self.dtype.is_complex or self.dtype == torch.bool:
@@ -86,7 +94,7 @@ class DeviceTier:
     level = CacheLevel.DEVICE
 
     def __post_init__(self) -> None:
-        _quota("DeviceTier", self.quota_bytes)
+        _set(self, "quota_bytes", _quota("DeviceTier", self.quota_bytes))
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -117,7 +125,7 @@ class HostTier:
     level = CacheLevel.HOST
 
     def __post_init__(self) -> None:
-        _quota("HostTier", self.quota_bytes)
+        _set(self, "quota_bytes", _quota("HostTier", self.quota_bytes))
         if self.pinned is not None and not isinstance(self.pinned, bool):
             raise ConfigError(f"HostTier.pinned must be a bool or None, got {self.pinned!r}")
 
@@ -140,7 +148,7 @@ class DiskTier:
     level = CacheLevel.DISK
 
     def __post_init__(self) -> None:
-        _quota("DiskTier", self.quota_bytes)
+        _set(self, "quota_bytes", _quota("DiskTier", self.quota_bytes))
         if not isinstance(self.path, (str, os.PathLike)) or str(self.path) == "":
             raise ConfigError(f"DiskTier.path must be a directory path, got {self.path!r}")
         if not isinstance(self.persistent, bool):
@@ -201,10 +209,10 @@ class StoreConfig:
             raise ConfigError(
                 f"StoreConfig.eviction_policy must be one of {sorted(POLICIES)}, got {self.eviction_policy!r}"
             )
-        _positive_int("StoreConfig", "batch_bytes", self.batch_bytes)
-        _positive_int("StoreConfig", "staging_buffers", self.staging_buffers)
+        _set(self, "batch_bytes", _positive_int("StoreConfig", "batch_bytes", self.batch_bytes))
+        _set(self, "staging_buffers", _positive_int("StoreConfig", "staging_buffers", self.staging_buffers))
         if self.io_threads is not None:
-            _positive_int("StoreConfig", "io_threads", self.io_threads)
+            _set(self, "io_threads", _positive_int("StoreConfig", "io_threads", self.io_threads))
 
     @property
     def levels(self) -> tuple[CacheLevel, ...]:

@@ -19,10 +19,12 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import resources
 from ._aio import Gate, settle
+from ._args import describe, integral
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
-from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
+from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError, StorageIOError
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
 from .placement import Page, Placement, Plan
@@ -63,6 +65,7 @@ class KVCacheManager:
         self.layout = config.layout
         self._page_bytes = config.layout.page_bytes
         self._slots = {lvl: config.slots(lvl) for lvl in config.levels}
+        self._check_machine()  # before the slot allocators: a quota this machine can never hold fails fast
         self._placement = Placement(
             config.levels, [self._slots[l] for l in config.levels], policy=config.eviction_policy
         )
@@ -108,6 +111,7 @@ class KVCacheManager:
         else:
             pinned = device.type == "cuda"
         try:
+            self._check_available(device)
             self._device = await asyncio.to_thread(
                 DeviceArena, self._slots[CacheLevel.DEVICE], self.layout.page_shape, self.layout.dtype, device
             )
@@ -141,8 +145,58 @@ class KVCacheManager:
             self._slots.get(CacheLevel.DISK, 0), self._page_bytes,
         )
 
+    def _check_machine(self) -> None:
+        """ConfigError when a quota exceeds what this machine has at all (memory, GPU memory, disk size)."""
+        cfg, pb = self.config, self._page_bytes
+        device = cfg.tiers[0].resolved_device()
+        dev_bytes = self._slots[CacheLevel.DEVICE] * pb
+        host_bytes = self._slots.get(CacheLevel.HOST, 0) * pb
+        resources.check_device_total(device, dev_bytes)
+        if device.type == "cpu":
+            host_bytes += dev_bytes
+        if CacheLevel.HOST in self._slots or device.type == "cpu":
+            what = "the host tier" if device.type == "cuda" else f"the device tier on {device} and the host tier"
+            resources.check_memory_total(what, host_bytes, "HostTier.quota_bytes / DeviceTier.quota_bytes")
+        disk_cfg = next((t for t in cfg.tiers if isinstance(t, DiskTier)), None)
+        if disk_cfg is not None:
+            size = self._slots[CacheLevel.DISK] * slot_stride(pb)
+            total = resources.disk_total(Path(disk_cfg.path))
+            if total is not None and size > total:
+                raise ConfigError(
+                    f"DiskTier.quota_bytes={disk_cfg.quota_bytes} needs a slot file of {resources.fmt_bytes(size)} but "
+                    f"the file system of {str(disk_cfg.path)!r} holds {resources.fmt_bytes(total)} in all; "
+                    "lower DiskTier.quota_bytes or choose another DiskTier.path"
+                )
+
+    def _check_available(self, device: torch.device) -> None:
+        """CapacityError when the device and host tiers do not fit in the memory available now (the disk
+        tier's space is checked when its file is made)."""
+        pb = self._page_bytes
+        dev_bytes = self._slots[CacheLevel.DEVICE] * pb
+        host_bytes = self._slots.get(CacheLevel.HOST, 0) * pb
+        if device.type == "cuda":
+            resources.check_device(device, dev_bytes)
+        else:
+            host_bytes += dev_bytes
+        if host_bytes:
+            what = "the host tier" if device.type == "cuda" else f"the device tier on {device} and the host tier"
+            resources.check_memory(what, host_bytes, "HostTier.quota_bytes / DeviceTier.quota_bytes")
+
     def _open_disk(self, directory: Path, persistent: bool) -> dict[int, Record]:
-        """Open the slot file (and, when persistent, lock the directory and recover its journal). Blocking."""
+        """Open the slot file (and, when persistent, lock the directory and recover its journal). Blocking.
+
+        A file system failure is a StorageIOError (errno kept) naming the path and the size."""
+        try:
+            return self._open_disk_files(directory, persistent)
+        except StorageIOError:
+            raise
+        except OSError as exc:
+            size = self._slots[CacheLevel.DISK] * slot_stride(self._page_bytes)
+            raise resources.storage_error(
+                f"opening the disk tier ({resources.fmt_bytes(size)})", exc.filename or directory, exc
+            ) from exc
+
+    def _open_disk_files(self, directory: Path, persistent: bool) -> dict[int, Record]:
         recovered: dict[int, Record] = {}
         if persistent:
             self._catalog = DiskCatalog(directory, {
@@ -266,10 +320,10 @@ class KVCacheManager:
                 self._gate.release_shared()
 
     def _level_arg(self, level: object, what: str) -> CacheLevel:
-        if isinstance(level, bool) or not isinstance(level, (int, CacheLevel)):
-            raise InvalidArgumentError(f"{what} must be a CacheLevel, got {level!r}")
+        if (index := integral(level)) is None:
+            raise InvalidArgumentError(f"{what} must be a CacheLevel, got {describe(level)}")
         try:
-            level = CacheLevel(level)
+            level = CacheLevel(index)
         except ValueError:
             raise InvalidArgumentError(f"{what} must be a CacheLevel (DEVICE, HOST, DISK), got {level!r}") from None
         if level not in self.config.levels:
@@ -356,8 +410,9 @@ class KVCacheManager:
     def create_cache(self, tokens: Optional[Sequence[int]] = None, *, priority: int = 0) -> KVCache:
         """A new SUSPENDED cache; with ``tokens`` it holds the longest committed prefix (whole pages)."""
         self._check_running()
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidArgumentError(f"priority must be an int, got {priority!r}")
+        if (prio := integral(priority)) is None:
+            raise InvalidArgumentError(f"create_cache() priority must be an int, got {describe(priority)}")
+        priority = prio
         arr = as_token_array(tokens) if tokens is not None else np.zeros(0, dtype=np.int64)
         pages, last_key = self._match(arr)
         for page in pages:
@@ -628,8 +683,9 @@ class KVCacheManager:
         a resize replaces).
         """
         level = self._level_arg(level, "set_quota(level)")
-        if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int):
-            raise InvalidArgumentError(f"set_quota() quota_bytes must be an int, got {quota_bytes!r}")
+        if (quota := integral(quota_bytes)) is None:
+            raise InvalidArgumentError(f"set_quota() quota_bytes must be an int, got {describe(quota_bytes)}")
+        quota_bytes = quota
         self._check_running()
         new = quota_bytes // self._page_bytes
         if new < 1:
@@ -692,13 +748,22 @@ class KVCacheManager:
 
     def _build_store(self, level: CacheLevel, slots: int) -> object:
         """Blocking (worker thread): a resized device pool; host chunks to add or the chunk that replaces the
-        one straddling the new end; disk space reserved for a grow."""
+        one straddling the new end; disk space reserved for a grow. Checks what the machine has first:
+        CapacityError / StorageIOError leave everything as it was."""
+        pb = self._page_bytes
         if level == CacheLevel.DEVICE:
+            if slots > self._device.slots:  # the new pool is made while the old one still exists
+                resources.check_device(self._device.device, slots * pb, "set_quota(DEVICE) quota_bytes")
             pool = self._device.resized(slots)
             if pool.is_cuda:
                 torch.cuda.synchronize(pool.device)
             return pool
         if level == CacheLevel.HOST:
+            if slots > self._host.slots:
+                resources.check_memory(
+                    f"growing the host tier by {slots - self._host.slots} pages", (slots - self._host.slots) * pb,
+                    "set_quota(HOST) quota_bytes",
+                )
             return self._host.prepare(slots)
         if slots > self._disk.slots:
             self._disk.resize(slots)
@@ -716,8 +781,14 @@ class KVCacheManager:
             self._copier.forget_host_memory()
             return self._background(self._host.free, dropped)
         if slots < self._disk.slots:
-            return self._background(self._disk.resize, slots)
+            return self._background(self._truncate_disk, slots)
         return None
+
+    def _truncate_disk(self, slots: int) -> None:
+        try:
+            self._disk.resize(slots)
+        except StorageIOError as exc:  # the quota changed; only the file keeps its size
+            log.warning("kvstore: the disk tier's file could not be truncated (%s); it keeps its size", exc)
 
     def _discard_store(self, level: CacheLevel, prepared: object) -> None:
         if level == CacheLevel.HOST and isinstance(prepared, list):

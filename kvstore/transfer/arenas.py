@@ -3,19 +3,59 @@
 Every store exposes its slots as rows of 2-D ``uint8`` tensors (``rows x page_bytes``), so one copy
 routine and one I/O routine serve all of them. The host arena is allocated in chunks (each a power of
 two bytes, the unit of torch's pinned allocator), so a large pinned tier starts chunk by chunk on a
-worker thread instead of stalling start-up, and shrinking gives whole chunks back.
+worker thread instead of stalling start-up, and shrinking gives whole chunks back. New host chunks are
+pre-faulted on that worker thread (:func:`prefault`), so the first transfer into them runs at full speed
+instead of paying a page fault per 4 KiB. Allocation failures raise :class:`~kvstore.errors.CapacityError`
+naming the tier and the size, and leave the arena as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
+import logging
 import math
 from typing import Sequence
 
 import torch
 
+from ..resources import allocating
+
+log = logging.getLogger("kvstore")
+
 _MAX_CHUNK = 1 << 30
+_OS_PAGE = 4096
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise_fn = _madvise()
+
+
+def prefault(t: torch.Tensor) -> None:
+    """Make every page of the CPU tensor ``t`` resident now (blocking: call from a worker thread).
+
+    ``madvise(MADV_POPULATE_WRITE)`` faults the range in one call where the kernel has it; otherwise every
+    byte is written (the contents of a new chunk are undefined anyway)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return
+    if _madvise_fn is not None:
+        start = t.data_ptr() & ~(_OS_PAGE - 1)
+        end = (t.data_ptr() + n + _OS_PAGE - 1) & ~(_OS_PAGE - 1)
+        if _madvise_fn(start, end - start, _MADV_POPULATE_WRITE) == 0:
+            return
+    t.zero_()
 
 
 def _pow2_floor(n: int) -> int:
@@ -30,7 +70,8 @@ class DeviceArena:
         self.dtype = dtype
         self.device = device
         self.page_bytes = math.prod(page_shape) * torch.empty((), dtype=dtype).element_size()
-        self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
+        with allocating(f"the device tier on {device} ({slots} pages)", slots * self.page_bytes):
+            self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
 
     @property
     def slots(self) -> int:
@@ -43,7 +84,8 @@ class DeviceArena:
 
     def resized(self, slots: int) -> torch.Tensor:
         """A new pool of ``slots`` slots holding the first ``min(old, new)`` slots of the old one."""
-        new = torch.zeros((slots, *self.page_shape), dtype=self.dtype, device=self.device)
+        with allocating(f"the device tier on {self.device} ({slots} pages)", slots * self.page_bytes):
+            new = torch.zeros((slots, *self.page_shape), dtype=self.dtype, device=self.device)
         keep = min(slots, self.slots)
         new[:keep].copy_(self.pool[:keep])
         return new
@@ -66,6 +108,11 @@ class HostArena:
         # the largest power-of-two chunk may leave a tail smaller than a page: take the rows that fit
         return min(rows, remaining)
 
+    def _new_chunk(self, rows: int) -> torch.Tensor:
+        chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        prefault(chunk)
+        return chunk
+
     def allocate(self, slots: int) -> None:
         """Grow to ``slots`` slots (blocking: call from a worker thread)."""
         self.commit(slots, self.prepare(slots))
@@ -80,7 +127,8 @@ class HostArena:
         if c == 0 or self._starts[c - 1] + self.chunks[c - 1].shape[0] <= slots:
             return None
         keep = slots - self._starts[c - 1]
-        smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        with allocating(f"the host tier (a {keep}-page chunk while shrinking)", keep * self.page_bytes):
+            smaller = torch.empty((keep, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
         smaller.copy_(self.chunks[c - 1][:keep])
         return smaller
 
@@ -88,13 +136,13 @@ class HostArena:
         """Chunks for ``rows_needed`` more slots, every page of them touched (pre-faulted, so the first
         transfers into them run at memory speed). If one allocation fails, the ones made are freed."""
         made: list[torch.Tensor] = []
+        what = f"the host tier ({rows_needed} more pages{', pinned' if self.pinned else ''})"
         try:
-            while rows_needed > 0:
-                rows = self._chunk_rows(rows_needed)
-                chunk = torch.empty((rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
-                chunk.view(-1)[::4096].zero_()  # one write per 4 KiB page faults every page in
-                made.append(chunk)
-                rows_needed -= rows
+            with allocating(what, rows_needed * self.page_bytes):
+                while rows_needed > 0:
+                    rows = self._chunk_rows(rows_needed)
+                    made.append(self._new_chunk(rows))
+                    rows_needed -= rows
         except BaseException:
             self.free(made)
             raise
