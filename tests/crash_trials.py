@@ -61,15 +61,17 @@ def main() -> int:
 def run_shards(args, directory: Path) -> int:
     t0 = time.monotonic()
     procs = []
+    directory.mkdir(parents=True, exist_ok=True)
     for k in range(args.jobs):
         cmd = [sys.executable, "-m", "tests.crash_trials", "--trials", str(args.trials), "--seed", str(args.seed),
                "--min-kill", str(args.min_kill), "--max-kill", str(args.max_kill), "--jobs", str(args.jobs),
                "--shard", str(k), "--dir", str(directory / f"shard{k}")]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ))
+        with open(directory / f"shard{k}.log", "w") as log:  # per-trial lines, readable while it runs
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ))
     totals = dict(trials=0, exact_pages=0, refused_resumes=0, wrong_pages=0, errors=0)
     for k, p in enumerate(procs):
-        out, _ = p.communicate()
-        (directory / f"shard{k}.log").write_text(out)
+        p.wait()
+        out = (directory / f"shard{k}.log").read_text()
         for line in out.splitlines():
             if "ERROR" in line or line.startswith("SUMMARY") or "Traceback" in line:
                 print(f"[shard {k}] {line}", flush=True)
