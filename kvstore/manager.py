@@ -642,22 +642,27 @@ class KVCacheManager:
                 await asyncio.wait([t._task for t in task._previous])
             async with self._operation("prefetch", cache, CacheStatus.SUSPENDED, "prefetch()") as op:
                 task._op = op
-                await self._wait_moving(list(cache._pages))
-                async with self._plan_lock:
-                    self._check_live(cache, CacheStatus.SUSPENDED, "prefetch()")
-                    self._ledger.hold(op, cache._pages)
-                    pages = list(op.held)
-                    colder = pl._colder(pages, ti)
-                    try:
-                        await self._plan_chunks(
-                            op, len(pages), lambda i, k: pl.plan_promotion(pages[i : i + k], target, require_all=False),
-                            True, PREFETCH, CacheStatus.SUSPENDED, "prefetch()",
-                        )
-                    finally:
-                        # pages not moving (already hot, now most recently used, or not moved) are evictable
-                        # again; moving ones stay held until the prefetch ends
-                        self._ledger.release(op, keep={p.pid for p in pages if p.move is not None})
-                await self._finish(op)
+                try:
+                    await self._wait_moving(list(cache._pages))
+                    async with self._plan_lock:
+                        self._check_live(cache, CacheStatus.SUSPENDED, "prefetch()")
+                        self._ledger.hold(op, cache._pages)
+                        pages = list(op.held)
+                        colder = pl._colder(pages, ti)
+                        try:
+                            await self._plan_chunks(
+                                op, len(pages),
+                                lambda i, k: pl.plan_promotion(pages[i : i + k], target, require_all=False),
+                                True, PREFETCH, CacheStatus.SUSPENDED, "prefetch()",
+                            )
+                        finally:
+                            # pages not moving (already hot, now most recently used, or not moved) are evictable
+                            # again; moving ones stay held until the prefetch ends
+                            self._ledger.release(op, keep={p.pid for p in pages if p.move is not None})
+                    await self._finish(op)
+                except BaseException:
+                    await self._abandon(op)  # no transfer outlives the operation (nor its gate)
+                    raise
             return self._prefetch_result(pages, colder, ti, t0, cancelled=False)
         except asyncio.CancelledError:
             if not task._stop_requested:

@@ -508,7 +508,6 @@ class Placement:
 
         occupant: dict[tuple[CacheLevel, int], Page] = {}
         incoming: dict[tuple[CacheLevel, int], Move] = {}
-        staged: set[tuple[CacheLevel, int]] = set()
         for page in self.pages.values():
             if page.freed:
                 fail(f"freed page {page.pid} is still registered")
@@ -520,13 +519,17 @@ class Placement:
                 if not 0 <= page.slot < self.alloc[page.level].total:
                     fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
                 where = (page.level, page.slot)
-                if mv is not None and mv.state is MoveState.STAGED:
-                    staged.add(where)  # its bytes are in staging; the slot stays reserved for it or its successor
+                staged_here = mv is not None and mv.state is MoveState.STAGED
+                if staged_here:
+                    # its bytes are in staging: the source slot belongs to its successor (reserved by that
+                    # move, or occupied by its page, or freed with it when that page was an orphan)
+                    if not mv.handoff or mv.successor is None:
+                        fail(f"staged page {page.pid} hands its slot to no move")
                     where = (page.level, -1 - page.pid)
                 if where in occupant:
                     fail(f"slot {page.slot} of {page.level.label} holds pages {occupant[where].pid} and {page.pid}")
                 occupant[where] = page
-                if self.alloc[page.level].is_free(page.slot):
+                if not staged_here and self.alloc[page.level].is_free(page.slot):
                     fail(f"page {page.pid} sits in {page.level.label} slot {page.slot} that the allocator calls free")
                 if (page in self.queues[page.level]) != page.evictable:
                     fail(
@@ -560,7 +563,6 @@ class Placement:
         for lvl in self.levels:
             alloc = self.alloc[lvl]
             used = {s for (l, s) in occupant if l == lvl and s >= 0} | {s for (l, s) in incoming if l == lvl}
-            used |= {s for (l, s) in staged if l == lvl}
             if len(used) != alloc.used_count:
                 fail(f"{lvl.label}: allocator counts {alloc.used_count} used slots, pages account for {len(used)}")
             if alloc.used_count > alloc.total:
