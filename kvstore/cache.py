@@ -31,7 +31,7 @@ class PrefetchTask:
         self._cache = cache
         self._previous = list(previous)  # older prefetches of the cache, in flight: this one runs after them
         self._stop_requested = False
-        self._op = None  # the manager's Operation once it runs
+        self._unstarted: Optional[PrefetchResult] = None  # the result of a prefetch stopped before it ran
         self._task: "asyncio.Task[PrefetchResult]" = asyncio.ensure_future(cache._mgr._prefetch(cache, target, self))
         self._task.add_done_callback(_retrieve)
 
@@ -65,10 +65,11 @@ class PrefetchTask:
         if not self._task.done():
             raise InvalidStateError("the prefetch is still running; await it or check done() first")
         if self._task.cancelled():  # stopped before its first step: nothing moved
-            pages = self._cache._pages
-            ti = self.target.value
-            complete = all(p.level is not None and p.level.value <= ti for p in pages)
-            return PrefetchResult(complete, 0, 0, 0.0, cancelled=True)
+            if self._unstarted is None:
+                ti = self.target.value
+                complete = all(p.level is not None and p.level.value <= ti for p in self._cache._pages)
+                self._unstarted = PrefetchResult(complete, 0, 0, 0.0, cancelled=True)
+            return self._unstarted
         return self._task.result()
 
 

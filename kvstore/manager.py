@@ -641,7 +641,6 @@ class KVCacheManager:
             if task._previous:
                 await asyncio.wait([t._task for t in task._previous])
             async with self._operation("prefetch", cache, CacheStatus.SUSPENDED, "prefetch()") as op:
-                task._op = op
                 try:
                     await self._wait_moving(list(cache._pages))
                     async with self._plan_lock:
