@@ -33,7 +33,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvstore import (
     CacheLevel,
     CacheStatus,
-    CapacityError,
     DeviceTier,
     DiskTier,
     HostTier,
@@ -100,7 +99,6 @@ class RequestReport:
     prefetches: int = 0
     reused_tokens: int = 0
     prefilled_tokens: int = 0
-    capacity_waits: int = 0  # steps that waited for in-flight prefetches to free device room
     found_on: collections.Counter = field(default_factory=collections.Counter)  # coldest level when it came back
 
     def line(self) -> str:
@@ -109,7 +107,6 @@ class RequestReport:
             f"req {self.rid}: prompt {self.prompt_len} tok (reused {self.reused_tokens}, prefilled "
             f"{self.prefilled_tokens}), generated {len(self.tokens)} tok {self.tokens}, suspended "
             f"{self.suspends}x, prefetched {self.prefetches}x, pages found on: {where or '-'}"
-            + (f", waited for room {self.capacity_waits}x" if self.capacity_waits else "")
         )
 
 
@@ -142,19 +139,6 @@ class _Request:
         self._observed = False
 
 
-async def _step(req: _Request, queue: Sequence[_Request]) -> int:
-    """One step of ``req``: resume (joining its in-flight prefetch), reserve, compute, commit."""
-    try:
-        return await req.gen.step()
-    except CapacityError:
-        # Pages held by in-flight prefetches are not evictable until those end: let them end, retry once.
-        req.report.capacity_waits += 1
-        for other in queue:
-            if other.prefetch is not None and not other.prefetch.done():
-                await other.prefetch
-        return await req.gen.step()
-
-
 async def serve(
     model: LlamaForCausalLM,
     mgr: KVCacheManager,
@@ -181,7 +165,7 @@ async def serve(
                 nxt.prefetch = nxt.gen.prefetch(CacheLevel.HOST)
                 nxt.report.prefetches += 1
         req.observe()
-        token = await _step(req, queue)
+        token = await req.gen.step()  # resume waits for room in-flight prefetches hold
         req.report.tokens.append(token)
         if req.done:
             req.gen.close()
