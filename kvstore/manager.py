@@ -358,7 +358,7 @@ class KVCacheManager:
                 if a != b:
                     out[f"bytes_{a.label}_to_{b.label}"] = 0
                     out[f"pages_{a.label}_to_{b.label}"] = 0
-        for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors", "corrupt_pages"):
+        for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors", "corrupt_pages", "room_waits"):
             out[key] = 0
         out.update(self._stats)
         out.update(self._placement.counters)
