@@ -35,7 +35,8 @@ CI: a few seeds per variant, about two seconds each. A long run (marked ``slow``
     KVSTORE_STRESS_SEEDS=0-199 KVSTORE_STRESS_SECONDS=3 python -m pytest tests/test_stress.py -m slow -q
 
 ``KVSTORE_STRESS_SEEDS``: ``N`` (seeds 0..N-1), ``A-B`` (inclusive) or a comma list; ``KVSTORE_STRESS_SECONDS``:
-seconds of random operations per seed; ``KVSTORE_STRESS_REPORT=path.json`` also writes every failure there.
+seconds of random operations per seed; ``KVSTORE_STRESS_REPORT=path.json`` also writes every failure there;
+``KVSTORE_STRESS_DEVICE=cuda`` puts the device tier on the GPU.
 Runs are seeded but not bit-for-bit reproducible: worker-thread timing changes the interleavings; a failing
 seed usually fails again within a few runs.
 """
@@ -93,6 +94,7 @@ NUM_CONVERSATIONS = 4
 MAX_LIVE = 10  # open caches per manager
 DRAIN_TIMEOUT_S = 8.0  # operations must settle this fast once no new ones start (else: deadlock)
 LEGIT = (CapacityError, InvalidStateError)
+STRESS_DEVICE = os.environ.get("KVSTORE_STRESS_DEVICE", "cpu")  # "cuda" on the GPU machine
 
 VARIANTS = {
     "lru": dict(policy="lru", persistent=False, plan_chunk=None),
@@ -256,7 +258,7 @@ class Stress:
         return Lane(i, rng, self._config(rng.randint(6, 12), rng.randint(8, 16), rng.randint(24, 64), path), path)
 
     def _config(self, dev: int, host: int, disk: int, path: str) -> StoreConfig:
-        tiers = [DeviceTier(dev * PB, device="cpu"), HostTier(host * PB), DiskTier(disk * PB, path, persistent=self.v["persistent"])]
+        tiers = [DeviceTier(dev * PB, device=STRESS_DEVICE), HostTier(host * PB), DiskTier(disk * PB, path, persistent=self.v["persistent"])]
         return StoreConfig(LAYOUT, tiers, eviction_policy=self.v["policy"], batch_bytes=2 * PB, io_threads=2)
 
     # ---------------------------------------------------------------- failure recording
@@ -292,7 +294,7 @@ class Stress:
         if not cm.pages:
             return
         pool = lane.mgr.device_pool
-        got = pool[cache.page_indices().to(pool.device)].contiguous().view(torch.uint8).reshape(len(cm.pages), -1)
+        got = pool[cache.page_indices().to(pool.device)].cpu().contiguous().view(torch.uint8).reshape(len(cm.pages), -1)
         bad = [i for i, exp in enumerate(cm.pages) if exp is not None and not torch.equal(got[i], exp)]
         if bad:
             kinds = ["reused" if i < cm.reused else ("committed" if i < cm.committed else "uncommitted") for i in bad]
