@@ -441,12 +441,21 @@ class KVCacheManager:
         return keys
 
     # ------------------------------------------------------------------ cache operations
+    @staticmethod
+    def _moving(pages: Sequence[Page]) -> set[asyncio.Future]:
+        """The ``settled`` awaitables of the pages of ``pages`` in flight. A batch settles each of its moves
+        before it is done: a done one with its move still pending is a bug, raised (never spun on)."""
+        out = set()
+        for p in pages:
+            if p.move is not None:
+                if p.move.settled is None or p.move.settled.done():
+                    raise RuntimeError(f"page {p.pid} is moving but its transfer batch ended without settling it")
+                out.add(p.move.settled)
+        return out
+
     async def _wait_moving(self, pages: Sequence[Page]) -> None:
         """Wait until none of ``pages`` is in flight (moved by another operation)."""
-        while True:
-            pending = {p.move.settled for p in pages if p.move is not None}
-            if not pending:
-                return
+        while pending := self._moving(pages):
             await asyncio.wait(pending)
 
     async def _run(self, plan: Plan, priority: int = BACKGROUND) -> RunResult:
@@ -486,7 +495,7 @@ class KVCacheManager:
                     self._stats["room_waits"] += 1
                     moving: set[asyncio.Future] = set()
                 else:
-                    moving = {p.move.settled for p in op.held if p.move is not None}
+                    moving = self._moving(op.held)
             if moving:
                 await asyncio.wait(moving)
             else:

@@ -407,7 +407,7 @@ class Stress:
         if n > len(cm.pages):  # learn what the new pages hold (unspecified, but must then stay)
             pool = lane.mgr.device_pool
             idx = cache.page_indices()[len(cm.pages):].to(pool.device)
-            rows = pool[idx].contiguous().view(torch.uint8).reshape(len(idx), -1).clone()
+            rows = pool[idx].cpu().contiguous().view(torch.uint8).reshape(len(idx), -1).clone()
             cm.pages.extend(rows[i] for i in range(len(idx)))
             cm.det.extend([False] * len(idx))
         elif n < len(cm.pages):
@@ -663,9 +663,8 @@ class Stress:
             if pending:
                 stacks = []
                 for t in list(pending)[:4]:
-                    buf = io.StringIO()
-                    t.print_stack(file=buf)
-                    stacks.append(buf.getvalue())
+                    stacks.append(await_chain(t))
+                stacks.append(engine_state(lane.mgr))
                 self.fail(lane, what, "Deadlock", f"{len(pending)} operations still pending {DRAIN_TIMEOUT_S}s after the last started", "\n".join(stacks))
                 lane.broken = True
                 for t in pending:
@@ -888,7 +887,7 @@ async def run_stress(seed: int, variant: str, seconds: float, tmp: str) -> Stres
         for t in asyncio.all_tasks():
             if t is not asyncio.current_task():
                 buf = io.StringIO()
-                t.print_stack(limit=6, file=buf)
+                buf.write(await_chain(t))
                 stacks.append(buf.getvalue())
         main.cancel()
         await asyncio.wait({main}, timeout=5)
@@ -916,6 +915,26 @@ CI_SECONDS = 1.5
 async def test_stress(variant_env, seed, tmp_path):
     s = await run_stress(seed, variant_env, CI_SECONDS, str(tmp_path))
     assert not s.failures, f"seed={seed} variant={variant_env}\n{s.summary()}\n" + report(s.failures)
+
+
+def await_chain(task: "asyncio.Task") -> str:
+    """Where a pending task waits: every coroutine frame down its await chain."""
+    out, coro = [repr(task)[:160]], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            out.append(f"  {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(out)
+
+
+def engine_state(mgr: KVCacheManager) -> str:
+    """The manager's concurrency state, for a deadlock report."""
+    gate = mgr._gate
+    ops = [f"{o.kind} held={len(o.held)} owned={len(o.owned)} runs={[r.done() for r in o.runs]} stopping={o.stopping}"
+           for o in mgr._ledger.ops]
+    return (f"state={mgr._state} gate shared={gate._shared} exclusive={gate._exclusive} "
+            f"writers_waiting={gate._writers_waiting} plan_lock={mgr._plan_lock.locked()} ops={ops}")
 
 
 def _seeds() -> list[int]:
