@@ -665,6 +665,10 @@ class Stress:
                 for t in list(pending)[:4]:
                     stacks.append(await_chain(t))
                 stacks.append(engine_state(lane.mgr))
+                for t in asyncio.all_tasks():  # the engine's own tasks (quota changes, runs, batches)
+                    chain = await_chain(t)
+                    if any(k in chain for k in ("set_quota", "_run_batch", "_run_swap", "aclose")):
+                        stacks.append(chain)
                 self.fail(lane, what, "Deadlock", f"{len(pending)} operations still pending {DRAIN_TIMEOUT_S}s after the last started", "\n".join(stacks))
                 lane.broken = True
                 for t in pending:
