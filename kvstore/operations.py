@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from .placement import Page, Placement
 
@@ -119,10 +119,3 @@ class Ledger:
             for p in op.owned:
                 owners[p.pid] += 1
         return holds, owners
-
-    def check(self, pages: Sequence[Page]) -> None:
-        """Raise AssertionError unless no operation holds a page twice."""
-        for op in self.ops:
-            pids = [p.pid for p in op.held]
-            if len(pids) != len(set(pids)):
-                raise AssertionError(f"a {op.kind} holds a page twice")

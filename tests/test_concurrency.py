@@ -17,7 +17,6 @@ from kvstore import (
     StoreConfig,
 )
 from kvstore import manager as manager_mod
-from kvstore.transfer.arenas import DeviceArena, HostArena
 
 from .conftest import (
     LAYOUT, PAGE, assert_data, gated_io, io_hook, levels, new_cache_on_disk, new_filled_cache, read_pages,
