@@ -462,7 +462,11 @@ class Stress:
             res = await task
         except asyncio.CancelledError as e:
             if me.cancelling():
-                raise  # this coroutine was cancelled by the test: legitimate
+                # this coroutine was cancelled by the test: legitimate. The prefetch itself goes on (an
+                # awaiter's cancellation never stops it): stash it so quiescent checks wait for it.
+                if not task.done():
+                    lane.stash.append(Stash(task, cm, task.target))
+                raise
             # ---- NEW CONTRACT check: a prefetch stopped by cancel()/close()/aclose() must RETURN
             # ---- PrefetchResult(cancelled=True), not raise CancelledError into its awaiter.
             if NEW_CONTRACT_PREFETCH_CANCEL_RESULT:
