@@ -31,6 +31,18 @@ async def settle(aw: Awaitable[T]) -> T:
     return result
 
 
+async def wait_through(futures: "list[asyncio.Future]") -> int:
+    """Wait until every one of ``futures`` is done, whatever cancellations arrive meanwhile (they do not
+    reach the futures); returns how many arrived, for the caller to re-raise or withdraw."""
+    cancels = 0
+    while not all(f.done() for f in futures):
+        try:
+            await asyncio.wait(futures)
+        except asyncio.CancelledError:
+            cancels += 1
+    return cancels
+
+
 def thread_pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A thread pool whose threads are all started now (blocking briefly).
 

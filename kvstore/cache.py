@@ -66,9 +66,7 @@ class PrefetchTask:
             raise InvalidStateError("the prefetch is still running; await it or check done() first")
         if self._task.cancelled():  # stopped before its first step: nothing moved
             if self._unstarted is None:
-                ti = self.target.value
-                complete = all(p.level is not None and p.level.value <= ti for p in self._cache._pages)
-                self._unstarted = PrefetchResult(complete, 0, 0, 0.0, cancelled=True)
+                self._unstarted = self._cache._mgr._prefetch_result(self._cache._pages, self.target, cancelled=True)
             return self._unstarted
         return self._task.result()
 

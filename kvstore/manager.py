@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import resources
-from ._aio import Gate, settle
+from ._aio import Gate, settle, wait_through
 from ._args import describe, integral
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
@@ -145,17 +145,22 @@ class KVCacheManager:
             self._slots.get(CacheLevel.DISK, 0), self._page_bytes,
         )
 
+    def _memory_quotas(self, device: torch.device) -> tuple[int, int, str]:
+        """(device tier bytes, host memory bytes, what holds them): a CPU device tier is host memory too."""
+        pb = self._page_bytes
+        dev_bytes = self._slots[CacheLevel.DEVICE] * pb
+        host_bytes = self._slots.get(CacheLevel.HOST, 0) * pb
+        if device.type == "cuda":
+            return dev_bytes, host_bytes, "the host tier"
+        return dev_bytes, host_bytes + dev_bytes, f"the device tier on {device} and the host tier"
+
     def _check_machine(self) -> None:
         """ConfigError when a quota exceeds what this machine has at all (memory, GPU memory, disk size)."""
         cfg, pb = self.config, self._page_bytes
         device = cfg.tiers[0].resolved_device()
-        dev_bytes = self._slots[CacheLevel.DEVICE] * pb
-        host_bytes = self._slots.get(CacheLevel.HOST, 0) * pb
+        dev_bytes, host_bytes, what = self._memory_quotas(device)
         resources.check_device_total(device, dev_bytes)
-        if device.type == "cpu":
-            host_bytes += dev_bytes
         if CacheLevel.HOST in self._slots or device.type == "cpu":
-            what = "the host tier" if device.type == "cuda" else f"the device tier on {device} and the host tier"
             resources.check_memory_total(what, host_bytes, "HostTier.quota_bytes / DeviceTier.quota_bytes")
         disk_cfg = next((t for t in cfg.tiers if isinstance(t, DiskTier)), None)
         if disk_cfg is not None:
@@ -171,15 +176,10 @@ class KVCacheManager:
     def _check_available(self, device: torch.device) -> None:
         """CapacityError when the device and host tiers do not fit in the memory available now (the disk
         tier's space is checked when its file is made)."""
-        pb = self._page_bytes
-        dev_bytes = self._slots[CacheLevel.DEVICE] * pb
-        host_bytes = self._slots.get(CacheLevel.HOST, 0) * pb
+        dev_bytes, host_bytes, what = self._memory_quotas(device)
         if device.type == "cuda":
             resources.check_device(device, dev_bytes)
-        else:
-            host_bytes += dev_bytes
         if host_bytes:
-            what = "the host tier" if device.type == "cuda" else f"the device tier on {device} and the host tier"
             resources.check_memory(what, host_bytes, "HostTier.quota_bytes / DeviceTier.quota_bytes")
 
     def _open_disk(self, directory: Path, persistent: bool) -> dict[int, Record]:
@@ -292,9 +292,10 @@ class KVCacheManager:
 
     def _check_live(self, cache: Optional[KVCache], status: Optional[CacheStatus], what: str) -> None:
         """InvalidStateError unless the manager runs and ``cache`` (if any) is in ``status``."""
-        self._check_running()
-        if cache is not None and cache.status is not status:
-            raise InvalidStateError(f"{what} needs a {status.name} cache; this cache is {cache.status.name}")
+        if cache is None:
+            self._check_running()
+        else:
+            cache._require(status, what=what)
 
     @contextlib.asynccontextmanager
     async def _operation(
@@ -524,12 +525,7 @@ class KVCacheManager:
     async def _abandon(op: Operation) -> None:
         """Stop ``op``'s runs (batches not started are dropped) and wait until every one has settled."""
         op.stop()
-        tasks = [r.task for r in op.runs]
-        while not all(t.done() for t in tasks):
-            try:
-                await asyncio.wait(tasks)
-            except asyncio.CancelledError:
-                continue
+        await wait_through([r.task for r in op.runs])  # the caller raises what stopped it
 
     async def _finish(self, op: Operation) -> None:
         """Wait for every run of ``op`` to settle (if cancelled meanwhile, stop them and still wait); raise
@@ -671,20 +667,24 @@ class KVCacheManager:
                 except BaseException:
                     await self._abandon(op)  # no transfer outlives the operation (nor its gate)
                     raise
-            return self._prefetch_result(pages, colder, ti, t0, cancelled=False)
+            return self._prefetch_result(pages, target, False, colder, t0)
         except asyncio.CancelledError:
             if not task._stop_requested:
                 raise
             _uncancel(1)
-            return self._prefetch_result(pages, colder, ti, t0, cancelled=True)
+            return self._prefetch_result(pages, target, True, colder, t0)
 
     def _prefetch_result(
-        self, pages: Sequence[Page], colder: Sequence[Page], ti: int, t0: float, cancelled: bool
+        self, pages: Sequence[Page], target: CacheLevel, cancelled: bool,
+        colder: Sequence[Page] = (), t0: Optional[float] = None,
     ) -> PrefetchResult:
-        idx = self._placement.level_index
+        """What a prefetch to ``target`` achieved: whether ``pages`` are all there (or hotter) now, and how
+        many of ``colder`` (the pages it set out to move) arrived; ``t0``: when it started (None: now)."""
+        idx, ti = self._placement.level_index, self._placement.level_index(target)
         complete = all(p.level is not None and idx(p.level) <= ti for p in pages)
         n = sum(1 for p in colder if p.level is not None and idx(p.level) <= ti)
-        return PrefetchResult(complete, n, n * self._page_bytes, time.perf_counter() - t0, cancelled=cancelled)
+        seconds = 0.0 if t0 is None else time.perf_counter() - t0
+        return PrefetchResult(complete, n, n * self._page_bytes, seconds, cancelled=cancelled)
 
     # ------------------------------------------------------------------ quotas
     async def set_quota(self, level: CacheLevel, quota_bytes: int) -> None:
@@ -737,15 +737,8 @@ class KVCacheManager:
     async def _after_commit(self, release: Optional[asyncio.Future]) -> None:
         """Wait while the memory or disk space given up is released. The change is made: a cancellation
         arriving now lets the release finish and set_quota return normally (all or nothing)."""
-        if release is None:
-            return
-        cancels = 0
-        while not release.done():
-            try:
-                await asyncio.shield(release)
-            except asyncio.CancelledError:
-                cancels += 1
-        _uncancel(cancels)
+        if release is not None:
+            _uncancel(await wait_through([release]))
 
     async def _prepare_store(self, level: CacheLevel, slots: int) -> object:
         """Build what the backing store of ``level`` needs for ``slots`` slots, off to the side on a worker
