@@ -50,6 +50,8 @@ import math
 import os
 import random
 import re
+import sys
+import threading
 import time
 import traceback
 import zlib
@@ -669,6 +671,7 @@ class Stress:
                 for t in list(pending)[:4]:
                     stacks.append(await_chain(t))
                 stacks.append(engine_state(lane.mgr))
+                stacks.append(thread_stacks())
                 for t in asyncio.all_tasks():  # the engine's own tasks (quota changes, runs, batches)
                     chain = await_chain(t)
                     if any(k in chain for k in ("set_quota", "_run_batch", "_run_swap", "aclose")):
@@ -897,6 +900,7 @@ async def run_stress(seed: int, variant: str, seconds: float, tmp: str) -> Stres
                 buf = io.StringIO()
                 buf.write(await_chain(t))
                 stacks.append(buf.getvalue())
+        stacks.insert(0, thread_stacks())
         main.cancel()
         await asyncio.wait({main}, timeout=5)
         s.failures.append(Failure(seed, variant, -1, "run", "Hang", f"the stress run did not finish in {bound:.0f}s", "\n".join(stacks[:8])))
@@ -934,6 +938,21 @@ def await_chain(task: "asyncio.Task") -> str:
             out.append(f"  {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return "\n".join(out)
+
+
+def thread_stacks() -> str:
+    """Where every worker thread of the process is (a thread stuck in a native call shows its caller)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        name = names.get(ident, "?")
+        if name == "MainThread":
+            continue
+        stack = traceback.extract_stack(frame)
+        if stack and stack[-1].name in ("_worker", "wait") and len(stack) <= 6:
+            continue  # an idle pool thread
+        out.append(f"thread {name}:\n" + "".join(traceback.format_list(stack[-6:])))
+    return "\n".join(out) or "(no busy worker thread)"
 
 
 def engine_state(mgr: KVCacheManager) -> str:
