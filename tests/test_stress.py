@@ -672,6 +672,8 @@ class Stress:
                     stacks.append(await_chain(t))
                 stacks.append(engine_state(lane.mgr))
                 stacks.append(thread_stacks())
+                await asyncio.sleep(2)  # a second look: are the threads stuck or moving?
+                stacks.append("2 s later:\n" + engine_state(lane.mgr) + "\n" + thread_stacks())
                 for t in asyncio.all_tasks():  # the engine's own tasks (quota changes, runs, batches)
                     chain = await_chain(t)
                     if any(k in chain for k in ("set_quota", "_run_batch", "_run_swap", "aclose")):
@@ -960,8 +962,13 @@ def engine_state(mgr: KVCacheManager) -> str:
     gate = mgr._gate
     ops = [f"{o.kind} held={len(o.held)} owned={len(o.owned)} runs={[r.done() for r in o.runs]} stopping={o.stopping}"
            for o in mgr._ledger.ops]
+    copier = getattr(mgr, "_copier", None)
+    streams = ""
+    if copier is not None and copier.cuda:
+        streams = " streams_idle=" + str({lane: [s.query() for s in ss] for lane, ss in copier._streams.items()})
+        streams += f" waiters_queued={copier._wait._work_queue.qsize()}"
     return (f"state={mgr._state} gate shared={gate._shared} exclusive={gate._exclusive} "
-            f"writers_waiting={gate._writers_waiting} plan_lock={mgr._plan_lock.locked()} ops={ops}")
+            f"writers_waiting={gate._writers_waiting} plan_lock={mgr._plan_lock.locked()} ops={ops}{streams}")
 
 
 def _seeds() -> list[int]:
