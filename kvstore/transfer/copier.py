@@ -5,7 +5,8 @@ the rows to copy. Rows are coalesced into runs that are contiguous on both sides
 neighbouring slots move with one copy. On CUDA the copies are issued from worker threads, each with
 its own stream (``ISSUERS`` per direction, taken in turn; H2D and D2H overlap), after the caller's
 compute stream, with one ``_foreach_copy_`` call per request, and
-scattered small pages move with one gather/scatter kernel over mapped pinned memory; completion
+scattered small pages move with one gather/scatter kernel over mapped pinned memory (or, opt-in, every
+host<->device request as batched driver copies: :mod:`.batchcopy`); completion
 is a CUDA event waited for on another worker thread and bridged to asyncio. Without CUDA
 host-memory copies run on worker threads, except tiny ones (``INLINE_BYTES``) done inline. The event
 loop thread never issues or waits for a CUDA copy and never copies more than ``INLINE_BYTES``.
@@ -18,9 +19,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._aio import settle, thread_pool
+from . import batchcopy
 
 
 @dataclass
@@ -33,16 +36,8 @@ class Segment:
 
 def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int, int, int]]:
     """Runs (dst_start, src_start, count) covering the row pairs, contiguous on both sides."""
-    pairs = sorted(zip(src_rows, dst_rows, strict=True))
-    runs: list[tuple[int, int, int]] = []
-    for s, d in pairs:
-        if runs:
-            d0, s0, n = runs[-1]
-            if s == s0 + n and d == d0 + n:
-                runs[-1] = (d0, s0, n + 1)
-                continue
-        runs.append((d, s, 1))
-    return runs
+    d0, s0, n = batchcopy.runs(dst_rows, src_rows)
+    return list(zip(d0.tolist(), s0.tolist(), n.tolist()))
 
 
 def _copy_runs(segments: Sequence[Segment], non_blocking: bool) -> None:
@@ -140,6 +135,21 @@ def _wait_event(event: torch.cuda.Event, done: Future) -> None:
         done.set_result(None)
 
 
+def _batchable(seg: Segment) -> Optional[str]:
+    """The direction of a segment the batched driver copies can move (rows contiguous in memory; host
+    side pinned), else None."""
+    d, s = seg.dst, seg.src
+    if not (d.is_contiguous() and s.is_contiguous()) or d.shape[1:] != s.shape[1:] or d.dtype != s.dtype:
+        return None
+    if d.is_cuda and s.is_cuda:
+        return "d2d" if d.device == s.device else None
+    if d.is_cuda:
+        return "h2d" if s.is_pinned() else None
+    if s.is_cuda:
+        return "d2h" if d.is_pinned() else None
+    return None
+
+
 class Copier:
     """Runs copy requests without blocking the event loop. ``lane`` is ``"up"`` (to the device) or ``"down"``."""
 
@@ -152,6 +162,8 @@ class Copier:
         if self.cuda:
             self._streams = {lane: [torch.cuda.Stream(device) for _ in range(ISSUERS)] for lane in lanes}
             self._zero_copy = _ZeroCopy(device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._batch = batchcopy.load(index) if batchcopy.enabled() else None
             self._wait = thread_pool(4, "kvstore-cuda-wait")
 
     def _next_issuer(self, lane: str) -> int:
@@ -171,12 +183,24 @@ class Copier:
                 stream.wait_event(after)
             dma = []
             for seg in segments:
-                if self._zero_copy.usable(seg):
+                if self._batch is not None and (direction := _batchable(seg)) is not None:
+                    self._batch_copy(seg, direction, stream)
+                elif self._zero_copy.usable(seg):
                     self._zero_copy.copy(seg)
                 else:
                     dma.append(seg)
             _copy_runs(dma, non_blocking=True)
             return stream.record_event()
+
+    def _batch_copy(self, seg: Segment, direction: str, stream: torch.cuda.Stream) -> None:
+        """The segment's rows as one batched driver call per chunk of runs (addresses built with numpy)."""
+        d0, s0, n = batchcopy.runs(seg.dst_rows, seg.src_rows)
+        if n.size == 0:
+            return
+        width = seg.dst.shape[1] * seg.dst.element_size()
+        dst = np.uint64(seg.dst.data_ptr()) + (d0 * seg.dst.stride(0) * seg.dst.element_size()).astype(np.uint64)
+        src = np.uint64(seg.src.data_ptr()) + (s0 * seg.src.stride(0) * seg.src.element_size()).astype(np.uint64)
+        self._batch.copy(dst, src, (n * width).astype(np.uint64), direction, stream.cuda_stream)
 
     def forget_host_memory(self) -> None:
         """Drop cached device views of host memory (after the host arena was reallocated)."""

@@ -1,0 +1,154 @@
+"""Scattered host<->device copies as batched driver calls (``cuMemcpyBatchAsync``), no Python per page.
+
+One request's rows are coalesced into runs with numpy, the runs become three arrays (destination
+addresses, source addresses, sizes), and the CUDA driver queues the whole batch with one call per
+:data:`CHUNK` runs on the issuing stream. The call goes through ``ctypes``, which releases the GIL while the
+driver works, so neither the event loop nor other issue threads wait on it. No kernel runs and nothing
+synchronizes: the copies are DMA transfers in stream order, completed through the caller's event.
+
+Needs a driver with the batched API (CUDA 12.8+; the 13.x ``_v2`` entry point is preferred).
+:func:`load` returns None when it is missing, and the copier then keeps its per-run copies.
+
+Opt-in for now (``KVSTORE_BATCH_COPIES=1``): it has not yet been run on the GPU machine; it becomes the
+default once ``tests/test_cuda.py`` and ``benchmarks/bench_copies.py`` have passed there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("kvstore")
+
+#: Runs per driver call: one call for tens of thousands of small copies queues slower than chunks of this.
+CHUNK = 1024
+
+_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+_LOC_DEVICE, _LOC_HOST = 1, 2  # CU_MEM_LOCATION_TYPE_DEVICE / _HOST
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _Attributes(ctypes.Structure):
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", _Location),
+        ("dstLocHint", _Location),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+def runs(dst_rows: Sequence[int], src_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coalesce row pairs into runs contiguous on both sides: (dst starts, src starts, lengths), int64,
+    ordered by source row. Vectorized: no Python per row."""
+    d = np.asarray(dst_rows, dtype=np.int64)
+    s = np.asarray(src_rows, dtype=np.int64)
+    if d.shape != s.shape or d.ndim != 1:
+        raise ValueError(f"row lists must be 1-D and equally long, got {d.shape} and {s.shape}")
+    if d.size == 0:
+        return d, s, d.copy()
+    order = np.argsort(s, kind="stable")
+    d, s = d[order], s[order]
+    brk = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], brk))
+    lengths = np.diff(np.concatenate((starts, [d.size])))
+    return d[starts], s[starts], lengths
+
+
+class BatchCopier:
+    """Queues batched copies on a CUDA stream through the driver API (see the module docstring)."""
+
+    def __init__(self, lib: ctypes.CDLL, fn: ctypes._CFuncPtr, has_fail_index: bool, device_index: int) -> None:
+        self._lib = lib
+        self._fn = fn
+        self._fail_index = has_fail_index
+        self._device = device_index
+        self._ready = threading.local()
+        self._attrs = {  # one attribute set per direction, applied to every copy of a call
+            "h2d": self._attributes(_LOC_HOST, 0, _LOC_DEVICE, device_index),
+            "d2h": self._attributes(_LOC_DEVICE, device_index, _LOC_HOST, 0),
+            "d2d": self._attributes(_LOC_DEVICE, device_index, _LOC_DEVICE, device_index),
+        }
+        self._zero = ctypes.c_size_t(0)
+
+    @staticmethod
+    def _attributes(src_type: int, src_id: int, dst_type: int, dst_id: int) -> _Attributes:
+        return _Attributes(_ORDER_STREAM, _Location(src_type, src_id), _Location(dst_type, dst_id), 0)
+
+    def _bind_context(self) -> None:
+        """Make the device's primary context current on this thread (the runtime normally did already)."""
+        if getattr(self._ready, "ok", False):
+            return
+        ctx = ctypes.c_void_p()
+        _check(self._lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            dev = ctypes.c_int()
+            _check(self._lib.cuDeviceGet(ctypes.byref(dev), self._device), "cuDeviceGet")
+            _check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            _check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self._ready.ok = True
+
+    def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, direction: str, stream: int) -> None:
+        """Queue ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` for every i (uint64 arrays) on
+        the CUDA stream handle ``stream``. Copies must not overlap one another."""
+        self._bind_context()
+        attrs = ctypes.byref(self._attrs[direction])
+        n = int(dst.size)
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            d = np.ascontiguousarray(dst[a:b], dtype=np.uint64)
+            s = np.ascontiguousarray(src[a:b], dtype=np.uint64)
+            z = np.ascontiguousarray(sizes[a:b], dtype=np.uint64)
+            args = [d.ctypes.data, s.ctypes.data, z.ctypes.data, ctypes.c_size_t(b - a), attrs,
+                    ctypes.byref(self._zero), ctypes.c_size_t(1)]
+            if self._fail_index:
+                fail = ctypes.c_size_t(0)
+                args.append(ctypes.byref(fail))
+            args.append(ctypes.c_void_p(stream))
+            _check(self._fn(*args), "cuMemcpyBatchAsync")
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call of the batched copier failed."""
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise DriverError(f"{what} failed with CUDA driver error {code}")
+
+
+def enabled() -> bool:
+    """Whether the copier should use batched driver copies (``KVSTORE_BATCH_COPIES=1``)."""
+    return os.environ.get("KVSTORE_BATCH_COPIES", "0") == "1"
+
+
+def load(device_index: int) -> Optional[BatchCopier]:
+    """The batched copier for device ``device_index``, or None without a driver that has the batched API."""
+    name = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError as exc:
+        log.debug("kvstore: no CUDA driver library for batched copies (%s)", exc)
+        return None
+    for symbol, has_fail in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
+        fn = getattr(lib, symbol, None)
+        if fn is None:
+            continue
+        fn.restype = ctypes.c_int
+        for f in ("cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent"):
+            getattr(lib, f).restype = ctypes.c_int
+        version = ctypes.c_int()
+        lib.cuDriverGetVersion.restype = ctypes.c_int
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < 12080:
+            log.debug("kvstore: CUDA driver %d has no usable batched copies", version.value)
+            return None
+        return BatchCopier(lib, fn, has_fail, device_index)
+    return None
