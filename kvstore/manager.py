@@ -27,7 +27,7 @@ from .config import DiskTier, HostTier, StoreConfig
 from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError, StorageIOError
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
-from .placement import Page, Placement, Plan
+from .placement import Page, Placement, Plan, RoomCheck
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.copier import Copier
@@ -554,10 +554,11 @@ class KVCacheManager:
                 if any(p.move is not None for p in op.held):
                     return False  # another operation moves a page of this cache: wait for it
                 pages = op.held
-                chunked = pl.check_promotion(pages, CacheLevel.DEVICE)
+                room = pl.check_promotion(pages, CacheLevel.DEVICE)
                 await self._plan_chunks(
-                    op, len(pages), lambda i, k: pl.plan_promotion(pages[i : i + k], CacheLevel.DEVICE, require_all=True),
-                    chunked, RESUME, CacheStatus.SUSPENDED, "resume()",
+                    op, len(pages),
+                    lambda i, k: pl.plan_promotion(pages[i : i + k], CacheLevel.DEVICE, require_all=True, check=room),
+                    room.chunked, RESUME, CacheStatus.SUSPENDED, "resume()",
                 )
                 return True
 
@@ -581,8 +582,10 @@ class KVCacheManager:
         """Add ``n`` device pages to an ACTIVE cache: checked whole first, then planned and run in chunks."""
         pl = self._placement
 
+        room: Optional[RoomCheck] = None
+
         def plan_chunk(i: int, k: int) -> Plan:
-            chunk, plan = pl.plan_new_pages(k, CacheLevel.DEVICE, cache.priority)
+            chunk, plan = pl.plan_new_pages(k, CacheLevel.DEVICE, cache.priority, check=room)
             for p in chunk:
                 p.owners = 1  # owned by this operation until the whole resize succeeded
             op.owned.extend(chunk)
@@ -590,8 +593,9 @@ class KVCacheManager:
             return plan
 
         async def attempt() -> bool:
-            chunked = pl.check_new_pages(n, CacheLevel.DEVICE)
-            await self._plan_chunks(op, n, plan_chunk, chunked, RESUME, CacheStatus.ACTIVE, "resize()")
+            nonlocal room
+            room = pl.check_new_pages(n, CacheLevel.DEVICE)
+            await self._plan_chunks(op, n, plan_chunk, room.chunked, RESUME, CacheStatus.ACTIVE, "resize()")
             return True
 
         async with self._operation("resize", cache, CacheStatus.ACTIVE, "resize()") as op:

@@ -1119,3 +1119,58 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
             shot["pages"][pid] = state[:2] + ((mv.dst, mv.dst_slot) if mv else None,) + state[3:]
         results.append((new, promoted, shot))
     assert results[0] == results[1]
+
+
+def _drop_scenario() -> "Engine":
+    """Room for two device pages needs drops (a's committed pages leave the last level): no chunking."""
+    eng = Engine(make(device=2, host=2))
+    a = eng.new_suspended(2)
+    eng.commit(a)
+    eng.close(a)
+    eng.new_suspended(2)  # a -> host
+    return eng
+
+
+def _moves(plan: Plan) -> list[tuple]:
+    return [(m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after is not None) for m in plan.moves]
+
+
+def test_a_plan_made_from_its_check_applies_that_draft_instead_of_drafting_again(monkeypatch):
+    drafts = []
+    real = Placement._draft_new_pages
+    monkeypatch.setattr(Placement, "_draft_new_pages", lambda self, n, lvl: drafts.append(n) or real(self, n, lvl))
+    fresh = _drop_scenario()
+    fresh_pages, fresh_plan = fresh.pl.plan_new_pages(2, D, 0)  # drafts on its own
+    assert drafts == [2]
+    eng = _drop_scenario()
+    room = eng.pl.check_new_pages(2, D)
+    assert not room.chunked  # counts on drops
+    pages, plan = eng.pl.plan_new_pages(2, D, 0, check=room)
+    assert drafts == [2, 2]  # the check's draft only: the plan did not draft again
+    assert _moves(plan) == _moves(fresh_plan) and plan.dropped == fresh_plan.dropped == 2
+    assert room.take() is None  # a draft is used once
+    for p in pages:
+        p.owners = 1
+    run_plan(eng.pl, plan)
+
+
+def test_a_promotion_planned_from_its_check_matches_a_fresh_plan():
+    def scenario():
+        eng = Engine(make(device=2, host=2, disk=2))
+        a = eng.new_suspended(2)
+        eng.commit(a)
+        eng.close(a)
+        b = eng.new_suspended(2)  # a -> host
+        eng.new_suspended(2)  # b -> host, a -> disk: the device and host are full, the disk too
+        return eng, b
+
+    fresh, fb = scenario()
+    fresh.pl.hold_all(fb)
+    fresh_plan = fresh.pl.plan_promotion(fb, D, require_all=True)
+    eng, b = scenario()
+    eng.pl.hold_all(b)
+    room = eng.pl.check_promotion(b, D)
+    assert not room.chunked  # swaps between full levels: the draft decides
+    plan = eng.pl.plan_promotion(b, D, require_all=True, check=room)
+    assert _moves(plan) == _moves(fresh_plan) and plan.dropped == fresh_plan.dropped
+    run_plan(eng.pl, plan)

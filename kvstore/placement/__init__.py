@@ -12,7 +12,7 @@ Primitives:
 
 from .eviction import EvictionQueue
 from .page import Move, MoveState, Page, Plan
-from .placement import Placement
+from .placement import Placement, RoomCheck
 from .prefix import PrefixIndex, PrefixHasher
 from .slots import SlotAllocator
 
@@ -23,6 +23,7 @@ __all__ = [
     "Page",
     "Placement",
     "Plan",
+    "RoomCheck",
     "PrefixHasher",
     "PrefixIndex",
     "SlotAllocator",

@@ -35,6 +35,24 @@ class _Grant:
     via_index: int = -1  # level index of ``via``
 
 
+@dataclass(slots=True)
+class RoomCheck:
+    """What a room check found. ``chunked``: the room surely exists (free slots and evictable pages demoted
+    into free slots), so the plan may be made in chunks with yields between them. Otherwise ``drafted``
+    holds the draft the check made, for the plan made right after it (no await between) to apply instead of
+    drafting again; it is used once."""
+
+    drafted: Optional[list] = None
+
+    @property
+    def chunked(self) -> bool:
+        return self.drafted is None
+
+    def take(self) -> Optional[list]:
+        drafted, self.drafted = self.drafted, None
+        return drafted
+
+
 class _Draft:
     """Read-only simulation of room-making across the levels."""
 
@@ -263,33 +281,38 @@ class Placement:
                 return False
         return False
 
-    def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> bool:
+    def check_promotion(self, pages: Sequence[Page], target: CacheLevel) -> RoomCheck:
         """Raise CapacityError if ``plan_promotion(pages, target, require_all=True)`` would; changes nothing.
 
-        True when the room comes from free slots and evictable pages demoted into free slots
+        Chunked when the room comes from free slots and evictable pages demoted into free slots
         (:meth:`surely_obtainable`): nothing but a hold or a plan can take it, so the promotion may be planned
-        in chunks. False when it also counts on drops: plan it in one step."""
+        in chunks. Otherwise (it also counts on drops) plan it in one step, from the returned draft."""
         ti = self.level_index(target)
         colder = self._colder(pages, ti)
         if self.surely_obtainable(ti, len(colder)):
-            return True
-        self._draft_promotion(colder, ti, True)
-        return False
+            return RoomCheck()
+        return RoomCheck(self._draft_promotion(colder, ti, True))
 
-    def plan_promotion(self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool) -> Plan:
+    def plan_promotion(
+        self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, check: Optional[RoomCheck] = None
+    ) -> Plan:
         """Plan moving every page of ``pages`` that is colder than ``target`` up to ``target``.
 
         The pages must be held by the caller (so none of them is a victim); pages already moving are
         skipped. Room is made by evicting other pages. With ``require_all`` a shortfall raises
         CapacityError and nothing changes; otherwise the pages that fit (token order first) are planned.
+        ``check``: the :meth:`check_promotion` of the same pages made just before (nothing changed since),
+        whose draft is applied instead of drafting again.
         """
         ti = self.level_index(target)
         plan = Plan()
         colder = self._colder(pages, ti)
-        if self._room_is_simple(ti, len(colder)):
+        drafted = check.take() if check is not None else None
+        if drafted is None and self._room_is_simple(ti, len(colder)):
             rooms = zip(colder, self._simple_room(ti, len(colder), plan))
         else:
-            drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
+            if drafted is None:
+                drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
             rooms = ((page, self._realize(grant, ti, plan)) for page, grant in drafted)
         for page, (slot, after) in rooms:
             move = Move(page, page.level, page.slot, target, slot, after)
@@ -306,13 +329,12 @@ class Placement:
         plan.swaps.clear()
         return plan
 
-    def check_new_pages(self, n: int, level: CacheLevel) -> bool:
+    def check_new_pages(self, n: int, level: CacheLevel) -> RoomCheck:
         """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing. The result is
-        :meth:`check_promotion`'s: whether the plan may be made in chunks."""
+        as :meth:`check_promotion`'s."""
         if self.surely_obtainable(self.level_index(level), n):
-            return True
-        self._draft_new_pages(n, level)
-        return False
+            return RoomCheck()
+        return RoomCheck(self._draft_new_pages(n, level))
 
     def _draft_new_pages(self, n: int, level: CacheLevel) -> list[_Grant]:
         grants = _Draft(self).acquire(self.level_index(level), n)
@@ -323,15 +345,20 @@ class Placement:
             )
         return grants
 
-    def plan_new_pages(self, n: int, level: CacheLevel, priority: int) -> tuple[list[Page], Plan]:
-        """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible."""
+    def plan_new_pages(
+        self, n: int, level: CacheLevel, priority: int, check: Optional[RoomCheck] = None
+    ) -> tuple[list[Page], Plan]:
+        """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible.
+        ``check``: as :meth:`plan_promotion`'s (the :meth:`check_new_pages` of the same ``n`` just before)."""
         li = self.level_index(level)
         plan = Plan()
         pages = []
-        if self._room_is_simple(li, n):
+        drafted = check.take() if check is not None else None
+        if drafted is None and self._room_is_simple(li, n):
             rooms = self._simple_room(li, n, plan)
         else:
-            drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
+            if drafted is None:
+                drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
             rooms = (self._realize(grant, li, plan) for grant in drafted)
         for slot, after in rooms:
             page = self._new_page(priority)
