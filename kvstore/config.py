@@ -168,7 +168,10 @@ class StoreConfig:
     Quotas are rounded down to whole pages. ``namespace`` (model name, dtype, TP rank, ...) seeds the prefix
     hash chain so that two models never share pages. ``eviction_policy`` orders the evictable pages of each level
     (:mod:`kvstore.placement.policies`: ``"lru"``, ``"lru-leaf"``, ``"slru"``). ``batch_bytes`` bounds one transfer batch and
-    ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8).
+    ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8). ``free_target`` (0 <= f < 1;
+    0 is off): the fraction of every level but the last that a background task keeps free, demoting that
+    level's first eviction candidates into free slots one level colder, so pages admitted later rarely wait
+    for a demotion (it never drops a page and never cascades).
     """
 
     layout: PageLayout
@@ -178,6 +181,7 @@ class StoreConfig:
     io_threads: int | None = None
     staging_buffers: int = 4
     eviction_policy: str = "lru"
+    free_target: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, PageLayout):
@@ -213,6 +217,12 @@ class StoreConfig:
         _set(self, "staging_buffers", _positive_int("StoreConfig", "staging_buffers", self.staging_buffers))
         if self.io_threads is not None:
             _set(self, "io_threads", _positive_int("StoreConfig", "io_threads", self.io_threads))
+        if isinstance(self.free_target, bool) or not isinstance(self.free_target, (int, float)) or not (
+            0 <= self.free_target < 1
+        ):
+            raise ConfigError(
+                f"StoreConfig.free_target must be a fraction 0 <= f < 1 (0: no background demotion), got {self.free_target!r}"
+            )
 
     @property
     def levels(self) -> tuple[CacheLevel, ...]:

@@ -24,7 +24,9 @@ from ._aio import Gate, settle, wait_through
 from ._args import describe, integral
 from .cache import KVCache, PrefetchTask
 from .config import DiskTier, HostTier, StoreConfig
-from .errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError, StorageIOError
+from .errors import (
+    CapacityError, ConfigError, InvalidArgumentError, InvalidStateError, KVStoreError, StorageIOError,
+)
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
 from .placement import Page, Placement, Plan, RoomCheck
@@ -86,6 +88,7 @@ class KVCacheManager:
         self._executor: Optional[TransferExecutor] = None
         self.io_backend: Optional[str] = None  # "kvikio" or "posix" once started with a disk tier
         self._catalog: Optional[DiskCatalog] = None  # a persistent disk tier's lock, fingerprint and journal
+        self._demoter: Optional[asyncio.Task] = None  # keeps StoreConfig.free_target free (when > 0)
 
     # ------------------------------------------------------------------ start / close
     async def __aenter__(self) -> "KVCacheManager":
@@ -139,6 +142,8 @@ class KVCacheManager:
             self._state = _CLOSED
             raise
         self._state = _RUNNING
+        if cfg.free_target > 0 and len(cfg.levels) > 1:
+            self._demoter = asyncio.ensure_future(self._demote_in_background())
         log.info(
             "kvstore started: device=%s (%d pages), host=%s, disk=%s, page=%d bytes",
             device, self._slots[CacheLevel.DEVICE], self._slots.get(CacheLevel.HOST, 0),
@@ -265,6 +270,9 @@ class KVCacheManager:
             return
         self._state = _CLOSING
         self._ledger.notify()  # operations waiting for room see the manager closing
+        if self._demoter is not None:
+            self._demoter.cancel()  # a demotion in flight settles its transfers first
+            await asyncio.wait([self._demoter])
         prefetches = [t for cache in list(self._caches) for t in list(cache._prefetches)]
         for task in prefetches:
             task.cancel()
@@ -359,7 +367,8 @@ class KVCacheManager:
                 if a != b:
                     out[f"bytes_{a.label}_to_{b.label}"] = 0
                     out[f"pages_{a.label}_to_{b.label}"] = 0
-        for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors", "corrupt_pages", "room_waits"):
+        for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors", "corrupt_pages", "room_waits",
+                    "background_demotions"):
             out[key] = 0
         out.update(self._stats)
         out.update(self._placement.counters)
@@ -689,6 +698,33 @@ class KVCacheManager:
         n = sum(1 for p in colder if p.level is not None and idx(p.level) <= ti)
         seconds = 0.0 if t0 is None else time.perf_counter() - t0
         return PrefetchResult(complete, n, n * self._page_bytes, seconds, cancelled=cancelled)
+
+    # ------------------------------------------------------------------ room made ahead of demand
+    async def _demote_in_background(self) -> None:
+        """Keep ``StoreConfig.free_target`` of every level but the last free: whenever room may have changed,
+        demote each level's first eviction candidates into free slots one level colder, at background I/O
+        priority, as an operation like any other (shared gate, planning lock, ledger): a resume or resize
+        that finds the room in flight waits for it. Runs until aclose() cancels it."""
+        target = self.config.free_target
+        while self._state == _RUNNING:
+            work = self._placement.background_room(target)
+            if not work:
+                await self._ledger.changed()
+                continue
+            try:
+                async with self._operation("demote", None, None, "background demotion") as op:
+                    async with self._plan_lock:
+                        for level, n in self._placement.background_room(target):
+                            plan = self._placement.plan_demotion(level, n)
+                            if plan.moves:
+                                op.runs.append(self._executor.submit(plan, BACKGROUND))
+                    await self._finish(op)
+                    self._stats["background_demotions"] += sum(r.task.result().pages_moved for r in op.runs)
+            except InvalidStateError:
+                return  # the manager is closing
+            except KVStoreError as exc:  # a failed write leaves its pages where they were
+                log.warning("kvstore: background demotion failed (%s); retrying when room changes", exc)
+                await self._ledger.changed()
 
     # ------------------------------------------------------------------ quotas
     async def set_quota(self, level: CacheLevel, quota_bytes: int) -> None:

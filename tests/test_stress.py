@@ -26,7 +26,8 @@ CancelledError of a task the test cancelled itself. Anything else is a failure, 
 the manager, the operation and the traceback; the test reports all of them (deduplicated by category)
 at the end.
 
-Variants: ``lru``, ``slru`` (StoreConfig eviction_policy), ``persistent`` (DiskTier persistent=True with
+Variants: ``lru``, ``slru`` (StoreConfig eviction_policy), ``background`` (StoreConfig free_target=0.3: a
+background demoter runs alongside; quiescent checks wait for it to settle), ``persistent`` (DiskTier persistent=True with
 restarts: aclose racing live operations, reopen the same directory, check every recovered prefix page),
 ``chunk2`` (kvstore.manager.PLAN_CHUNK = 2). Every run ends with an aclose() racing live operations.
 
@@ -104,6 +105,7 @@ VARIANTS = {
     "slru": dict(policy="slru", persistent=False, plan_chunk=None),
     "persistent": dict(policy="lru", persistent=True, plan_chunk=None),
     "chunk2": dict(policy="lru", persistent=False, plan_chunk=2),
+    "background": dict(policy="lru", persistent=False, plan_chunk=None, free_target=0.3),
 }
 
 
@@ -262,7 +264,8 @@ class Stress:
 
     def _config(self, dev: int, host: int, disk: int, path: str) -> StoreConfig:
         tiers = [DeviceTier(dev * PB, device=STRESS_DEVICE), HostTier(host * PB), DiskTier(disk * PB, path, persistent=self.v["persistent"])]
-        return StoreConfig(LAYOUT, tiers, eviction_policy=self.v["policy"], batch_bytes=2 * PB, io_threads=2)
+        return StoreConfig(LAYOUT, tiers, eviction_policy=self.v["policy"], batch_bytes=2 * PB, io_threads=2,
+                           free_target=self.v.get("free_target", 0.0))
 
     # ---------------------------------------------------------------- failure recording
     def fail(self, lane: Lane, op: str, kind: str, message: str, tb: str = "") -> None:
@@ -722,13 +725,15 @@ class Stress:
             except Exception as e:  # noqa: BLE001
                 self.fail_exc(lane, what + ":sweep-suspend", e)
         for cm in list(lane.caches):
+            await self.background_idle(lane, what + ":sweep")
             before = dict(cm.cache.page_levels())
+            demoted = lane.mgr.stats()["background_demotions"]
             try:
                 await self.do_resume(lane, cm, what + ":sweep-resume")
                 cm.cache.suspend()
             except CapacityError:
                 after = dict(cm.cache.page_levels())
-                if after != before:
+                if after != before and lane.mgr.stats()["background_demotions"] == demoted:
                     self.fail(lane, what + ":sweep-resume", "CapacityErrorMovedPages",
                               f"resume() of {cm} raised CapacityError (nothing else running) but its pages went {before} -> {after}")
             except Exception as e:  # noqa: BLE001
@@ -741,6 +746,7 @@ class Stress:
         lane.caches.clear()
         lane.quiesced += 1
         mgr = lane.mgr
+        await self.background_idle(lane, what + ":leaks")
         self.check_invariants(lane, what + ":check_invariants")
         self.check_stats(lane, what + ":stats")
         used = {}
@@ -779,6 +785,20 @@ class Stress:
         finally:
             cache.close()
         self.check_invariants(lane, what + ":check_invariants-after-fill")
+
+    async def background_idle(self, lane: Lane, what: str) -> None:
+        """Wait until the background demoter (variant ``background``) has nothing left to do."""
+        mgr, target = lane.mgr, self.v.get("free_target", 0.0)
+        if not target:
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DRAIN_TIMEOUT_S
+        while any(op.kind == "demote" for op in mgr._ledger.ops) or mgr._placement.background_room(target):
+            if loop.time() > end:
+                self.fail(lane, what, "Stall", f"the background demoter did not settle in {DRAIN_TIMEOUT_S}s: "
+                          f"{mgr._placement.background_room(target)} {engine_state(mgr)}")
+                return
+            await asyncio.sleep(0.001)
 
     async def racing_aclose(self, lane: Lane, what: str) -> None:
         """A burst of operations with aclose() called in the middle of it."""

@@ -8,6 +8,7 @@ reserves destination slots and marks moving pages; :meth:`Placement.complete` an
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -366,6 +367,33 @@ class Placement:
             plan.moves.append(page.move)
             pages.append(page)
         return pages, plan
+
+    def background_room(self, free_target: float) -> list[tuple[CacheLevel, int]]:
+        """(level, pages) a background demotion would move to keep ``free_target`` of every level but the
+        last free: bounded by the level's evictable pages and by the free slots one level colder."""
+        out = []
+        for i, level in enumerate(self.levels[:-1]):
+            alloc, colder = self.alloc[level], self.alloc[self.levels[i + 1]]
+            want = math.ceil(free_target * alloc.total) - alloc.free_count
+            n = min(want, len(self.queues[level]), colder.free_count)
+            if n > 0:
+                out.append((level, n))
+        return out
+
+    def plan_demotion(self, level: CacheLevel, n: int) -> Plan:
+        """Plan demoting up to ``n`` of ``level``'s first eviction candidates into free slots one level colder
+        (never a drop or a cascade); their slots are free once the moves complete."""
+        i = self.level_index(level)
+        if i + 1 >= len(self.levels):
+            raise ValueError(f"the {level.label} level is the last one: there is no colder level to demote to")
+        colder = self.levels[i + 1]
+        n = min(n, self.alloc[colder].free_count)
+        plan = Plan()
+        for victim in list(islice(self.queues[level].candidates(), max(n, 0))):
+            self.queues[level].remove(victim)
+            victim.move = Move(victim, level, victim.slot, colder, self.alloc[colder].allocate(), None)
+            plan.moves.append(victim.move)
+        return plan
 
     def plan_shrink(self, level: CacheLevel, new_slots: int) -> Plan:
         """Plan emptying slots >= ``new_slots`` of ``level``: evict LRU victims until the pages fit, then
