@@ -49,7 +49,7 @@ for _p in (_ROOT, _ROOT / "benchmarks"):  # run from a checkout without installi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_tiers import Ticker  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_tiers import Ticker, format_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from kvstore import (  # noqa: E402
     CacheLevel,
     DeviceTier,
@@ -246,9 +246,7 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
     lines = [[r["operation"], fmt(r["cpu_us_per_page"], ".3f"), fmt(r["wall_us_per_page"], ".3f"),
               "-" if r["target_us_per_page"] is None else f"<= {r['target_us_per_page']:g}", r["cpu_verdict"],
               fmt(r["max_sync_step_ms"], ".2f"), r["sync_verdict"]] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
-    line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(l) for l in lines])
+    return format_table(header, lines)
 
 
 def git_commit() -> Optional[str]:

@@ -971,11 +971,14 @@ def render_table(results: Sequence[RowResult]) -> str:
         lines.append([r.spec.name, fmt_bytes(r.page_bytes) if r.page_bytes else "-",
                       fmt_num(r.med("engine_gbps")), fmt_num(r.med("raw_gbps")), ratio_s, r.target_text(),
                       r.verdict(), r.spec.baseline])
+    return format_table(header, lines)
+
+
+def format_table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns under a header and a rule of dashes."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()  # noqa: E731
-    out = [fmt(header), fmt(["-" * w for w in widths])]
-    out += [fmt(l) for l in lines]
-    return "\n".join(out)
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines])
 
 
 # ====================================================================== driver
