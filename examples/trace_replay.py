@@ -10,6 +10,10 @@ the engine time per request (``time.perf_counter`` around the API calls only, no
 
     python examples/trace_replay.py                       # the shared trace, default policy
     python examples/trace_replay.py --policy lru --capacity-tokens 262144,1310720,2621440
+    # the Mooncake conversation trace with issue #11's capacities (1000/2000/2859 pages of 512 tokens);
+    # median of several runs against the targets: benchmarks/bench_trace.py
+    python examples/trace_replay.py --trace /path/to/conversation_trace.jsonl \
+        --capacity-tokens 512000,1024000,1463808
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, StoreConfig
-from kvstore.placement.policies import POLICIES
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, StoreConfig  # noqa: E402
+from kvstore.placement.policies import POLICIES  # noqa: E402
+
 DEFAULT_TRACE = "../shared/traces/mooncake_synthetic_trace.jsonl"
 DEFAULT_CAPACITY = "262144,1310720,2621440"  # device, host, disk in tokens: 512 + 2560 + 5120 pages of 512
 

@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end on tiny sizes (figures are not checked, only that each row is produced)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MINI_TRACE = REPO / "tests" / "data" / "mini_trace.jsonl"
+
+
+def load(name: str):
+    bench_dir = str(REPO / "benchmarks")
+    if bench_dir not in sys.path:  # bench_bookkeeping imports bench_tiers from beside it
+        sys.path.insert(0, bench_dir)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_tiers_new_rows_exist_and_run(tmp_path, capsys):
+    tiers = load("bench_tiers")
+    for tag in ("2m", "512k", "128k", "64k"):
+        assert {f"h2d_{tag}", f"d2h_{tag}", f"loop_lag_{tag}"} <= set(tiers.ROW_BY_NAME)
+    out = tmp_path / "tiers.json"
+    rc = tiers.main(["--device", "cpu", "--rows", "h2d_128k,d2h_128k,loop_lag_64k", "--size-mib", "2", "--reps", "1",
+                     "--lag-seconds", "0.05", "--no-progress", "--no-gc-freeze", "--json", str(out)])
+    assert rc == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["h2d_128k"]["status"] == rows["loop_lag_64k"]["status"] == "ok"
+    assert rows["loop_lag_64k"]["medians"]["p99_lag_ms"] <= rows["loop_lag_64k"]["medians"]["max_lag_ms"]
+    assert "p99 < 1.5 ms" in capsys.readouterr().out
+
+
+def test_bench_bookkeeping_reports_every_operation_and_restores_the_copier(tmp_path, capsys):
+    book = load("bench_bookkeeping")
+    from kvstore.transfer import copier
+
+    real = copier.Copier.copy
+    out = tmp_path / "book.json"
+    assert book.main(["--pages", "64", "--reps", "1", "--no-gc-freeze", "--json", str(out)]) == 0
+    assert copier.Copier.copy is real
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["operation"] for r in rows] == list(book.OPERATIONS)
+    assert all(r["cpu_us_per_page"] is not None and r["max_sync_step_ms"] is not None for r in rows)
+    assert "demoting resize" in capsys.readouterr().out
+
+
+def test_bench_trace_runs_on_a_given_trace(tmp_path, capsys):
+    trace = load("bench_trace")
+    out = tmp_path / "trace.json"
+    assert trace.main(["--trace", str(MINI_TRACE), "--capacity-pages", "24,24,48", "--runs", "2",
+                       "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["requests"] == 120 and len(doc["us_per_request_runs"]) == 2
+    assert doc["gap_points"] == pytest.approx(100 * (doc["hit_rate"] - doc["exact_lru_hit_rate"]))
+    assert "exact LRU" in capsys.readouterr().out
+
+
+def test_bench_trace_missing_trace_says_how_to_get_it(tmp_path):
+    trace = load("bench_trace")
+    with pytest.raises(SystemExit, match="conversation_trace.jsonl"):
+        trace.main(["--trace", str(tmp_path / "missing.jsonl")])
