@@ -617,8 +617,7 @@ class KVCacheManager:
                 placed = [p for p in op.owned if not p.freed]
                 self._ledger.release(op)
                 op.owned = []
-                for p in placed:
-                    pl.remove_owner(p)
+                pl.remove_owners(placed)
                 raise
             self._ledger.holds_to_locks(op)
             cache._pages.extend(op.owned)
@@ -628,8 +627,7 @@ class KVCacheManager:
         pl = self._placement
         dropped = cache._pages[keep:]
         pl.unlock_all(dropped)
-        for p in dropped:
-            pl.remove_owner(p)
+        pl.remove_owners(dropped)
         del cache._pages[keep:]
         self._ledger.notify()
 
@@ -641,8 +639,7 @@ class KVCacheManager:
         pl = self._placement
         if cache.status is CacheStatus.ACTIVE:
             pl.unlock_all(cache._pages)
-        for p in cache._pages:
-            pl.remove_owner(p)
+        pl.remove_owners(cache._pages)
         cache._pages = []
         self._caches.discard(cache)
         self._ledger.notify()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 
 import pytest
@@ -248,3 +249,46 @@ def test_a_huge_allocator_costs_memory_per_free_range_not_per_slot():
     finally:
         tracemalloc.stop()
     assert peak < 64 * 1024  # the old allocator held an int per slot: over 1 GB here
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_release_many_is_the_same_as_releasing_one_by_one(seed):
+    rng = random.Random(seed)
+    n = rng.randrange(1, 400)
+    one, many = SlotAllocator(n), SlotAllocator(n)
+    used = [one.allocate() for _ in range(rng.randrange(0, n + 1))]
+    for _ in used:
+        many.allocate()
+    if seed % 3 == 0 and n > 4:
+        one.limit = many.limit = n - 3
+    going = rng.sample(used, rng.randrange(0, len(used) + 1))
+    for s in going:
+        one.release(s)
+    many.release_many(going)
+    assert many.free_ranges() == one.free_ranges()
+    assert (many.free_count, many.used_count) == (one.free_count, one.used_count)
+
+
+def test_release_many_refuses_a_free_or_repeated_slot_and_changes_nothing():
+    a = SlotAllocator(8)
+    for _ in range(6):
+        a.allocate()
+    before = a.free_ranges()
+    with pytest.raises(RuntimeError, match="free already"):
+        a.release_many([1, 6])  # 6 is free
+    with pytest.raises(RuntimeError, match="free already"):
+        a.release_many([2, 2])
+    with pytest.raises(IndexError):
+        a.release_many([9])
+    assert a.free_ranges() == before and a.free_count == 2
+
+
+def test_release_many_of_64k_scattered_slots():
+    """(One by one, 64k scattered releases cost ~4 s of list inserts; at once ~0.02 s: see release_many.)"""
+    n = 1 << 17
+    a = SlotAllocator(n)
+    a.allocate_many(n)
+    a.release_many(range(1, n, 2))
+    assert a.free_count == n // 2 and a.free_ranges()[:2] == [(1, 2), (3, 4)] and a.free_ranges()[-1] == (n - 1, n)
+    a.release_many(range(0, n, 2))
+    assert a.free_ranges() == [(0, n)]

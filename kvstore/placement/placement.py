@@ -189,8 +189,27 @@ class Placement:
         page.owners -= 1
         self._free_if_orphan(page)
 
+    def remove_owners(self, pages: Sequence[Page]) -> None:
+        """:meth:`remove_owner` for every page of ``pages`` (a cache closing or shrinking); the slots of the
+        pages freed are released with one merge per level."""
+        freed: dict[CacheLevel, list[int]] = {}
+        for page in pages:
+            page.owners -= 1
+            if self._orphan(page):
+                level, slot = page.level, page.slot
+                self._free(page, release_slot=False)
+                if level is not None:
+                    freed.setdefault(level, []).append(slot)
+        for level, slots in freed.items():
+            self.alloc[level].release_many(slots)
+
+    @staticmethod
+    def _orphan(page: Page) -> bool:
+        """Nobody holds it, nobody can reuse it, it is not moving: free it."""
+        return page.owners == 0 and not page.indexed and page.move is None and not page.freed
+
     def _free_if_orphan(self, page: Page) -> None:
-        if page.owners == 0 and not page.indexed and page.move is None and not page.freed:
+        if self._orphan(page):
             self._free(page, release_slot=True)
 
     def _disk_event(self, op: str, page: Page, slot: int) -> None:

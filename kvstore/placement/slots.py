@@ -15,6 +15,9 @@ slot next to a free one). Slot range ``[s, e)`` is ``[-e, -s)`` mirrored.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from typing import Iterable
+
+import numpy as np
 
 
 class SlotAllocator:
@@ -155,6 +158,37 @@ class SlotAllocator:
         self._nfree += 1
         if slot >= self._limit:
             self._above += 1
+
+    def release_many(self, slots: Iterable[int]) -> None:
+        """Release every slot of ``slots`` at once (a cache closing, a shrink): one merge of the sorted slots
+        with the free ranges, in numpy, instead of one list insert per slot. All or nothing: RuntimeError
+        and no change if a slot is free already (or given twice)."""
+        new = np.sort(np.fromiter(slots, dtype=np.int64))
+        if new.size == 0:
+            return
+        if new[0] < 0 or new[-1] >= self.total:
+            bad = int(new[0]) if new[0] < 0 else int(new[-1])
+            raise IndexError(f"slot {bad} is outside the allocator's {self.total} slots")
+        brk = np.flatnonzero(np.diff(new) != 1) + 1  # runs of consecutive slots
+        run_s = new[np.concatenate(([0], brk))]
+        run_e = new[np.concatenate((brk - 1, [new.size - 1]))] + 1
+        old_s = -np.asarray(self._b[::-1], dtype=np.int64)  # the free ranges, ascending
+        old_e = -np.asarray(self._a[::-1], dtype=np.int64)
+        starts = np.concatenate((old_s, run_s))
+        ends = np.concatenate((old_e, run_e))
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], ends[order]
+        if (starts[1:] < ends[:-1]).any() or np.any(new[1:] == new[:-1]):
+            raise RuntimeError("release_many() was given a slot that is free already (or twice)")
+        first = np.concatenate(([True], starts[1:] != ends[:-1]))  # a range that does not touch the previous
+        group = np.cumsum(first) - 1
+        merged_s = starts[first]
+        merged_e = np.zeros(merged_s.size, dtype=np.int64)
+        np.maximum.at(merged_e, group, ends)
+        self._a = (-merged_e[::-1]).tolist()
+        self._b = (-merged_s[::-1]).tolist()
+        self._nfree += int(new.size)
+        self._above += int(np.count_nonzero(new >= self._limit))
 
     # ------------------------------------------------------------------ resize
     def grow(self, total: int) -> None:
