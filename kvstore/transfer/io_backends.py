@@ -2,12 +2,15 @@
 
 - :class:`PosixBackend` — a thread pool of ``os.preadv``/``os.pwritev`` (works everywhere).
 - :class:`KvikioBackend` — kvikio ``CuFile.pread``/``pwrite``; needs a CUDA driver, so it is probed
-  with a tiny real write/read before use. ``auto`` takes it only with GPUDirect Storage: without GDS
-  kvikio's compat mode is POSIX I/O behind bounce buffers and measured slower than our own pool.
+  with a tiny real write/read before use. ``auto`` takes it only with GPUDirect Storage, where it reads
+  disk -> device straight into device memory. Without GDS kvikio's compat mode reads host memory with
+  one plain ``pread`` per call on its own thread pool (kvikio 26.10 ``posix_host_io``; no bounce buffer
+  for host memory), so at best it equals our ``preadv`` pool, and it costs a Python call and a
+  thread-pool hand-off per contiguous run (~25 us measured) where ``preadv`` takes 1024 buffers a call.
 
 ``KVSTORE_IO_BACKEND=auto|kvikio|posix`` overrides the choice. An I/O request is a list of
 :class:`Extent` — a file offset and the buffers (numpy views of host memory) that lie back to back
-in the file from there. Short reads and writes are continued; end of file is an error.
+in the file from there (CUDA tensors too, for a backend with ``device_reads``). Short reads and writes are continued; end of file is an error.
 """
 
 from __future__ import annotations
@@ -462,9 +465,13 @@ def choose_backend(directory: Path) -> tuple[str, str]:
             return "kvikio", "KVSTORE_IO_BACKEND=kvikio and its probe write/read succeeded"
         if not _kvikio_compat_mode():
             return "kvikio", "kvikio probe write/read succeeded with GPUDirect Storage"
-        # compat mode is POSIX I/O behind bounce buffers: measured on the H200 (no GDS driver), warm
-        # 2 MiB-page reads ran at 1.2 GB/s through kvikio against 16 GB/s through our preadv pool
-        return "posix", "kvikio works only in compat mode (no GDS driver); POSIX preadv into pinned memory is faster"
+        # compat mode reads host memory with plain pread on kvikio's pool: never faster than our preadv
+        # pool, and one Python call + hand-off per contiguous run (no vectored I/O). The H200 figure of
+        # 0.06 (1.2 vs 16 GB/s "warm") came from kvikio's O_DIRECT host writes leaving the pages
+        # uncached, fixed in KvikioBackend (kvikio_settings); see docs/benchmarks.md "kvikio compat mode"
+        return "posix", ("kvikio works only in compat mode (no GDS driver): its host reads are plain pread "
+                         "calls, one per contiguous run, so the POSIX preadv pool (1024 pages a call) is at "
+                         "least as fast")
     if want == "kvikio":
         raise ConfigError(f"KVSTORE_IO_BACKEND=kvikio but {why_not}; unset it to fall back to POSIX I/O")
     return "posix", why_not
