@@ -75,8 +75,12 @@ def test_disk_to_device_skips_host_staging_only_with_device_reads(device_reads, 
 def kvikio_mod():
     import importlib.util
 
-    if importlib.util.find_spec("kvikio") is None:  # not imported here: a failed import poisons kvikio's caches
+    if importlib.util.find_spec("kvikio") is None:
         pytest.skip("kvikio is not installed")
+    # an earlier failed ``import kvikio`` (the engine's probe, without libcuda) leaves kvikio modules behind
+    # with a cached failure: start from a clean import
+    for name in [m for m in sys.modules if m == "kvikio" or m.startswith("kvikio.")]:
+        del sys.modules[name]
     sys.path.insert(0, str(BENCH))
     try:
         from kvikio_cpu import has_real_driver, load_kvikio
