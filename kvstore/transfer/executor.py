@@ -132,6 +132,8 @@ class TransferExecutor:
             return True
         if src == K and dst == K:
             return True
+        if src == K and dst == D and self.io is not None and self.io.device_reads:
+            return False  # GPUDirect Storage: the backend reads the file straight into device memory
         return {src, dst} == {D, K} and self.copier.cuda
 
     def _batches(self, plan: Plan) -> list[_Batch]:
@@ -382,7 +384,8 @@ class TransferExecutor:
             if pids is not None:
                 record = self.sums.get(slot)
                 expected = record[1] if record is not None and record[0] == pids[i] else _NO_SUM
-            out[-1].add(tensors[i][rows[i]].numpy(), expected)
+            row = tensors[i][rows[i]]
+            out[-1].add(row if row.is_cuda else row.numpy(), expected)  # CUDA rows: GDS reads only
             last_slot = slot
         return out, order
 

@@ -2,12 +2,15 @@
 
 - :class:`PosixBackend` — a thread pool of ``os.preadv``/``os.pwritev`` (works everywhere).
 - :class:`KvikioBackend` — kvikio ``CuFile.pread``/``pwrite``; needs a CUDA driver, so it is probed
-  with a tiny real write/read before use. ``auto`` takes it only with GPUDirect Storage: without GDS
-  kvikio's compat mode is POSIX I/O behind bounce buffers and measured slower than our own pool.
+  with a tiny real write/read before use. ``auto`` takes it only with GPUDirect Storage, where it reads
+  disk -> device straight into device memory. Without GDS kvikio's compat mode reads host memory with
+  one plain ``pread`` per call on its own thread pool (kvikio 26.10 ``posix_host_io``; no bounce buffer
+  for host memory), so at best it equals our ``preadv`` pool, and it costs a Python call and a
+  thread-pool hand-off per contiguous run (~25 us measured) where ``preadv`` takes 1024 buffers a call.
 
 ``KVSTORE_IO_BACKEND=auto|kvikio|posix`` overrides the choice. An I/O request is a list of
 :class:`Extent` — a file offset and the buffers (numpy views of host memory) that lie back to back
-in the file from there. Short reads and writes are continued; end of file is an error.
+in the file from there (CUDA tensors too, for a backend with ``device_reads``). Short reads and writes are continued; end of file is an error.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ class IOBackend:
     """Reads and writes extents of one file; every call completes through an awaitable."""
 
     name = "abstract"
+    #: whether :meth:`read` takes device (CUDA) buffers, so disk -> device needs no staging in host memory
+    device_reads = False
 
     def __init__(self) -> None:
         self.fault_hook: Optional[FaultHook] = None
@@ -220,61 +225,202 @@ class PosixBackend(IOBackend):
         self.pool.shutdown(wait=True)
 
 
+class _Span:
+    """``nbytes`` of memory at ``ptr`` as an array interface (host) or CUDA array interface (device), so
+    buffers that lie back to back in memory become one kvikio call. ``keep`` holds the buffers alive."""
+
+    def __init__(self, ptr: int, nbytes: int, cuda: bool, keep: list) -> None:
+        iface = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3, "strides": None}
+        if cuda:
+            iface["stream"] = None  # kvikio does not read it; the bytes are ready when the read completes
+            self.__cuda_array_interface__ = iface
+        else:
+            self.__array_interface__ = iface
+        self.keep = keep
+
+
+def _span(bufs: list, nbytes: int):
+    """One buffer over ``bufs`` (back to back in memory): an ndarray for host memory (kvikio takes host
+    buffers through the buffer protocol), a CUDA array interface object for device memory."""
+    span = _Span(_address(bufs[0]), nbytes, _is_cuda(bufs[0]), bufs)
+    return span if _is_cuda(bufs[0]) else np.asarray(span)
+
+
+def _is_cuda(buf) -> bool:
+    return bool(getattr(buf, "is_cuda", False))
+
+
+def _address(buf) -> int:
+    return buf.data_ptr() if _is_cuda(buf) else buf.ctypes.data
+
+
+def memory_runs(buffers: Sequence) -> list[tuple[int, int, list]]:
+    """Buffers (back to back in the file) grouped where they are also back to back in memory:
+    ``(index of the first buffer, bytes, buffers)`` per run, one kvikio call each (kvikio has no
+    vectored I/O, so scattered memory costs one call per buffer)."""
+    runs: list[tuple[int, int, list]] = []
+    end = None
+    for i, buf in enumerate(buffers):
+        cuda = _is_cuda(buf)
+        addr = buf.data_ptr() if cuda else buf.ctypes.data
+        if end is not None and end == (addr, cuda):
+            first, n, bufs = runs[-1]
+            bufs.append(buf)
+            runs[-1] = (first, n + buf.nbytes, bufs)
+        else:
+            runs.append((i, buf.nbytes, [buf]))
+        end = (addr + buf.nbytes, cuda)
+    return runs
+
+
+def _host_view(buf) -> np.ndarray:
+    """Host bytes of ``buf`` for its checksum: a device tensor is copied to host memory first."""
+    return buf.cpu().numpy() if _is_cuda(buf) else buf
+
+
+def kvikio_settings(kvikio_defaults, threads: int, environ=os.environ) -> dict:
+    """The kvikio defaults the backend changes (applied by the caller; process-wide in kvikio).
+
+    - ``num_threads`` at least ``threads`` (kvikio's default is 1: one call at a time).
+    - ``auto_direct_io_write`` off, unless ``KVIKIO_AUTO_DIRECT_IO_WRITE`` is set: kvikio 26.x writes host
+      memory with O_DIRECT by default in compat mode (reads are buffered), so pages just written to disk
+      are not in the page cache and reading them back runs at cold-disk speed; the POSIX backend's
+      writes go through the page cache, and so do ours now."""
+    out: dict = {}
+    if kvikio_defaults.get("num_threads") < threads:
+        out["num_threads"] = threads
+    if "KVIKIO_AUTO_DIRECT_IO_WRITE" not in environ:
+        try:
+            if kvikio_defaults.get("auto_direct_io_write"):
+                out["auto_direct_io_write"] = False
+        except (KeyError, AttributeError, ValueError):  # an older kvikio without the setting
+            pass
+    return out
+
+
 class KvikioBackend(IOBackend):
-    """kvikio ``CuFile`` reads/writes; each buffer is one kvikio task, waited for on a helper thread."""
+    """kvikio ``CuFile`` reads/writes on a pool of worker threads.
+
+    Extents are split and packed into tasks as in :class:`PosixBackend`, one kvikio call per run of buffers
+    that lie back to back in memory as well as in the file (kvikio has no vectored I/O). A read starts
+    every call of the request at once from one issue thread, so kvikio's pool always has work queued;
+    workers then wait for one task each and checksum its pages while they are hot (in parallel, not on
+    one waiter). A write checksums, writes and waits per task on the workers. With GPUDirect
+    Storage (``gds``), buffers may be CUDA tensors: kvikio reads the file straight into device memory."""
 
     name = "kvikio"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, task_bytes: int = 8 << 20) -> None:
         super().__init__()
         import kvikio  # import error -> the caller falls back to POSIX
         import kvikio.defaults
 
-        if kvikio.defaults.get("num_threads") < threads:  # kvikio's own pool splits each request
-            kvikio.defaults.set("num_threads", threads)
+        self.settings = kvikio_settings(kvikio.defaults, threads)
+        if self.settings:
+            kvikio.defaults.set(self.settings)  # before the open: no O_DIRECT descriptor is needed then
+        self.gds = not _kvikio_compat_mode()
+        self.task_bytes = task_bytes
         self.file = kvikio.CuFile(str(path), "r+")
-        self.waiters = thread_pool(4, "kvstore-kvikio")
+        self.pool = thread_pool(threads, "kvstore-kvikio")  # waits for tasks and checksums their pages
+        self.issuer = thread_pool(1, "kvstore-kvikio-issue")  # starts every read of a request up front
 
-    def _run(self, op: str, extents: Sequence[Extent]) -> list[int]:
-        futs = []
-        if op == "write":
-            for ext in extents:
-                _sum_before_write(ext)
+    @property
+    def device_reads(self) -> bool:
+        """Whether reads may target device memory directly (GPUDirect Storage, not compat mode)."""
+        return self.gds
+
+    def _issue(self, op: str, task: list[Extent]) -> list[tuple]:
+        """Start one kvikio call per memory run of ``task``; ``(future, bytes, offset)`` each. If starting one
+        fails, waits for those started (their buffers are in use), then raises."""
+        futs: list[tuple] = []
+        fn = self.file.pread if op == "read" else self.file.pwrite
         try:
-            for ext in extents:
+            for ext in task:
                 self._fault(op, ext)  # kvikio cannot be made to transfer short: only raising faults apply
                 off = ext.offset
-                for buf in ext.buffers:
-                    fn = self.file.pread if op == "read" else self.file.pwrite
-                    futs.append((fn(buf, buf.nbytes, off), buf.nbytes, off))
-                    off += buf.nbytes
-        finally:
-            errors = []
-            for fut, size, off in futs:
-                try:
-                    n = fut.get()
-                except Exception as exc:  # keep waiting for the rest: their buffers are in use
-                    errors.append(exc)
-                    continue
-                if n != size:
-                    errors.append(OSError(errno.EIO, f"short {op} at offset {off}: {n} of {size} bytes"))
-            if errors:
-                err = errors[0]
-                raise err if isinstance(err, OSError) else OSError(errno.EIO, f"kvikio {op} failed: {err}")
-        if op == "read":
-            return [off for ext in extents for off in _verify_after_read(ext)]
+                for _, size, bufs in memory_runs(ext.buffers):
+                    buf = bufs[0] if len(bufs) == 1 else _span(bufs, size)
+                    # task_size = size: a run is at most task_bytes, so kvikio need not split it (and
+                    # passing it spares kvikio's Python wrapper a defaults lookup per call)
+                    futs.append((fn(buf, size, off, size), size, off))
+                    off += size
+        except BaseException:
+            self._wait(op, futs, raise_errors=False)
+            raise
+        return futs
+
+    @staticmethod
+    def _wait(op: str, futs: list[tuple], raise_errors: bool = True) -> None:
+        """Wait for every started call (all of them, even after one failed), then raise the first error."""
+        errors = []
+        for fut, size, off in futs:
+            try:
+                n = fut.get()
+            except Exception as exc:  # keep waiting for the rest: their buffers are in use
+                errors.append(exc)
+                continue
+            if n != size:
+                errors.append(OSError(errno.EIO, f"short {op} at offset {off}: {n} of {size} bytes"))
+        if errors and raise_errors:
+            err = errors[0]
+            raise err if isinstance(err, OSError) else OSError(errno.EIO, f"kvikio {op} failed: {err}")
+
+    def _issue_reads(self, tasks: list[list[Extent]]) -> list[list[tuple]]:
+        """On the issue thread: start the reads of every task, in order (kvikio's pool runs them)."""
+        started: list[list[tuple]] = []
+        try:
+            for task in tasks:
+                started.append(self._issue("read", task))
+        except BaseException:
+            for futs in started:
+                self._wait("read", futs, raise_errors=False)
+            raise
+        return started
+
+    def _finish_read(self, task: list[Extent], futs: list[tuple]) -> list[int]:
+        """On a worker: wait for one task's reads, then checksum its pages while they are hot."""
+        self._wait("read", futs)
+        bad: list[int] = []
+        for ext in task:
+            off = ext.offset
+            for buf, expected in zip(ext.buffers, ext.sums):
+                if expected is not None and checksum(_host_view(buf)) != expected:
+                    bad.append(off)
+                off += buf.nbytes
+        return bad
+
+    def _write_task(self, task: list[Extent]) -> list[int]:
+        """On a worker: checksum the pages of one task, write them, wait."""
+        for ext in task:
+            ext.sums = [checksum(_host_view(b)) for b in ext.buffers]
+        self._wait("write", self._issue("write", task))
         return []
 
-    async def read(self, extents: Sequence[Extent]) -> list[int]:
+    async def _read_all(self, extents: Sequence[Extent]) -> list[int]:
         loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "read", list(extents)))
+        tasks = pack_tasks(split_extents(extents, self.task_bytes), self.task_bytes)
+        started = await loop.run_in_executor(self.issuer, self._issue_reads, tasks)
+        futs = [loop.run_in_executor(self.pool, self._finish_read, t, f) for t, f in zip(tasks, started)]
+        results = await _gather_all(futs)
+        return [off for bad in results for off in bad]
+
+    async def _write_all(self, extents: Sequence[Extent]) -> None:
+        loop = asyncio.get_running_loop()
+        pieces = split_extents(extents, self.task_bytes)  # sums are filled on these pieces
+        futs = [loop.run_in_executor(self.pool, self._write_task, t) for t in pack_tasks(pieces, self.task_bytes)]
+        await _gather_all(futs)
+        _gather_sums(extents, pieces)
+
+    async def read(self, extents: Sequence[Extent]) -> list[int]:
+        # shielded whole: a cancelled caller must not leave started reads without a waiter
+        return await asyncio.shield(asyncio.ensure_future(self._read_all(extents)))
 
     async def write(self, extents: Sequence[Extent]) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self.waiters, self._run, "write", list(extents)))
+        await asyncio.shield(asyncio.ensure_future(self._write_all(extents)))
 
     def close(self) -> None:
-        self.waiters.shutdown(wait=True)
+        self.issuer.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
         self.file.close()
 
 
@@ -319,9 +465,13 @@ def choose_backend(directory: Path) -> tuple[str, str]:
             return "kvikio", "KVSTORE_IO_BACKEND=kvikio and its probe write/read succeeded"
         if not _kvikio_compat_mode():
             return "kvikio", "kvikio probe write/read succeeded with GPUDirect Storage"
-        # compat mode is POSIX I/O behind bounce buffers: measured on the H200 (no GDS driver), warm
-        # 2 MiB-page reads ran at 1.2 GB/s through kvikio against 16 GB/s through our preadv pool
-        return "posix", "kvikio works only in compat mode (no GDS driver); POSIX preadv into pinned memory is faster"
+        # compat mode reads host memory with plain pread on kvikio's pool: never faster than our preadv
+        # pool, and one Python call + hand-off per contiguous run (no vectored I/O). The H200 figure of
+        # 0.06 (1.2 vs 16 GB/s "warm") came from kvikio's O_DIRECT host writes leaving the pages
+        # uncached, fixed in KvikioBackend (kvikio_settings); see docs/benchmarks.md "kvikio compat mode"
+        return "posix", ("kvikio works only in compat mode (no GDS driver): its host reads are plain pread "
+                         "calls, one per contiguous run, so the POSIX preadv pool (1024 pages a call) is at "
+                         "least as fast")
     if want == "kvikio":
         raise ConfigError(f"KVSTORE_IO_BACKEND=kvikio but {why_not}; unset it to fall back to POSIX I/O")
     return "posix", why_not
