@@ -304,8 +304,24 @@ class Stress:
         bad = [i for i, exp in enumerate(cm.pages) if exp is not None and not torch.equal(got[i], exp)]
         if bad:
             kinds = ["reused" if i < cm.reused else ("committed" if i < cm.committed else "uncommitted") for i in bad]
-            self.fail(lane, op, "WrongBytes", f"{cm}: pages {bad} ({kinds}) hold other bytes than written")
+            self.fail(lane, op, "WrongBytes", f"{cm}: pages {bad} ({kinds}) hold other bytes than written",
+                      self.whose_bytes(lane, cm, bad, got))
             cm.tainted = True
+
+    def whose_bytes(self, lane: Lane, cm: CM, bad: list[int], got: torch.Tensor) -> str:
+        """For a WrongBytes report: which committed prefix (if any) the wrong bytes belong to, and where the
+        pages are (a slot mix-up shows as another key's bytes; a lost write as stale or random bytes)."""
+        out = []
+        keys = {tuple(k): det_page(tuple(k)) for k in lane.committed_keys}
+        for i in bad:
+            page = cm.cache._pages[i]
+            match = [len(k) // TPP for k, b in keys.items() if torch.equal(got[i], b)]
+            node = lane.mgr._placement.index.node(page)
+            out.append(f"page {i} pid={page.pid} at {page.level}/{page.slot} owners={page.owners} indexed={page.indexed} "
+                       f"node_key={'yes' if node is not None else 'no'} expected key len={len(cm.key(i))} "
+                       f"bytes match committed keys of lengths (pages) {match[:8]} "
+                       f"self-key match={torch.equal(got[i], det_page(cm.key(i)))}")
+        return "\n".join(out)
 
     def check_model(self, lane: Lane, op: str) -> None:
         for cm in lane.caches:
