@@ -88,12 +88,12 @@ def parse_pages(text: str) -> list[int]:
 
 
 def run(mod: ModuleType, requests: Sequence[Any], pages: Sequence[int], policy: str, block: int,
-        runs: int) -> tuple[list[Any], list[float]]:
+        runs: int, free_target: float = 0.0) -> tuple[list[Any], list[float]]:
     """(reports, wall seconds) of ``runs`` replays, each on a fresh manager and event loop."""
     reports, walls = [], []
     for i in range(runs):
         t0 = time.perf_counter()
-        reports.append(asyncio.run(mod.replay(requests, pages, policy, block, progress=False)))
+        reports.append(asyncio.run(mod.replay(requests, pages, policy, block, progress=False, free_target=free_target)))
         walls.append(time.perf_counter() - t0)
         print(f"run {i + 1}/{runs}: {reports[-1].us_per_request:.1f} us/request, "
               f"hit {reports[-1].hit_rate:.2%} ({walls[-1]:.1f} s)", file=sys.stderr)
@@ -107,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--capacity-pages", default=ISSUE_PAGES, help=f"DEVICE,HOST,DISK pages (default {ISSUE_PAGES})")
     p.add_argument("--block", type=int, default=512, help="tokens per trace block = tokens per page")
     p.add_argument("--policy", default="lru", choices=POLICIES, help="eviction policy (default: the engine's, lru)")
+    p.add_argument("--free-target", type=float, default=0.0,
+                   help="StoreConfig.free_target: fraction of each level kept free by background demotion (0: off)")
     p.add_argument("--runs", type=int, default=3, help="replays; the time per request is their median")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
@@ -117,14 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pages = parse_pages(args.capacity_pages)
     mod = load_replay_module()
     requests = mod.load_trace(path, args.limit)
-    reports, walls = run(mod, requests, pages, args.policy, args.block, args.runs)
+    reports, walls = run(mod, requests, pages, args.policy, args.block, args.runs, args.free_target)
     us = statistics.median(r.us_per_request for r in reports)
     hit = statistics.median(r.hit_rate for r in reports)
     lru = reports[0].lru_hit_rate  # the exact LRU is deterministic
     gap = 100 * (hit - lru)
     us_ok, gap_ok = us <= US_PER_REQUEST_TARGET, abs(gap) <= GAP_POINTS_TARGET
     print(f"trace {path} ({len(requests)} requests, {reports[0].input_tokens} prompt tokens), policy {args.policy}, "
-          f"pages device/host/disk = {'/'.join(map(str, pages))} of {args.block} tokens, median of {args.runs}")
+          f"pages device/host/disk = {'/'.join(map(str, pages))} of {args.block} tokens, free_target {args.free_target:g}, "
+          f"median of {args.runs}")
     per_run = ", ".join(f"{r.us_per_request:.0f}" for r in reports)
     tiers = ", ".join(f"{lvl.label} {n / max(1, reports[0].input_tokens):.2%}"
                       for lvl, n in reports[0].hit_tokens.items())
@@ -136,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{'PASS' if gap_ok else 'MISS'}{' (engine above the LRU)' if gap > GAP_POINTS_TARGET else ''}")
     if args.json_path:
         doc = {"trace": str(path), "requests": len(requests), "pages": pages, "block": args.block,
-               "policy": args.policy, "runs": args.runs, "us_per_request_median": us,
+               "policy": args.policy, "free_target": args.free_target, "runs": args.runs, "us_per_request_median": us,
                "us_per_request_runs": [r.us_per_request for r in reports], "wall_s_runs": walls,
                "hit_rate": hit, "hit_rate_runs": [r.hit_rate for r in reports], "exact_lru_hit_rate": lru,
                "gap_points": gap,

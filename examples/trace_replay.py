@@ -141,7 +141,7 @@ class ExactLRU:
         return hit
 
 
-def make_config(pages: Sequence[int], block: int, policy: str, disk_dir: str) -> StoreConfig:
+def make_config(pages: Sequence[int], block: int, policy: str, disk_dir: str, free_target: float = 0.0) -> StoreConfig:
     layout = PageLayout(num_layers=1, num_kv_heads=1, head_dim=1, tokens_per_page=block, dtype=torch.float16)
     pb = layout.page_bytes
     tiers = [DeviceTier(pages[0] * pb, device="cpu")]
@@ -149,7 +149,7 @@ def make_config(pages: Sequence[int], block: int, policy: str, disk_dir: str) ->
         tiers.append(HostTier(pages[1] * pb, pinned=False))
     if pages[2]:
         tiers.append(DiskTier(pages[2] * pb, disk_dir))
-    return StoreConfig(layout, tiers, namespace="trace-replay", eviction_policy=policy)
+    return StoreConfig(layout, tiers, namespace="trace-replay", eviction_policy=policy, free_target=free_target)
 
 
 async def replay(
@@ -159,6 +159,7 @@ async def replay(
     block: int = 512,
     progress: bool = True,
     check: bool = False,
+    free_target: float = 0.0,
 ) -> Report:
     """Run ``requests`` through a fresh manager; ``check`` runs check_invariants() after every request."""
     from tqdm import tqdm
@@ -166,7 +167,7 @@ async def replay(
     report = Report(capacity_pages=sum(pages))
     ref = ExactLRU(sum(pages))
     with tempfile.TemporaryDirectory(prefix="kvstore-replay-") as tmp:
-        config = make_config(pages, block, policy, tmp)
+        config = make_config(pages, block, policy, tmp, free_target)
         report.hit_tokens = {lvl: 0 for lvl in config.levels}
         async with KVCacheManager(config) as mgr:
             bar = tqdm(requests, unit="req", disable=not progress, mininterval=0.5, file=sys.stderr)
@@ -203,6 +204,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                     help="DEVICE,HOST,DISK capacity in tokens (0 leaves a tier out)")
     ap.add_argument("--block", type=int, default=512, help="tokens per trace block = tokens per page")
     ap.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    ap.add_argument("--free-target", type=float, default=0.0, help="StoreConfig.free_target (background demotion)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv) if argv is not None else None)
     path = resolve(args.trace).resolve()
@@ -218,7 +220,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         )
     print(f"trace {path} ({len(requests)} requests), policy {args.policy}, pages device/host/disk = "
           f"{pages[0]}/{pages[1]}/{pages[2]} of {args.block} tokens")
-    report = asyncio.run(replay(requests, pages, args.policy, args.block, progress=not args.no_progress))
+    report = asyncio.run(replay(requests, pages, args.policy, args.block, progress=not args.no_progress,
+                                free_target=args.free_target))
     print("\n".join(report.lines()))
     return 0
 
