@@ -320,7 +320,7 @@ class Stress:
             out.append(f"page {i} pid={page.pid} at {page.level}/{page.slot} owners={page.owners} indexed={page.indexed} "
                        f"node_key={'yes' if node is not None else 'no'} expected key len={len(cm.key(i))} "
                        f"bytes match committed keys of lengths (pages) {match[:8]} "
-                       f"self-key match={torch.equal(got[i], det_page(cm.key(i)))}")
+                       f"self-key match={torch.equal(got[i], det_page(cm.key(i)))}\n{trace_of(lane.mgr._placement, page.pid)}")
         return "\n".join(out)
 
     def check_model(self, lane: Lane, op: str) -> None:
@@ -935,6 +935,9 @@ class Stress:
 
 async def run_stress(seed: int, variant: str, seconds: float, tmp: str) -> Stress:
     """Run one seed under a hard wall-clock bound: a hang FAILS (with the stacks of the stuck tasks)."""
+    if os.environ.get("KVSTORE_STRESS_TRACE") == "1":
+        _install_trace()
+        TRACE.clear()
     s = Stress(seed, variant, seconds, tmp)
     main = asyncio.ensure_future(s.run())
     bound = seconds + 6 * DRAIN_TIMEOUT_S + 2 * STALL_GRACE_S + 20
@@ -984,6 +987,44 @@ def await_chain(task: "asyncio.Task") -> str:
             out.append(f"  {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------ page-event trace (KVSTORE_STRESS_TRACE=1)
+TRACE: Optional[list] = None  # (placement id, event, pid, src, src_slot, dst, dst_slot, ...) while tracing
+
+
+def _install_trace() -> None:
+    """Record every move's completion and abort and every page freed (for WrongBytes reports)."""
+    global TRACE
+    if TRACE is not None:
+        return
+    TRACE = []
+    from kvstore.placement.placement import Placement
+
+    def wrap(name: str, describe: Callable) -> None:
+        real = getattr(Placement, name)
+
+        def traced(self, x, *a, **k):
+            TRACE.append((id(self), name, *describe(x)))
+            return real(self, x, *a, **k)
+
+        setattr(Placement, name, traced)
+
+    wrap("complete", lambda m: (m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.swap, m.handoff))
+    wrap("abort", lambda m: (m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.swap, m.handoff))
+    wrap("stage", lambda m: (m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.swap, m.handoff))
+    wrap("_free", lambda p: (p.pid, p.level, p.slot))
+
+
+def trace_of(placement: object, pid: int, limit: int = 40) -> str:
+    """The traced events of ``pid`` and of every page that used one of its slots meanwhile."""
+    if TRACE is None:
+        return "(set KVSTORE_STRESS_TRACE=1 for the page-event trace)"
+    events = [e for e in TRACE if e[0] == id(placement)]
+    mine = [e for e in events if e[2] == pid]
+    slots = {(e[3], e[4]) for e in mine} | {(e[5], e[6]) for e in mine if len(e) > 6}
+    related = [e for e in events if (e[3], e[4]) in slots or (len(e) > 6 and (e[5], e[6]) in slots)]
+    return "\n".join(map(str, related[-limit:]))
 
 
 def thread_stacks() -> str:
