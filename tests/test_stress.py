@@ -1016,15 +1016,24 @@ def _install_trace() -> None:
     wrap("_free", lambda p: (p.pid, p.level, p.slot))
 
 
-def trace_of(placement: object, pid: int, limit: int = 40) -> str:
-    """The traced events of ``pid`` and of every page that used one of its slots meanwhile."""
+def trace_of(placement: object, pid: int, per_slot: int = 14) -> str:
+    """The traced events of ``pid``, then per slot it used lately (where it is now and where its last
+    moves came from) the last events that touched that slot."""
     if TRACE is None:
         return "(set KVSTORE_STRESS_TRACE=1 for the page-event trace)"
-    events = [e for e in TRACE if e[0] == id(placement)]
-    mine = [e for e in events if e[2] == pid]
-    slots = {(e[3], e[4]) for e in mine} | {(e[5], e[6]) for e in mine if len(e) > 6}
-    related = [e for e in events if (e[3], e[4]) in slots or (len(e) > 6 and (e[5], e[6]) in slots)]
-    return "\n".join(map(str, related[-limit:]))
+    events = [(i, e) for i, e in enumerate(TRACE) if e[0] == id(placement)]
+    mine = [(i, e) for i, e in events if e[2] == pid]
+    slots: list[tuple] = []
+    for _, e in reversed(mine[-4:]):
+        for slot in ((e[5], e[6]), (e[3], e[4])) if len(e) > 6 else ((e[3], e[4]),):
+            if slot[0] is not None and slot not in slots:
+                slots.append(slot)
+    out = ["events of the page:"] + [f"  #{i} {e[1:]}" for i, e in mine[-10:]]
+    for slot in slots:
+        touching = [(i, e) for i, e in events if (e[3], e[4]) == slot or (len(e) > 6 and (e[5], e[6]) == slot)]
+        out.append(f"slot {slot}:")
+        out += [f"  #{i} {e[1:]}" for i, e in touching[-per_slot:]]
+    return "\n".join(out)
 
 
 def thread_stacks() -> str:
