@@ -1174,3 +1174,28 @@ def test_a_promotion_planned_from_its_check_matches_a_fresh_plan():
     plan = eng.pl.plan_promotion(b, D, require_all=True, check=room)
     assert _moves(plan) == _moves(fresh_plan) and plan.dropped == fresh_plan.dropped
     run_plan(eng.pl, plan)
+
+
+def test_a_promotion_aborted_after_its_swap_victim_was_staged_leaves_the_victim_to_its_batch():
+    """Regression (slru stress WrongBytes): aborting the promotion used to abort the staged victim too, so
+    its slot could be planned again while its batch still meant to write the staged bytes back there."""
+    eng = Engine(make(device=1, host=1))
+    a = eng.new_suspended(1)
+    b = eng.new_suspended(1)  # a -> host; both levels full
+    before = where(a + b)
+    pl = eng.pl
+    pl.hold_all([a[0]])
+    plan = pl.plan_promotion(a, D, require_all=True)
+    victim = next(m for m in plan.moves if m.page is b[0])
+    promo = next(m for m in plan.moves if m.page is a[0])
+    pl.stage(victim)  # the victim's bytes are in staging
+    pl.check_invariants()
+    pl.abort(promo)  # e.g. its run was stopped before it copied
+    assert victim.state is MoveState.STAGED and b[0].move is victim  # not cascaded: still its batch's
+    assert b[0] not in pl.queues[D]  # not evictable: nothing can plan its slot yet
+    pl.check_invariants()
+    pl.abort(victim)  # its batch wrote the staged bytes back and settles it
+    assert victim.state is MoveState.ABORTED and b[0].move is None
+    pl.release_all([a[0]])
+    assert where(a + b) == before
+    pl.check_invariants()

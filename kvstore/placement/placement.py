@@ -544,10 +544,16 @@ class Placement:
         """The transfer of ``move`` did not happen: the page stays at its source. A no-op for a settled move.
 
         The move waiting for this one's source slot (its ``successor``) can no longer happen either: it is
-        aborted in the same step, so no other operation ever sees a slot reserved for a move that cannot run.
+        aborted in the same step, so no other operation ever sees a slot reserved for a move that cannot run —
+        except a swap victim already STAGED, which its own batch restores from staging and then aborts (until
+        then it keeps its source slot and is not evictable).
         """
         chain: list[Move] = []
         while move is not None and move.pending:
+            if chain and move.state is MoveState.STAGED:
+                # a swap victim whose bytes are in a staging buffer: its batch writes them back to its source
+                # slot and settles it; aborting it here would let its slot be planned again before that write
+                break
             page = move.page
             if move.after is None or move.after.state is MoveState.DONE:
                 self.alloc[move.dst].release(move.dst_slot)
@@ -593,7 +599,10 @@ class Placement:
                 if not 0 <= page.slot < self.alloc[page.level].total:
                     fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
                 where = (page.level, page.slot)
-                staged_here = mv is not None and mv.state is MoveState.STAGED
+                # a staged victim whose successor gave up (aborted) still occupies its source slot
+                staged_here = mv is not None and mv.state is MoveState.STAGED and (
+                    mv.successor is None or mv.successor.state is not MoveState.ABORTED
+                )
                 if staged_here:
                     # its bytes are in staging: the source slot belongs to its successor (reserved by that
                     # move, or occupied by its page, or freed with it when that page was an orphan)
@@ -624,6 +633,8 @@ class Placement:
             if mv is not None:
                 if mv.state not in (MoveState.PENDING, MoveState.STAGED) or mv.page is not page:
                     fail(f"page {page.pid} carries a settled or foreign move")
+                if mv.state is MoveState.STAGED and mv.after is not None and mv.after.state is MoveState.ABORTED:
+                    continue  # a staged victim going back to its source: its destination is not reserved
                 dst = (mv.dst, mv.dst_slot)
                 if dst in incoming:
                     fail(f"two moves reserve {mv.dst.label} slot {mv.dst_slot}")

@@ -232,8 +232,9 @@ class TransferExecutor:
                     self.placement.stage(m)
             b.read_done.set_result(None)
             await asyncio.wait(b.waits())
-            ok = [i for i, m in enumerate(b.moves) if m.after.state is MoveState.DONE]
-            back = [i for i, m in enumerate(b.moves) if m.after.state is not MoveState.DONE]
+            # only moves still staged: one settled meanwhile no longer owns its slots (never write them)
+            ok = [i for i, m in enumerate(b.moves) if m.pending and m.after.state is MoveState.DONE]
+            back = [i for i, m in enumerate(b.moves) if m.pending and m.after.state is not MoveState.DONE]
             if ok:
                 dst = [b.moves[i].dst_slot for i in ok]
                 await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
