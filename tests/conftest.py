@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -128,3 +129,13 @@ def gated_io(mgr: KVCacheManager):
             yield gate
         finally:
             gate.set()
+
+
+async def until(cond, what: str, limit: float = 5.0) -> None:
+    """Yield to the loop until ``cond()``; fail (not hang) after ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.001)

@@ -11,19 +11,10 @@ import torch
 
 from kvstore import CacheLevel, ConfigError, DeviceTier, HostTier, KVCacheManager, StoreConfig
 
-from .conftest import LAYOUT, assert_data, gated_io, levels, new_filled_cache, read_pages
+from .conftest import LAYOUT, assert_data, gated_io, levels, new_filled_cache, read_pages, until
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 TPP = LAYOUT.tokens_per_page
-
-
-async def until(cond, what: str, limit: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.001)
 
 
 def demoting(mgr: KVCacheManager) -> bool:

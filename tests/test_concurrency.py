@@ -19,7 +19,7 @@ from kvstore import (
 from kvstore import manager as manager_mod
 
 from .conftest import (
-    LAYOUT, PAGE, assert_data, gated_io, io_hook, levels, new_cache_on_disk, new_filled_cache, read_pages,
+    LAYOUT, PAGE, assert_data, gated_io, io_hook, levels, until, new_cache_on_disk, new_filled_cache, read_pages,
     write_pages,
 )
 
@@ -55,16 +55,6 @@ async def watched(mgr: KVCacheManager):
 
 def where_all(mgr: KVCacheManager) -> dict[int, tuple]:
     return {p.pid: (p.level, p.slot) for p in mgr._placement.pages.values()}
-
-
-async def until(cond, what: str, limit: float = 5.0) -> None:
-    """Yield to the loop until ``cond()``; fail (not hang) after ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.001)
 
 
 # ---------------------------------------------------------------------------------------------- defect 1
