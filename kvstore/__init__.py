@@ -1,7 +1,7 @@
 """kvstore: an asynchronous multi-tier (device / host / disk) KV-cache storage engine for LLM serving."""
 
 from .cache import KVCache, PrefetchTask
-from .config import DeviceTier, DiskTier, HostTier, PageLayout, StoreConfig
+from .config import DeviceTier, DiskTier, HostTier, PageLayout, RemoteTier, StoreConfig
 from .errors import (
     CapacityError,
     ConfigError,
@@ -32,6 +32,7 @@ __all__ = [
     "PrefetchResult",
     "PrefetchTask",
     "PrefixMatch",
+    "RemoteTier",
     "StorageIOError",
     "StoreConfig",
     "TierUsage",

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .placement.policies import POLICIES
 from .types import CacheLevel
 
-__all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "StoreConfig", "TierConfig"]
+__all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "RemoteTier", "StoreConfig", "TierConfig"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -158,6 +158,50 @@ class DiskTier:
             raise ConfigError(f"DiskTier.path {str(p)!r} exists and is not a directory")
 
 
+@dataclass(frozen=True)
+class RemoteTier:
+    """A shared Redis/Valkey server or cluster holding copies of committed pages (see docs/remote.md).
+
+    ``url``: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS) or
+    ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). ``ttl_s``: expiry of every
+    key written (None: none; the server's maxmemory policy evicts). ``timeout_s``: deadline of one remote
+    call. ``max_pending_pages``: bound on committed pages queued for writing (beyond it they are dropped,
+    counted in ``stats()["remote_write_dropped"]``). The URL's password never appears in ``repr``.
+    """
+
+    url: str
+    ttl_s: float | None = 86400.0
+    timeout_s: float = 1.0
+    max_pending_pages: int = 4096
+
+    level = CacheLevel.REMOTE
+
+    def __post_init__(self) -> None:
+        from .remote.url import parse_url  # the remote package imports config lazily too
+
+        if not isinstance(self.url, str):
+            raise ConfigError(f"RemoteTier.url must be a str, got {describe(self.url)}")
+        parse_url(self.url)  # ConfigError naming the problem (credentials redacted)
+        if self.ttl_s is not None and (
+            isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or not self.ttl_s > 0
+            or not math.isfinite(self.ttl_s)
+        ):
+            raise ConfigError(f"RemoteTier.ttl_s must be a number of seconds > 0 or None, got {self.ttl_s!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not (
+            0 < self.timeout_s < math.inf
+        ):
+            raise ConfigError(f"RemoteTier.timeout_s must be a number of seconds > 0, got {self.timeout_s!r}")
+        _set(self, "max_pending_pages", _positive_int("RemoteTier", "max_pending_pages", self.max_pending_pages))
+
+    def __repr__(self) -> str:
+        from .remote.url import redact
+
+        return (
+            f"RemoteTier(url={redact(self.url)!r}, ttl_s={self.ttl_s!r}, timeout_s={self.timeout_s!r}, "
+            f"max_pending_pages={self.max_pending_pages!r})"
+        )
+
+
 TierConfig = Union[DeviceTier, HostTier, DiskTier]
 
 
@@ -182,6 +226,7 @@ class StoreConfig:
     staging_buffers: int = 4
     eviction_policy: str = "lru"
     free_target: float = 0.0
+    remote: "RemoteTier | None" = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, PageLayout):
@@ -189,6 +234,7 @@ class StoreConfig:
         tiers = tuple(self.tiers) if isinstance(self.tiers, (list, tuple)) else None
         if not tiers:
             raise ConfigError("StoreConfig.tiers must be a non-empty list starting with a DeviceTier")
+        tiers = self._take_remote(tiers)
         object.__setattr__(self, "tiers", tiers)
         for i, tier in enumerate(tiers):
             if not isinstance(tier, (DeviceTier, HostTier, DiskTier)):
@@ -223,6 +269,26 @@ class StoreConfig:
             raise ConfigError(
                 f"StoreConfig.free_target must be a fraction 0 <= f < 1 (0: no background demotion), got {self.free_target!r}"
             )
+
+    def _take_remote(self, tiers: tuple) -> tuple:
+        """``tiers`` without a closing RemoteTier, which becomes ``self.remote`` (checked: last, one, a host tier)."""
+        if self.remote is not None and not isinstance(self.remote, RemoteTier):
+            raise ConfigError(f"StoreConfig.remote must be a RemoteTier or None, got {self.remote!r}")
+        found = [i for i, t in enumerate(tiers) if isinstance(t, RemoteTier)]
+        if found:
+            if len(found) > 1 or self.remote is not None:
+                raise ConfigError("StoreConfig has more than one RemoteTier; configure at most one")
+            if found[0] != len(tiers) - 1:
+                raise ConfigError("StoreConfig.tiers: the RemoteTier must be the last tier (tiers are ordered hot -> cold)")
+            _set(self, "remote", tiers[-1])
+            tiers = tiers[:-1]
+        if self.remote is not None and not any(isinstance(t, HostTier) for t in tiers):
+            raise ConfigError(
+                "StoreConfig: a RemoteTier needs a HostTier (remote pages cross host memory); add a HostTier"
+            )
+        if not tiers:
+            raise ConfigError("StoreConfig.tiers must be a non-empty list starting with a DeviceTier")
+        return tiers
 
     @property
     def levels(self) -> tuple[CacheLevel, ...]:

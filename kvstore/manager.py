@@ -89,6 +89,7 @@ class KVCacheManager:
         self.io_backend: Optional[str] = None  # "kvikio" or "posix" once started with a disk tier
         self._catalog: Optional[DiskCatalog] = None  # a persistent disk tier's lock, fingerprint and journal
         self._demoter: Optional[asyncio.Task] = None  # keeps StoreConfig.free_target free (when > 0)
+        self._remote = None  # the shared remote tier (kvstore.remote.engine.RemoteEngine) when configured
 
     # ------------------------------------------------------------------ start / close
     async def __aenter__(self) -> "KVCacheManager":
@@ -135,6 +136,10 @@ class KVCacheManager:
                 # nothing else can touch placement before start() returns: rebuild it off the loop thread
                 await asyncio.to_thread(self._restore, recovered)
                 await self._catalog.start(self._disk.fd)
+            if cfg.remote is not None:
+                from .remote.engine import RemoteEngine
+
+                self._remote = RemoteEngine(self, cfg.remote)
         except BaseException:
             if self._catalog is not None:
                 self._catalog.release()
@@ -142,6 +147,8 @@ class KVCacheManager:
             self._state = _CLOSED
             raise
         self._state = _RUNNING
+        if self._remote is not None:
+            self._remote.start()
         if cfg.free_target > 0 and len(cfg.levels) > 1:
             self._demoter = asyncio.ensure_future(self._demote_in_background())
         log.info(
@@ -273,6 +280,8 @@ class KVCacheManager:
         if self._demoter is not None:
             self._demoter.cancel()  # a demotion in flight settles its transfers first
             await asyncio.wait([self._demoter])
+        if self._remote is not None:
+            await self._remote.close()  # the writer gives its pages back; reads in flight become misses
         prefetches = [t for cache in list(self._caches) for t in list(cache._prefetches)]
         for task in prefetches:
             task.cancel()
@@ -370,6 +379,8 @@ class KVCacheManager:
         for key in ("drops", "prefetches", "prefix_hit_tokens", "io_errors", "corrupt_pages", "room_waits",
                     "background_demotions"):
             out[key] = 0
+        if self._remote is not None:
+            out.update(self._remote.stats_keys(levels))
         out.update(self._stats)
         out.update(self._placement.counters)
         return out
@@ -417,6 +428,38 @@ class KVCacheManager:
             per_level[p.level] += 1
         return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level)
 
+    # ------------------------------------------------------------------ the shared remote tier
+    async def flush(self, timeout_s: Optional[float] = None) -> None:
+        """Wait until every page queued for the remote tier so far was written or given up (returns after
+        ``timeout_s`` at most; the writer goes on). Nothing to wait for without a remote tier."""
+        self._check_running()
+        if self._remote is not None:
+            await self._remote.flush(timeout_s)
+
+    async def lookup_remote(self, tokens: Sequence[int]) -> PrefixMatch:
+        """Like :meth:`lookup`, extended past the local prefix with the pages the remote holds
+        (``pages_per_level[CacheLevel.REMOTE]``; 0 without a remote tier or when it fails). Holds nothing."""
+        self._check_running()
+        if self._remote is None:
+            match = self.lookup(tokens)
+            return PrefixMatch(match.num_tokens, {**match.pages_per_level, CacheLevel.REMOTE: 0})
+        return await self._remote.lookup(tokens)
+
+    async def fetch_prefix(
+        self, tokens: Sequence[int], target: CacheLevel = CacheLevel.HOST, *, timeout_s: Optional[float] = None
+    ) -> PrefetchResult:
+        """Bring the pages of ``tokens``' committed prefix that the remote holds and this manager lacks into
+        ``target`` (HOST or DEVICE) as reusable committed pages, in prefix order; stops at the first page
+        the remote lacks and at ``timeout_s``. Remote failures are misses (``complete=False``)."""
+        target = self._level_arg(target, "fetch_prefix(target)")
+        self._check_running()
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0):
+            raise InvalidArgumentError(f"fetch_prefix() timeout_s must be a number of seconds >= 0 or None, got {timeout_s!r}")
+        if self._remote is None:
+            as_token_array(tokens)  # the same argument checks
+            return PrefetchResult(True, 0, 0, 0.0)
+        return await self._remote.fetch(tokens, target, timeout_s)
+
     def create_cache(self, tokens: Optional[Sequence[int]] = None, *, priority: int = 0) -> KVCache:
         """A new SUSPENDED cache; with ``tokens`` it holds the longest committed prefix (whole pages)."""
         self._check_running()
@@ -441,7 +484,8 @@ class KVCacheManager:
         keys = self._hasher.keys(tokens, first, stop, prev)
         for page, key in zip(pages, keys, strict=False):
             if page.key is None:
-                self._placement.set_key(page, key, prev)
+                if self._placement.set_key(page, key, prev) and self._remote is not None:
+                    self._remote.committed(page, key)  # write-through, queued (never waits)
             elif page.key != key:
                 raise InvalidArgumentError(
                     "commit() tokens disagree with a page already committed under other tokens; "

@@ -14,10 +14,11 @@ class CacheLevel(enum.IntEnum):
     DEVICE = 0
     HOST = 1
     DISK = 2
+    REMOTE = 3  # a shared Redis/Valkey tier holding copies of committed pages (never a page's placement level)
 
     @property
     def label(self) -> str:
-        """Lower-case name used in stats keys (``device``, ``host``, ``disk``)."""
+        """Lower-case name used in stats keys (``device``, ``host``, ``disk``, ``remote``)."""
         return self.name.lower()
 
 

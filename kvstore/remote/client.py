@@ -1,0 +1,185 @@
+"""Remote client: pipelined EXISTS / GET / SET NX / DEL against a Redis or Valkey server or cluster.
+
+Owns the connections (``redis.asyncio``; a cluster through ``redis.asyncio.cluster.RedisCluster``): one
+pool for reads and one for writes, so a large write never delays a read queued behind it on the same
+connection. Every call runs under a deadline (``asyncio.timeout(timeout_s)``); redis-py's own retries
+are off (they could outlive the deadline). A failure or a timeout is a ``None`` result, never an
+exception: the caller treats it as a miss (read) or a dropped write. Failures feed a
+:class:`~.breaker.Breaker`; while it is open calls are refused at once and a background task PINGs the
+server until it answers, which closes the breaker. Credentials never appear in a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+from ..errors import ConfigError
+from .breaker import Breaker
+from .url import RemoteURL
+
+log = logging.getLogger("kvstore.remote")
+
+__all__ = ["RemoteClient"]
+
+try:  # the optional dependency (pip extra "remote")
+    import redis.asyncio as _redis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _redis = None
+    RedisError = OSError  # type: ignore[assignment,misc]
+
+
+def _failure_types() -> tuple[type[BaseException], ...]:
+    return (RedisError, OSError, TimeoutError, ConnectionError, EOFError)
+
+
+class RemoteClient:
+    """Deadline-bounded, breaker-guarded remote calls. Create inside a running event loop."""
+
+    def __init__(
+        self, url: RemoteURL, timeout_s: float, stats: Counter, *, breaker_threshold: int = 3,
+        probe_interval_s: Optional[float] = None, max_connections: int = 32,
+    ) -> None:
+        if _redis is None:
+            raise ConfigError(
+                "RemoteTier needs the redis client library: pip install 'kvstore[remote]' (redis>=5, hiredis)"
+            )
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self.stats = stats
+        self.breaker = Breaker(breaker_threshold)
+        self.probe_interval_s = probe_interval_s if probe_interval_s is not None else min(1.0, self.timeout_s)
+        self._read = self._connect(max_connections)
+        self._write = self._connect(max_connections)
+        self._probe: Optional[asyncio.Task] = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<RemoteClient {self.url.redacted} breaker={'open' if self.breaker.open else 'closed'}>"
+
+    def _connect(self, max_connections: int) -> Any:
+        u, t = self.url, self.timeout_s
+        common = dict(
+            username=u.username, password=u.password, socket_timeout=t, socket_connect_timeout=t,
+            decode_responses=False, max_connections=max_connections,
+        )
+        if u.cluster:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in u.nodes], ssl=u.tls, retry=Retry(NoBackoff(), 0),
+                cluster_error_retry_attempts=1, require_full_coverage=False, **common,
+            )
+        host, port = u.nodes[0]
+        return _redis.Redis(host=host, port=port, db=u.db, ssl=u.tls, retry=Retry(NoBackoff(), 0), **common)
+
+    # ------------------------------------------------------------------ the guarded call
+    async def _call(self, client: Any, fn: Callable[[Any], Awaitable[Any]], what: str) -> Any:
+        """``await fn(client)`` within the deadline; None on failure, timeout or an open breaker."""
+        if self._closed or not self.breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await fn(client)
+        except _failure_types() as exc:
+            self._failed(what, exc)
+            return None
+        self.breaker.success()
+        return result
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.stats["remote_errors"] += 1
+        if self.breaker.failure():
+            self.stats["remote_breaker_opened"] += 1
+            log.warning(
+                "kvstore remote %s: %s failed (%s); circuit open: reads are misses and writes are dropped until "
+                "the server answers a ping", self.url.redacted, what, type(exc).__name__,
+            )
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        while self.breaker.open and not self._closed:
+            await asyncio.sleep(self.probe_interval_s)
+            if await self._ping():
+                self.breaker.success()
+                log.warning("kvstore remote %s: answering again; circuit closed", self.url.redacted)
+                return
+
+    async def _ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._read.ping()
+            return True
+        except _failure_types():
+            return False
+
+    @staticmethod
+    async def _pipeline(client: Any, commands: Sequence[Callable[[Any], Any]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for cmd in commands:
+            cmd(pipe)
+        return await pipe.execute(raise_on_error=False)
+
+    # ------------------------------------------------------------------ commands
+    async def exists(self, keys: Sequence[bytes]) -> Optional[list[bool]]:
+        """Whether each key is on the server (pipelined EXISTS); None on failure."""
+        if not keys:
+            return []
+        res = await self._call(self._read, lambda c: self._pipeline(c, [lambda p, k=k: p.exists(k) for k in keys]), "EXISTS")
+        if res is None:
+            return None
+        if any(isinstance(r, BaseException) for r in res):
+            self._failed("EXISTS", next(r for r in res if isinstance(r, BaseException)))
+        return [not isinstance(r, BaseException) and bool(r) for r in res]
+
+    async def get(self, keys: Sequence[bytes]) -> Optional[list[Optional[bytes]]]:
+        """The value of each key (None where missing or failed), pipelined GETs; None on failure."""
+        if not keys:
+            return []
+        res = await self._call(self._read, lambda c: self._pipeline(c, [lambda p, k=k: p.get(k) for k in keys]), "GET")
+        if res is None:
+            return None
+        return [None if isinstance(r, BaseException) else r for r in res]
+
+    async def set_nx(self, items: Sequence[tuple[bytes, bytes]], ttl_s: Optional[float]) -> Optional[list[Optional[bool]]]:
+        """SET key value NX [PX ttl] for each item, pipelined: True where written, False where the key was
+        there already, None where the server refused it (e.g. out of memory). None on failure."""
+        if not items:
+            return []
+        px = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        res = await self._call(
+            self._write, lambda c: self._pipeline(c, [lambda p, kv=kv: p.set(kv[0], kv[1], nx=True, px=px) for kv in items]),
+            "SET",
+        )
+        if res is None:
+            return None
+        errors = [r for r in res if isinstance(r, BaseException)]
+        if errors:
+            self._failed("SET", errors[0])
+        return [None if isinstance(r, BaseException) else bool(r) for r in res]
+
+    async def delete(self, keys: Sequence[bytes]) -> None:
+        """Best-effort DEL of ``keys`` (one per command: cluster keys live on different nodes)."""
+        if keys:
+            await self._call(self._write, lambda c: self._pipeline(c, [lambda p, k=k: p.delete(k) for k in keys]), "DEL")
+
+    async def ping(self) -> bool:
+        """Whether the server answers within the deadline (does not touch the breaker)."""
+        return await self._ping()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        for client in (self._read, self._write):
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await client.aclose()
+            except (*_failure_types(), Exception):  # closing a dead connection: nothing left to do
+                pass

@@ -1,0 +1,235 @@
+"""Reading prefixes from the remote tier: ``lookup_remote`` and ``fetch_prefix``.
+
+Both start where the local prefix ends and walk the remote in prefix order, a pipeline of ``batch``
+keys at a time, stopping at the first page the remote lacks. ``fetch_prefix`` verifies each value
+(:mod:`.codec`) on a worker thread, then lands the leading valid pages as one operation: it reserves
+new pages at the target like a prefetch (evicting there as needed), writes the bytes into their slots
+off the loop, and indexes them as committed pages no cache holds (reusable, droppable). Cancelled or
+failed at any await, every page it reserved is either landed and indexed or freed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from .._aio import settle
+from ..errors import CapacityError, InvalidArgumentError, KVStoreError
+from ..placement import Page
+from ..placement.prefix import as_token_array
+from ..transfer.copier import Segment
+from ..transfer.scheduler import PREFETCH
+from ..types import CacheLevel, PrefetchResult, PrefixMatch
+from . import codec
+from .client import RemoteClient
+from .keys import KeySpace
+
+if TYPE_CHECKING:
+    from ..manager import KVCacheManager
+
+log = logging.getLogger("kvstore.remote")
+
+__all__ = ["RemoteReader"]
+
+
+class RemoteReader:
+    def __init__(self, mgr: "KVCacheManager", client: RemoteClient, keys: KeySpace, batch: int) -> None:
+        self.mgr = mgr
+        self.client = client
+        self.keys = keys
+        self.batch = batch
+        self.stats = mgr._stats
+        self._deletes: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ the part of the prefix to ask for
+    def _rest(self, tokens: Sequence[int]) -> tuple[list[Page], list[bytes], Optional[bytes]]:
+        """(local prefix pages, page keys of the full pages after them, key of the last local page)."""
+        mgr = self.mgr
+        arr = as_token_array(tokens)
+        pages, last = mgr._match(arr)
+        full = len(arr) // mgr.layout.tokens_per_page
+        rest = mgr._hasher.keys(arr, len(pages), full, last) if full > len(pages) else []
+        return pages, rest, last
+
+    async def lookup(self, tokens: Sequence[int]) -> PrefixMatch:
+        mgr = self.mgr
+        pages, rest, _ = self._rest(tokens)
+        found = 0
+        for i in range(0, len(rest), self.batch):
+            chunk = rest[i : i + self.batch]
+            have = await self.client.exists(self.keys.keys(chunk))
+            if have is None:
+                break
+            lead = next((j for j, h in enumerate(have) if not h), len(have))
+            found += lead
+            self.stats["remote_hits"] += lead
+            if lead < len(chunk):
+                self.stats["remote_misses"] += 1
+                break
+        per_level = {lvl: 0 for lvl in mgr.config.levels}
+        for p in pages:
+            per_level[p.level] += 1
+        per_level[CacheLevel.REMOTE] = found
+        return PrefixMatch((len(pages) + found) * mgr.layout.tokens_per_page, per_level)
+
+    # ------------------------------------------------------------------ fetch
+    async def fetch(self, tokens: Sequence[int], target: CacheLevel, timeout_s: Optional[float]) -> PrefetchResult:
+        t0 = time.perf_counter()
+        if target not in (CacheLevel.HOST, CacheLevel.DEVICE):
+            raise InvalidArgumentError(f"fetch_prefix() target must be HOST or DEVICE, got {target.name}")
+        _, rest, prev = self._rest(tokens)
+        moved = 0
+        complete = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                moved, complete = await self._fetch_keys(rest, prev, target)
+        except TimeoutError:
+            self.stats["remote_timeouts"] += 1
+        pb = self.mgr._page_bytes
+        return PrefetchResult(complete, moved, moved * pb, time.perf_counter() - t0)
+
+    async def _fetch_keys(self, rest: list[bytes], prev: Optional[bytes], target: CacheLevel) -> tuple[int, bool]:
+        """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
+        moved = 0
+        pb = self.mgr._page_bytes
+        lay, scope = self.keys.layout_digest, self.keys.scope
+        for i in range(0, len(rest), self.batch):
+            chunk = rest[i : i + self.batch]
+            rkeys = self.keys.keys(chunk)
+            values = await self.client.get(rkeys)
+            if values is None:
+                return moved, False
+            bodies = await asyncio.to_thread(_verify, values, chunk, lay, scope, pb)
+            lead = next((j for j, b in enumerate(bodies) if b is None), len(bodies))
+            self.stats["remote_hits"] += lead
+            corrupt = lead < len(chunk) and values[lead] is not None
+            if lead < len(chunk):
+                self.stats["remote_misses"] += 1
+            if corrupt:
+                self.stats["remote_corrupt"] += 1
+                self._delete(rkeys[lead])
+            done = 0
+            while done < lead:  # a full target takes the pages in parts (each part's pages make room for the next)
+                local, landed = await self._land(chunk[done:lead], bodies[done:lead], chunk[done - 1] if done else prev, target)
+                moved += landed
+                if local == 0:
+                    return moved, False
+                done += local
+            if lead:
+                prev = chunk[lead - 1]
+            if lead < len(chunk):
+                return moved, not corrupt
+        return moved, True
+
+    def _delete(self, rkey: bytes) -> None:
+        task = asyncio.ensure_future(self.client.delete([rkey]))
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
+
+    async def _land(
+        self, keys: list[bytes], bodies: list, prev: Optional[bytes], target: CacheLevel
+    ) -> tuple[int, int]:
+        """Land pages ``keys`` (bytes ``bodies``, chained after ``prev``) at ``target``: (how many leading ones
+        are local now, landed here or indexed meanwhile by someone else; how many this call landed)."""
+        mgr, pl = self.mgr, self.mgr._placement
+        async with mgr._operation("fetch", None, None, "fetch_prefix()") as op:
+            try:
+                async with mgr._plan_lock:
+                    mgr._check_running()
+                    want = [j for j, k in enumerate(keys) if pl.index.get(k) is None]
+                    if not want:
+                        return len(keys), 0
+                    n, room = _most_that_fit(pl, len(want), target)
+                    if n == 0:
+                        return want[0], 0
+                    want = want[:n]
+                    chunk, plan = pl.plan_new_pages(n, target, 0, check=room)
+                    for p in chunk:
+                        p.owners = 1  # owned by this operation until indexed
+                    op.owned.extend(chunk)
+                    mgr._ledger.hold(op, chunk)
+                    if plan.moves:
+                        op.runs.append(mgr._executor.submit(plan, PREFETCH))
+                try:
+                    await mgr._finish(op)
+                except KVStoreError as exc:  # a victim's write-back failed: its slot's new page was not placed
+                    log.warning("kvstore remote: making room for fetched pages failed (%s)", exc)
+                placed = [(p, j) for p, j in zip(op.owned, want) if not p.freed and p.level == target and p.move is None]
+                if placed:
+                    await self._write(target, [p.slot for p, _ in placed], [bodies[j] for _, j in placed])
+                landed = 0
+                done = set()
+                for p, j in placed:
+                    parent = keys[j - 1] if j > 0 else prev
+                    if pl.set_key(p, keys[j], parent):
+                        landed += 1
+                        done.add(j)
+                self.stats[f"pages_remote_to_{target.label}"] += landed
+                self.stats[f"bytes_remote_to_{target.label}"] += landed * mgr._page_bytes
+                # local now: the leading keys landed here or already indexed
+                local = next((j for j in range(len(keys)) if j not in done and pl.index.get(keys[j]) is None), len(keys))
+                return local, landed
+            finally:
+                owned, op.owned = [p for p in op.owned if not p.freed], []
+                mgr._ledger.release(op)
+                pl.remove_owners(owned)  # indexed ones stay as reusable pages, the others are freed
+
+    async def _write(self, target: CacheLevel, slots: list[int], bodies: list) -> None:
+        """Copy ``bodies`` into ``slots`` of ``target`` off the loop (finishes even if cancelled)."""
+        mgr = self.mgr
+        if target == CacheLevel.HOST:
+            host = mgr._host
+            rows = [host.chunks[c][r] for c, r in map(host.locate, slots)]
+            await settle(asyncio.to_thread(_fill, rows, bodies))
+            return
+        if not mgr._copier.cuda:
+            await settle(asyncio.to_thread(_fill, [mgr._device.rows[s] for s in slots], bodies))
+            return
+        staging = mgr._executor.staging
+        for start in range(0, len(slots), staging.rows):
+            part = slots[start : start + staging.rows]
+            buf = await staging.acquire()
+            try:
+                rows = list(range(len(part)))
+                await settle(asyncio.to_thread(_fill, [buf[r] for r in rows], bodies[start : start + len(part)]))
+                await mgr._copier.copy([Segment(mgr._device.rows, part, buf, rows)], "up", mgr._copier.after_current_stream())
+            finally:
+                staging.give_back(buf)
+
+    async def close(self) -> None:
+        if self._deletes:
+            await asyncio.gather(*self._deletes, return_exceptions=True)
+
+
+def _most_that_fit(pl, n: int, target: CacheLevel):
+    """(the most of ``n`` new pages that fit at ``target`` now, its room check); (0, None) if none does."""
+    try:
+        return n, pl.check_new_pages(n, target)
+    except CapacityError:
+        pass
+    lo, hi, best = 0, n - 1, (0, None)  # binary search: a draft per probe
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            pl.check_new_pages(mid, target)
+            lo = mid
+        except CapacityError:
+            hi = mid - 1
+    if lo > 0:
+        best = (lo, pl.check_new_pages(lo, target))
+    return best
+
+
+def _verify(values: list, keys: list[bytes], lay: bytes, scope: bytes, page_bytes: int) -> list:
+    """Worker thread: each value's page bytes if it checks out, else None."""
+    return [codec.decode(v, lay, scope, k, page_bytes) for v, k in zip(values, keys, strict=True)]
+
+
+def _fill(rows: list, bodies: list) -> None:
+    """Worker thread: copy each body into its uint8 row tensor."""
+    for row, body in zip(rows, bodies, strict=True):
+        row.numpy()[:] = np.frombuffer(body, dtype=np.uint8)

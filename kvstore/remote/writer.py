@@ -1,0 +1,170 @@
+"""Write-through of committed pages to the remote tier: a bounded queue and one background writer.
+
+``enqueue`` (called by ``commit()``) never blocks and never awaits: beyond ``max_pending_pages`` a page is
+not queued (counted ``remote_write_dropped``). The writer takes batches in commit order, asks the server
+which keys it lacks (pipelined EXISTS), reads only those pages' bytes (:mod:`.gather`, off the loop) and
+writes them with ``SET NX PX ttl`` in one pipeline. A failure drops the batch (counted), never retries
+past the call's deadline. ``flush()`` waits until every page queued before it was written or given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Optional
+
+from ..errors import InvalidStateError, KVStoreError
+from ..placement import Page
+from .client import RemoteClient
+from .gather import Encoder, gather_values
+from .keys import KeySpace
+
+if TYPE_CHECKING:
+    from ..manager import KVCacheManager
+
+log = logging.getLogger("kvstore.remote")
+
+__all__ = ["RemoteWriter"]
+
+_ATTEMPTS = 3  # a page found moving this many times is given up
+
+
+class RemoteWriter:
+    def __init__(
+        self, mgr: "KVCacheManager", client: RemoteClient, keys: KeySpace, encode: Encoder, ttl_s: Optional[float],
+        max_pending: int, batch_pages: int,
+    ) -> None:
+        self.mgr = mgr
+        self.client = client
+        self.keys = keys
+        self.encode = encode
+        self.ttl_s = ttl_s
+        self.max_pending = max_pending
+        self.batch_pages = batch_pages
+        self.stats = mgr._stats
+        self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
+        self._wake = asyncio.Event()
+        self._queued = 0  # pages ever queued (sequence numbers)
+        self._settled = 0  # of those, written or given up
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._task: Optional[asyncio.Task] = None
+
+    @property
+    def pending(self) -> int:
+        return self._queued - self._settled
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def enqueue(self, page: Page, key: bytes) -> None:
+        """Queue a newly committed page (synchronous, O(1)); dropped and counted when the queue is full."""
+        if self._task is None or self._task.done() or self.pending >= self.max_pending:
+            self.stats["remote_write_dropped"] += 1
+            return
+        self._queue.append((page, key, 0))
+        self._queued += 1
+        self._wake.set()
+
+    async def flush(self, timeout_s: Optional[float] = None) -> None:
+        """Wait until every page queued so far was written or given up (at most ``timeout_s``)."""
+        target = self._queued
+        if self._settled >= target:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry = (target, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait([fut], timeout=timeout_s)
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def _settle(self, n: int) -> None:
+        self._settled += n
+        keep = []
+        for target, fut in self._waiters:
+            if self._settled >= target:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
+
+    async def close(self) -> None:
+        """Stop the writer; pages still queued are given up (counted dropped)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        n = len(self._queue)
+        self._queue.clear()
+        self.stats["remote_write_dropped"] += n
+        self._settle(self.pending)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self.batch_pages, len(self._queue)))]
+                settled = len(batch)
+                try:
+                    settled -= await self._write(batch)
+                except InvalidStateError:
+                    self.stats["remote_write_dropped"] += len(batch)
+                    self._settle(len(batch))
+                    return  # the manager is closing
+                except asyncio.CancelledError:
+                    self.stats["remote_write_dropped"] += len(batch)
+                    self._settle(len(batch))
+                    raise
+                except KVStoreError as exc:  # a local read failed: those pages are not written
+                    log.warning("kvstore remote: reading %d pages for the remote failed (%s)", len(batch), exc)
+                    self.stats["remote_write_dropped"] += len(batch)
+                self._settle(settled)
+
+    async def _write(self, batch: list[tuple[Page, bytes, int]]) -> int:
+        """Write one batch; returns how many of its pages went back to the queue (to try again)."""
+        live = [(p, k, a) for p, k, a in batch if not p.freed and p.key == k]
+        if not live:
+            return 0
+        if not self.client.breaker.allow():
+            self.stats["remote_write_dropped"] += len(live)
+            return 0
+        rkeys = self.keys.keys([k for _, k, _ in live])
+        have = await self.client.exists(rkeys)
+        if have is None:
+            self.stats["remote_write_dropped"] += len(live)
+            return 0
+        todo = [(i, e) for i, (e, h) in enumerate(zip(live, have)) if not h]
+        self.stats["remote_write_skipped"] += len(live) - len(todo)
+        if not todo:
+            return 0
+        values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in todo], self.encode)
+        retried = 0
+        for j in again:
+            page, key, attempts = todo[j][1]
+            if attempts + 1 < _ATTEMPTS:
+                self._queue.append((page, key, attempts + 1))
+                retried += 1
+            else:
+                self.stats["remote_write_dropped"] += 1
+        if not values:
+            return retried
+        items = [(rkeys[todo[j][0]], value) for j, value, _ in values]
+        written = await self.client.set_nx(items, self.ttl_s)
+        if written is None:
+            self.stats["remote_write_dropped"] += len(items)
+            return retried
+        pb = self.mgr._page_bytes
+        for (_, _, level), ok in zip(values, written):
+            if ok:
+                self.stats[f"pages_{level.label}_to_remote"] += 1
+                self.stats[f"bytes_{level.label}_to_remote"] += pb
+            elif ok is None:
+                self.stats["remote_write_dropped"] += 1  # refused by the server (counted in remote_errors)
+            else:
+                self.stats["remote_write_skipped"] += 1  # written by another node meanwhile
+        if retried:
+            self._wake.set()
+        return retried
