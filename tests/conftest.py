@@ -139,3 +139,6 @@ async def until(cond, what: str, limit: float = 5.0) -> None:
         if loop.time() > end:
             raise AssertionError(f"timed out waiting until {what}")
         await asyncio.sleep(0.001)
+
+
+from .redis_fixtures import own_redis, redis_cluster, redis_server  # noqa: E402,F401  (remote-tier tests)

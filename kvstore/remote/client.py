@@ -72,7 +72,7 @@ class RemoteClient:
         if u.cluster:
             return RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in u.nodes], ssl=u.tls, retry=Retry(NoBackoff(), 0),
-                cluster_error_retry_attempts=1, require_full_coverage=False, **common,
+                require_full_coverage=False, **common,
             )
         host, port = u.nodes[0]
         return _redis.Redis(host=host, port=port, db=u.db, ssl=u.tls, retry=Retry(NoBackoff(), 0), **common)

@@ -137,23 +137,33 @@ class RemoteReader:
         are local now, landed here or indexed meanwhile by someone else; how many this call landed)."""
         mgr, pl = self.mgr, self.mgr._placement
         async with mgr._operation("fetch", None, None, "fetch_prefix()") as op:
+            want: list[int] = []
+
+            async def attempt() -> bool:  # under the planning lock; CapacityError changes nothing
+                nonlocal want
+                want = [j for j, k in enumerate(keys) if pl.index.get(k) is None]
+                if not want:
+                    return True
+                n, room = _most_that_fit(pl, len(want), target)
+                if n == 0:
+                    raise CapacityError(f"no room on the {target.label} level for pages fetched from the remote")
+                want = want[:n]
+                chunk, plan = pl.plan_new_pages(n, target, 0, check=room)
+                for p in chunk:
+                    p.owners = 1  # owned by this operation until indexed
+                op.owned.extend(chunk)
+                mgr._ledger.hold(op, chunk)
+                if plan.moves:
+                    op.runs.append(mgr._executor.submit(plan, PREFETCH))
+                return True
+
             try:
-                async with mgr._plan_lock:
-                    mgr._check_running()
-                    want = [j for j, k in enumerate(keys) if pl.index.get(k) is None]
-                    if not want:
-                        return len(keys), 0
-                    n, room = _most_that_fit(pl, len(want), target)
-                    if n == 0:
-                        return want[0], 0
-                    want = want[:n]
-                    chunk, plan = pl.plan_new_pages(n, target, 0, check=room)
-                    for p in chunk:
-                        p.owners = 1  # owned by this operation until indexed
-                    op.owned.extend(chunk)
-                    mgr._ledger.hold(op, chunk)
-                    if plan.moves:
-                        op.runs.append(mgr._executor.submit(plan, PREFETCH))
+                try:  # room held by operations in flight (another fetch, a prefetch) is waited for
+                    await mgr._with_room(op, None, "fetch_prefix()", attempt)
+                except CapacityError:
+                    return next((j for j, k in enumerate(keys) if pl.index.get(k) is None), len(keys)), 0
+                if not want:
+                    return len(keys), 0
                 try:
                     await mgr._finish(op)
                 except KVStoreError as exc:  # a victim's write-back failed: its slot's new page was not placed
