@@ -2,8 +2,9 @@
 
 Owns the connections (``redis.asyncio``; a cluster through ``redis.asyncio.cluster.RedisCluster``): one
 pool for reads and one for writes, so a large write never delays a read queued behind it on the same
-connection. Every call runs under a deadline (``asyncio.timeout(timeout_s)``); redis-py's own retries
-are off (they could outlive the deadline). A failure or a timeout is a ``None`` result, never an
+connection. Every call runs under a deadline (``asyncio.timeout(timeout_s)``) that also bounds redis-py's
+one immediate retry (a pooled connection found dead after a server restart is replaced within the call;
+nothing is retried past the deadline). A failure or a timeout is a ``None`` result, never an
 exception: the caller treats it as a miss (read) or a dropped write. Failures feed a
 :class:`~.breaker.Breaker`; while it is open calls are refused at once and a background task PINGs the
 server until it answers, which closes the breaker. Credentials never appear in a message.
@@ -71,11 +72,11 @@ class RemoteClient:
         )
         if u.cluster:
             return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in u.nodes], ssl=u.tls, retry=Retry(NoBackoff(), 0),
+                startup_nodes=[ClusterNode(h, p) for h, p in u.nodes], ssl=u.tls, retry=Retry(NoBackoff(), 1),
                 require_full_coverage=False, **common,
             )
         host, port = u.nodes[0]
-        return _redis.Redis(host=host, port=port, db=u.db, ssl=u.tls, retry=Retry(NoBackoff(), 0), **common)
+        return _redis.Redis(host=host, port=port, db=u.db, ssl=u.tls, retry=Retry(NoBackoff(), 1), **common)
 
     # ------------------------------------------------------------------ the guarded call
     async def _call(self, client: Any, fn: Callable[[Any], Awaitable[Any]], what: str) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._aio import settle
 from ..errors import CapacityError, InvalidArgumentError, KVStoreError
+from ..operations import Operation
 from ..placement import Page
 from ..placement.prefix import as_token_array
 from ..transfer.copier import Segment
@@ -84,15 +85,23 @@ class RemoteReader:
         _, rest, prev = self._rest(tokens)
         moved = 0
         complete = False
+        # the pages landed so far stay owned by this call until it ends: later ones never drop earlier ones
+        keeper = self.mgr._ledger.begin("fetch-keep")
         try:
             async with asyncio.timeout(timeout_s):
-                moved, complete = await self._fetch_keys(rest, prev, target)
+                moved, complete = await self._fetch_keys(rest, prev, target, keeper)
         except TimeoutError:
             self.stats["remote_timeouts"] += 1
+        finally:
+            kept, keeper.owned = keeper.owned, []
+            self.mgr._ledger.end(keeper)
+            self.mgr._placement.remove_owners(kept)  # committed pages no cache holds: reusable, droppable
         pb = self.mgr._page_bytes
         return PrefetchResult(complete, moved, moved * pb, time.perf_counter() - t0)
 
-    async def _fetch_keys(self, rest: list[bytes], prev: Optional[bytes], target: CacheLevel) -> tuple[int, bool]:
+    async def _fetch_keys(
+        self, rest: list[bytes], prev: Optional[bytes], target: CacheLevel, keeper: Operation
+    ) -> tuple[int, bool]:
         """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
         moved = 0
         pb = self.mgr._page_bytes
@@ -114,7 +123,9 @@ class RemoteReader:
                 self._delete(rkeys[lead])
             done = 0
             while done < lead:  # a full target takes the pages in parts (each part's pages make room for the next)
-                local, landed = await self._land(chunk[done:lead], bodies[done:lead], chunk[done - 1] if done else prev, target)
+                local, landed = await self._land(
+                    chunk[done:lead], bodies[done:lead], chunk[done - 1] if done else prev, target, keeper
+                )
                 moved += landed
                 if local == 0:
                     return moved, False
@@ -131,15 +142,16 @@ class RemoteReader:
         task.add_done_callback(self._deletes.discard)
 
     async def _land(
-        self, keys: list[bytes], bodies: list, prev: Optional[bytes], target: CacheLevel
+        self, keys: list[bytes], bodies: list, prev: Optional[bytes], target: CacheLevel, keeper: Operation
     ) -> tuple[int, int]:
         """Land pages ``keys`` (bytes ``bodies``, chained after ``prev``) at ``target``: (how many leading ones
-        are local now, landed here or indexed meanwhile by someone else; how many this call landed)."""
+        are local now, landed here or indexed meanwhile by someone else; how many this call landed). Landed
+        pages pass to ``keeper``'s ownership; the others reserved are freed, also when cancelled."""
         mgr, pl = self.mgr, self.mgr._placement
         async with mgr._operation("fetch", None, None, "fetch_prefix()") as op:
             want: list[int] = []
 
-            async def attempt() -> bool:  # under the planning lock; CapacityError changes nothing
+            def attempt() -> bool:  # under the planning lock; CapacityError changes nothing
                 nonlocal want
                 want = [j for j, k in enumerate(keys) if pl.index.get(k) is None]
                 if not want:
@@ -158,9 +170,7 @@ class RemoteReader:
                 return True
 
             try:
-                try:  # room held by operations in flight (another fetch, a prefetch) is waited for
-                    await mgr._with_room(op, None, "fetch_prefix()", attempt)
-                except CapacityError:
+                if not await self._with_room(op, keeper, attempt):
                     return next((j for j, k in enumerate(keys) if pl.index.get(k) is None), len(keys)), 0
                 if not want:
                     return len(keys), 0
@@ -186,7 +196,23 @@ class RemoteReader:
             finally:
                 owned, op.owned = [p for p in op.owned if not p.freed], []
                 mgr._ledger.release(op)
-                pl.remove_owners(owned)  # indexed ones stay as reusable pages, the others are freed
+                keeper.owned.extend(p for p in owned if p.indexed)  # owners stays 1: kept until the fetch ends
+                pl.remove_owners([p for p in owned if not p.indexed])  # reserved but not landed: freed
+
+    async def _with_room(self, op: Operation, keeper: Operation, attempt) -> bool:
+        """``attempt()`` under the planning lock until it fits (True), waiting while other operations in flight
+        hold room that may come back; False once none does (this fetch's own pages never count)."""
+        mgr = self.mgr
+        while True:
+            async with mgr._plan_lock:
+                mgr._check_running()
+                try:
+                    return attempt()
+                except CapacityError:
+                    others = [o for o in mgr._ledger.room_holders(op) if o is not keeper and o.kind != "fetch-keep"]
+                    if not others:
+                        return False
+            await mgr._ledger.changed()
 
     async def _write(self, target: CacheLevel, slots: list[int], bodies: list) -> None:
         """Copy ``bodies`` into ``slots`` of ``target`` off the loop (finishes even if cancelled)."""
