@@ -45,7 +45,8 @@ class RemoteClient:
 
     def __init__(
         self, url: RemoteURL, timeout_s: float, stats: Counter, *, breaker_threshold: int = 3,
-        probe_interval_s: Optional[float] = None, max_connections: int = 32,
+        probe_interval_s: Optional[float] = None, max_connections: int = 32, pipeline_bytes: int = 256 << 10,
+        pipeline_depth: int = 2,
     ) -> None:
         if _redis is None:
             raise ConfigError(
@@ -55,6 +56,8 @@ class RemoteClient:
         self.timeout_s = float(timeout_s)
         self.stats = stats
         self.breaker = Breaker(breaker_threshold)
+        self.pipeline_bytes = pipeline_bytes
+        self.pipeline_depth = pipeline_depth
         self.probe_interval_s = probe_interval_s if probe_interval_s is not None else min(1.0, self.timeout_s)
         self._read = self._connect(max_connections)
         self._write = self._connect(max_connections)
@@ -126,6 +129,25 @@ class RemoteClient:
             cmd(pipe)
         return await pipe.execute(raise_on_error=False)
 
+    async def _pipelines(self, client: Any, commands: Sequence[Callable[[Any], Any]], item_bytes: int) -> list[Any]:
+        """``commands`` as pipelines of at most ``pipeline_bytes`` of values each, ``pipeline_depth`` of them in
+        flight (each on its own pooled connection); answers in order. Sending or parsing a pipeline is one
+        step of the event loop, and every step ready runs before a timer: small pipelines, few at a time,
+        keep the serving loop's stalls short."""
+        per = max(1, self.pipeline_bytes // max(1, item_bytes))
+        if len(commands) <= per:
+            return await self._pipeline(client, commands)
+        parts = [commands[i : i + per] for i in range(0, len(commands), per)]
+        out: list[Any] = [None] * len(parts)
+        it = iter(enumerate(parts))
+
+        async def lane() -> None:
+            for i, part in it:
+                out[i] = await self._pipeline(client, part)
+
+        await asyncio.gather(*(lane() for _ in range(min(self.pipeline_depth, len(parts)))))
+        return [r for part in out for r in part]
+
     # ------------------------------------------------------------------ commands
     async def exists(self, keys: Sequence[bytes]) -> Optional[list[bool]]:
         """Whether each key is on the server (pipelined EXISTS); None on failure."""
@@ -138,11 +160,13 @@ class RemoteClient:
             self._failed("EXISTS", next(r for r in res if isinstance(r, BaseException)))
         return [not isinstance(r, BaseException) and bool(r) for r in res]
 
-    async def get(self, keys: Sequence[bytes]) -> Optional[list[Optional[bytes]]]:
-        """The value of each key (None where missing or failed), pipelined GETs; None on failure."""
+    async def get(self, keys: Sequence[bytes], value_bytes: int = 0) -> Optional[list[Optional[bytes]]]:
+        """The value of each key (None where missing or failed), pipelined GETs (``value_bytes``: the size
+        expected, to keep each pipeline small); None on failure."""
         if not keys:
             return []
-        res = await self._call(self._read, lambda c: self._pipeline(c, [lambda p, k=k: p.get(k) for k in keys]), "GET")
+        cmds = [lambda p, k=k: p.get(k) for k in keys]
+        res = await self._call(self._read, lambda c: self._pipelines(c, cmds, value_bytes), "GET")
         if res is None:
             return None
         return [None if isinstance(r, BaseException) else r for r in res]
@@ -153,10 +177,9 @@ class RemoteClient:
         if not items:
             return []
         px = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        res = await self._call(
-            self._write, lambda c: self._pipeline(c, [lambda p, kv=kv: p.set(kv[0], kv[1], nx=True, px=px) for kv in items]),
-            "SET",
-        )
+        cmds = [lambda p, kv=kv: p.set(kv[0], kv[1], nx=True, px=px) for kv in items]
+        size = max(len(v) for _, v in items)
+        res = await self._call(self._write, lambda c: self._pipelines(c, cmds, size), "SET")
         if res is None:
             return None
         errors = [r for r in res if isinstance(r, BaseException)]

@@ -109,7 +109,7 @@ class RemoteReader:
         for i in range(0, len(rest), self.batch):
             chunk = rest[i : i + self.batch]
             rkeys = self.keys.keys(chunk)
-            values = await self.client.get(rkeys)
+            values = await self.client.get(rkeys, pb + codec.HEADER)
             if values is None:
                 return moved, False
             bodies = await asyncio.to_thread(_verify, values, chunk, lay, scope, pb)
