@@ -46,7 +46,7 @@ class RemoteClient:
     def __init__(
         self, url: RemoteURL, timeout_s: float, stats: Counter, *, breaker_threshold: int = 3,
         probe_interval_s: Optional[float] = None, max_connections: int = 32, pipeline_bytes: int = 256 << 10,
-        pipeline_depth: int = 2,
+        read_depth: int = 4, write_depth: int = 2,
     ) -> None:
         if _redis is None:
             raise ConfigError(
@@ -57,7 +57,7 @@ class RemoteClient:
         self.stats = stats
         self.breaker = Breaker(breaker_threshold)
         self.pipeline_bytes = pipeline_bytes
-        self.pipeline_depth = pipeline_depth
+        self.depth = {"GET": read_depth, "SET": write_depth}
         self.probe_interval_s = probe_interval_s if probe_interval_s is not None else min(1.0, self.timeout_s)
         self._read = self._connect(max_connections)
         self._write = self._connect(max_connections)
@@ -129,8 +129,8 @@ class RemoteClient:
             cmd(pipe)
         return await pipe.execute(raise_on_error=False)
 
-    async def _pipelines(self, client: Any, commands: Sequence[Callable[[Any], Any]], item_bytes: int) -> list[Any]:
-        """``commands`` as pipelines of at most ``pipeline_bytes`` of values each, ``pipeline_depth`` of them in
+    async def _pipelines(self, client: Any, commands: Sequence[Callable[[Any], Any]], item_bytes: int, depth: int) -> list[Any]:
+        """``commands`` as pipelines of at most ``pipeline_bytes`` of values each, ``depth`` of them in
         flight (each on its own pooled connection); answers in order. Sending or parsing a pipeline is one
         step of the event loop, and every step ready runs before a timer: small pipelines, few at a time,
         keep the serving loop's stalls short."""
@@ -145,7 +145,7 @@ class RemoteClient:
             for i, part in it:
                 out[i] = await self._pipeline(client, part)
 
-        await asyncio.gather(*(lane() for _ in range(min(self.pipeline_depth, len(parts)))))
+        await asyncio.gather(*(lane() for _ in range(min(depth, len(parts)))))
         return [r for part in out for r in part]
 
     # ------------------------------------------------------------------ commands
@@ -166,7 +166,7 @@ class RemoteClient:
         if not keys:
             return []
         cmds = [lambda p, k=k: p.get(k) for k in keys]
-        res = await self._call(self._read, lambda c: self._pipelines(c, cmds, value_bytes), "GET")
+        res = await self._call(self._read, lambda c: self._pipelines(c, cmds, value_bytes, self.depth["GET"]), "GET")
         if res is None:
             return None
         return [None if isinstance(r, BaseException) else r for r in res]
@@ -179,7 +179,7 @@ class RemoteClient:
         px = None if ttl_s is None else max(1, int(ttl_s * 1000))
         cmds = [lambda p, kv=kv: p.set(kv[0], kv[1], nx=True, px=px) for kv in items]
         size = max(len(v) for _, v in items)
-        res = await self._call(self._write, lambda c: self._pipelines(c, cmds, size), "SET")
+        res = await self._call(self._write, lambda c: self._pipelines(c, cmds, size, self.depth["SET"]), "SET")
         if res is None:
             return None
         errors = [r for r in res if isinstance(r, BaseException)]

@@ -30,22 +30,24 @@ __all__ = ["RemoteEngine", "STATS"]
 STATS = ("remote_hits", "remote_misses", "remote_errors", "remote_corrupt", "remote_write_dropped",
          "remote_write_skipped", "remote_timeouts", "remote_breaker_opened")
 
-#: Pages per pipeline (bounded further by the batch size in bytes).
-PIPELINE_PAGES = 32
+#: Pages per write batch (one EXISTS pipeline) and per fetch step (GETs of step k+1 overlap step k's
+#: checks and landing); bounded further by ``StoreConfig.batch_bytes``.
+WRITE_BATCH_PAGES = 32
+FETCH_STEP_PAGES = 16
 
 
 class RemoteEngine:
     def __init__(self, mgr: "KVCacheManager", tier: RemoteTier) -> None:
         self.tier = tier
         self.url = parse_url(tier.url)
-        batch = max(1, min(PIPELINE_PAGES, mgr.config.batch_bytes // mgr._page_bytes))
+        fit = max(1, mgr.config.batch_bytes // mgr._page_bytes)
         self.keys = KeySpace(mgr.config.namespace, mgr.layout.fingerprint())
         self.client = RemoteClient(self.url, tier.timeout_s, mgr._stats)
         self.writer = RemoteWriter(
             mgr, self.client, self.keys, make_encoder(self.keys.layout_digest, self.keys.scope), tier.ttl_s,
-            tier.max_pending_pages, min(batch, mgr._executor.staging.rows),
+            tier.max_pending_pages, min(WRITE_BATCH_PAGES, fit, mgr._executor.staging.rows),
         )
-        self.reader = RemoteReader(mgr, self.client, self.keys, batch)
+        self.reader = RemoteReader(mgr, self.client, self.keys, min(FETCH_STEP_PAGES, fit))
 
     def start(self) -> None:
         self.writer.start()

@@ -103,15 +103,34 @@ class RemoteReader:
         self, rest: list[bytes], prev: Optional[bytes], target: CacheLevel, keeper: Operation
     ) -> tuple[int, bool]:
         """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
+        pb = self.mgr._page_bytes
+        chunks = [rest[i : i + self.batch] for i in range(0, len(rest), self.batch)]
+        gets: list[asyncio.Task] = []
+
+        def get(k: int) -> None:  # the GETs of chunk k, started while chunk k-1 is checked and landed
+            if k < len(chunks):
+                gets.append(asyncio.ensure_future(self.client.get(self.keys.keys(chunks[k]), pb + codec.HEADER)))
+
+        get(0)
+        try:
+            return await self._walk(chunks, gets, get, prev, target, keeper)
+        finally:
+            for t in gets:  # stopped early: GETs no longer needed
+                t.cancel()
+            if gets:
+                await asyncio.gather(*gets, return_exceptions=True)
+
+    async def _walk(self, chunks, gets, get, prev, target, keeper) -> tuple[int, bool]:
         moved = 0
         pb = self.mgr._page_bytes
         lay, scope = self.keys.layout_digest, self.keys.scope
-        for i in range(0, len(rest), self.batch):
-            chunk = rest[i : i + self.batch]
+        for i, chunk in enumerate(chunks):
             rkeys = self.keys.keys(chunk)
-            values = await self.client.get(rkeys, pb + codec.HEADER)
+            values = await gets.pop(0)
             if values is None:
                 return moved, False
+            if all(v is not None for v in values):
+                get(i + 1)
             bodies = await asyncio.to_thread(_verify, values, chunk, lay, scope, pb)
             lead = next((j for j, b in enumerate(bodies) if b is None), len(bodies))
             self.stats["remote_hits"] += lead

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import InvalidStateError, KVStoreError
 from ..placement import Page
+from ..types import CacheLevel
 from .client import RemoteClient
 from .gather import Encoder, gather_values
 from .keys import KeySpace
@@ -42,6 +43,7 @@ class RemoteWriter:
         self.ttl_s = ttl_s
         self.max_pending = max_pending
         self.batch_pages = batch_pages
+        self.group_pages = max(1, (1 << 20) // mgr._page_bytes)  # pages read per step (~1 MiB)
         self.stats = mgr._stats
         self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
         self._wake = asyncio.Event()
@@ -140,24 +142,44 @@ class RemoteWriter:
         self.stats["remote_write_skipped"] += len(live) - len(todo)
         if not todo:
             return 0
-        values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in todo], self.encode)
+        # read group k+1 (off the loop) while group k is on the wire
         retried = 0
-        for j in again:
-            page, key, attempts = todo[j][1]
-            if attempts + 1 < _ATTEMPTS:
-                self._queue.append((page, key, attempts + 1))
-                retried += 1
-            else:
-                self.stats["remote_write_dropped"] += 1
-        if not values:
-            return retried
-        items = [(rkeys[todo[j][0]], value) for j, value, _ in values]
+        sending: Optional[asyncio.Task] = None
+        try:
+            for start in range(0, len(todo), self.group_pages):
+                group = todo[start : start + self.group_pages]
+                values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], self.encode)
+                for j in again:
+                    page, key, attempts = group[j][1]
+                    if attempts + 1 < _ATTEMPTS:
+                        self._queue.append((page, key, attempts + 1))
+                        retried += 1
+                    else:
+                        self.stats["remote_write_dropped"] += 1
+                if sending is not None:
+                    await sending
+                    sending = None
+                if values:
+                    items = [(rkeys[group[j][0]], value) for j, value, _ in values]
+                    sending = asyncio.ensure_future(self._send(items, [lvl for _, _, lvl in values]))
+            if sending is not None:
+                await sending
+                sending = None
+        finally:
+            if sending is not None:  # cancelled: the write in flight is given up
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        if retried:
+            self._wake.set()
+        return retried
+
+    async def _send(self, items: list[tuple[bytes, bytes]], levels: list[CacheLevel]) -> None:
         written = await self.client.set_nx(items, self.ttl_s)
         if written is None:
             self.stats["remote_write_dropped"] += len(items)
-            return retried
+            return
         pb = self.mgr._page_bytes
-        for (_, _, level), ok in zip(values, written):
+        for level, ok in zip(levels, written):
             if ok:
                 self.stats[f"pages_{level.label}_to_remote"] += 1
                 self.stats[f"bytes_{level.label}_to_remote"] += pb
@@ -165,6 +187,3 @@ class RemoteWriter:
                 self.stats["remote_write_dropped"] += 1  # refused by the server (counted in remote_errors)
             else:
                 self.stats["remote_write_skipped"] += 1  # written by another node meanwhile
-        if retried:
-            self._wake.set()
-        return retried
