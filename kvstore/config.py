@@ -162,7 +162,8 @@ class DiskTier:
 class RemoteTier:
     """A shared Redis/Valkey server or cluster holding copies of committed pages (see docs/remote.md).
 
-    ``url``: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS) or
+    ``url``: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS; query parameters
+    ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname``) or
     ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). ``ttl_s``: expiry of every
     key written (None: none; the server's maxmemory policy evicts). ``timeout_s``: deadline of one remote
     call. ``max_pending_pages``: bound on committed pages queued for writing (beyond it they are dropped,

@@ -84,7 +84,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
-            if self.cli("PING", check=False) == "PONG":
+            answer = self.cli("PING", check=False)
+            if answer == "PONG" or answer.startswith("NOAUTH"):  # up (a --requirepass server says NOAUTH)
                 return
             time.sleep(0.02)
         self.kill()

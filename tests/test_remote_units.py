@@ -119,3 +119,12 @@ def test_breaker_opens_after_repeated_failures_and_closes_on_success():
     assert br.failure() and not br.allow() and br.opened == 1
     br.success()
     assert br.allow() and br.failures == 0
+
+
+def test_tls_options_ride_on_a_rediss_url_only():
+    u = parse_url("rediss://h:1?ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false&ssl_cert_reqs=required")
+    assert dict(u.tls_options) == {"ssl_ca_certs": "/etc/ca.pem", "ssl_check_hostname": False, "ssl_cert_reqs": "required"}
+    for bad in ("redis://h:1?ssl_ca_certs=/x", "rediss://h:1?timeout=3", "rediss://h:1?ssl_cert_reqs=maybe",
+                "rediss://h:1?ssl_check_hostname=perhaps"):
+        with pytest.raises(ConfigError):
+            parse_url(bad)

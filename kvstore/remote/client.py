@@ -71,7 +71,7 @@ class RemoteClient:
         u, t = self.url, self.timeout_s
         common = dict(
             username=u.username, password=u.password, socket_timeout=t, socket_connect_timeout=t,
-            decode_responses=False, max_connections=max_connections,
+            decode_responses=False, max_connections=max_connections, **dict(u.tls_options),
         )
         if u.cluster:
             return RedisCluster(

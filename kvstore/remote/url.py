@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from ..errors import ConfigError
 
@@ -17,6 +17,9 @@ __all__ = ["RemoteURL", "parse_url", "redact"]
 _SCHEMES = {"redis": (False, False), "rediss": (True, False), "redis+cluster": (False, True),
             "rediss+cluster": (True, True)}
 _CREDS = re.compile(r"(?<=://)[^@/]*@")
+#: TLS options a ``rediss://`` URL may carry as query parameters (passed to redis-py).
+TLS_OPTIONS = {"ssl_ca_certs": str, "ssl_certfile": str, "ssl_keyfile": str, "ssl_cert_reqs": str,
+               "ssl_check_hostname": bool}
 
 
 def redact(url: str) -> str:
@@ -35,6 +38,7 @@ class RemoteURL:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     text: str = field(default="", repr=False)
+    tls_options: tuple[tuple[str, object], ...] = ()
 
     @property
     def redacted(self) -> str:
@@ -62,8 +66,24 @@ def parse_url(url: str) -> RemoteURL:
             username, password = (unquote(user) or None), unquote(password)
         else:
             username = unquote(creds) or None
+    rest, _, query = rest.partition("?")
     hostpart, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
+    options = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        kind = TLS_OPTIONS.get(name)
+        if kind is None or not tls:
+            raise ConfigError(
+                f"RemoteTier.url parameter {name!r} is not supported; rediss:// URLs take {sorted(TLS_OPTIONS)}; "
+                f"got {shown!r}"
+            )
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"RemoteTier.url parameter {name} must be true or false; got {shown!r}")
+            options.append((name, value.lower() in ("true", "1", "yes")))
+        else:
+            if name == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+                raise ConfigError(f"RemoteTier.url ssl_cert_reqs must be none, optional or required; got {shown!r}")
+            options.append((name, value))
     db = 0
     if path:
         if not path.isdigit():
@@ -82,4 +102,4 @@ def parse_url(url: str) -> RemoteURL:
         nodes.append((host, int(port)))
     if len(nodes) > 1 and not cluster:
         raise ConfigError(f"RemoteTier.url lists several hosts: use redis+cluster:// for a cluster; got {shown!r}")
-    return RemoteURL(tls, cluster, tuple(nodes), db, username, password, url)
+    return RemoteURL(tls, cluster, tuple(nodes), db, username, password, url, tuple(options))
