@@ -344,6 +344,11 @@ class KVCacheManager:
             level = CacheLevel(index)
         except ValueError:
             raise InvalidArgumentError(f"{what} must be a CacheLevel (DEVICE, HOST, DISK), got {level!r}") from None
+        if level == CacheLevel.REMOTE:
+            raise InvalidArgumentError(
+                f"{what}: the REMOTE level holds copies of committed pages, never a page's bytes; it is not a level "
+                "to place, move or size pages at (use lookup_remote() and fetch_prefix())"
+            )
         if level not in self.config.levels:
             raise InvalidArgumentError(
                 f"{what}: level {level.name} is not configured; configured levels are "
