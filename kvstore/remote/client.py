@@ -40,6 +40,15 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     return (RedisError, OSError, TimeoutError, ConnectionError, EOFError)
 
 
+def reraise_cancellation() -> None:
+    """Raise CancelledError if the current task has a cancellation pending. On Python 3.11 an
+    ``asyncio.timeout`` that expires as the task is cancelled from outside turns that cancellation into a
+    TimeoutError (fixed in 3.12); without this check a cancelled caller would go on as after a timeout."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "cancelling") and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 class RemoteClient:
     """Deadline-bounded, breaker-guarded remote calls. Create inside a running event loop."""
 
@@ -90,6 +99,7 @@ class RemoteClient:
             async with asyncio.timeout(self.timeout_s):
                 result = await fn(client)
         except _failure_types() as exc:
+            reraise_cancellation()
             self._failed(what, exc)
             return None
         self.breaker.success()

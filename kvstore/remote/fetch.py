@@ -26,7 +26,7 @@ from ..transfer.copier import Segment
 from ..transfer.scheduler import PREFETCH
 from ..types import CacheLevel, PrefetchResult, PrefixMatch
 from . import codec
-from .client import RemoteClient
+from .client import RemoteClient, reraise_cancellation
 from .keys import KeySpace
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class RemoteReader:
             async with asyncio.timeout(timeout_s):
                 moved, complete = await self._fetch_keys(rest, prev, target, keeper)
         except TimeoutError:
+            reraise_cancellation()
             self.stats["remote_timeouts"] += 1
         finally:
             kept, keeper.owned = keeper.owned, []

@@ -51,6 +51,7 @@ class RemoteWriter:
         self._settled = 0  # of those, written or given up
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self._task: Optional[asyncio.Task] = None
+        self._closing = False
 
     @property
     def pending(self) -> int:
@@ -61,7 +62,7 @@ class RemoteWriter:
 
     def enqueue(self, page: Page, key: bytes) -> None:
         """Queue a newly committed page (synchronous, O(1)); dropped and counted when the queue is full."""
-        if self._task is None or self._task.done() or self.pending >= self.max_pending:
+        if self._closing or self._task is None or self._task.done() or self.pending >= self.max_pending:
             self.stats["remote_write_dropped"] += 1
             return
         self._queue.append((page, key, 0))
@@ -95,6 +96,8 @@ class RemoteWriter:
 
     async def close(self) -> None:
         """Stop the writer; pages still queued are given up (counted dropped)."""
+        self._closing = True  # the loop stops at its next step even if a cancellation were lost
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -104,10 +107,10 @@ class RemoteWriter:
         self._settle(self.pending)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
+            while self._queue and not self._closing:
                 batch = [self._queue.popleft() for _ in range(min(self.batch_pages, len(self._queue)))]
                 settled = len(batch)
                 try:
