@@ -316,3 +316,19 @@ async def test_without_a_remote_tier_the_calls_are_local(make_store):
         assert match.num_tokens == 0 and match.pages_per_level[CacheLevel.REMOTE] == 0
         res = await mgr.fetch_prefix([1, 2, 3, 4])
         assert res.complete and res.pages_moved == 0
+
+
+async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):
+    from kvstore import InvalidArgumentError, InvalidStateError
+
+    async with node(tmp_path, redis_server.url, fresh_namespace()) as mgr:
+        for bad in (dict(target=CacheLevel.DISK), dict(target=CacheLevel.REMOTE), dict(timeout_s=-1),
+                    dict(timeout_s="1")):
+            with pytest.raises(InvalidArgumentError):
+                await mgr.fetch_prefix(tokens_of(1), **bad)
+        with pytest.raises(InvalidArgumentError):
+            await mgr.lookup_remote("not tokens")
+    with pytest.raises(InvalidStateError):
+        await mgr.fetch_prefix(tokens_of(1))
+    with pytest.raises(InvalidStateError):
+        await mgr.flush()

@@ -153,3 +153,25 @@ async def test_a_server_refusing_writes_when_full_costs_nothing_locally(tmp_path
         assert reused == res.pages_moved * TPP and same_bytes(got, data[: res.pages_moved])
         b.check_invariants()
         await local_work_goes_on(a, seed=7)
+
+
+async def test_closing_while_writes_hang_on_a_paused_server_is_bounded(tmp_path, own_redis):
+    """aclose() cancels the writer in the middle of a call the paused server never answers; it returns within
+    about one deadline, counts the pages given up, and leaves no operation behind."""
+    server = own_redis()
+    ns = fresh_namespace()
+    mgr_cm = node(tmp_path, server.url, ns, timeout_s=DEADLINE)
+    a = await mgr_cm.__aenter__()
+    try:
+        await commit_prompt(a, tokens_of(2, seed=11))
+        await a.flush(5)
+        server.pause()
+        await commit_prompt(a, tokens_of(4, seed=12), seed=12)  # queued; the writer's EXISTS now hangs
+        await asyncio.sleep(DEADLINE / 3)
+        a.check_invariants()
+        t0 = time.perf_counter()
+        await mgr_cm.__aexit__(None, None, None)
+        assert time.perf_counter() - t0 < DEADLINE + SLACK
+        assert a.stats()["remote_write_dropped"] >= 4 and not a._ledger.ops
+    finally:
+        server.resume()
