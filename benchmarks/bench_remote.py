@@ -210,7 +210,7 @@ async def throughput(args, server: Server) -> list[str]:
     payload = [rng.integers(0, 255, pb + 80, dtype=np.uint8).tobytes() for _ in range(UNIT)]
     tok = iter(range(1 << 40))
     results: dict[str, list[float]] = {k: [] for k in ("eng_put", "eng_get", "raw_put", "raw_get")}
-    lags: dict[str, list[float]] = {"eng_put": [], "eng_get": []}
+    lags: dict[str, list[float]] = {"eng_put": [], "eng_get": [], "raw (baseline)": []}
 
     async def timed(key: str, aw, measure: bool, ticker: Optional[Ticker] = None):
         t0 = time.perf_counter()
@@ -248,25 +248,26 @@ async def throughput(args, server: Server) -> list[str]:
             raise SystemExit("raw GET missed")
 
     async def one_pass(a: KVCacheManager, b: KVCacheManager, measure: bool) -> None:
-        """Units alternate engine / raw, so the machine's noise hits both alike; the ticker runs during the
-        engine's calls only."""
+        """Units alternate engine / raw, so the machine's noise hits both alike; the tickers run during the
+        calls they measure only."""
         units = [([next(tok) for _ in range(UNIT * 16)], [f"raw:{next(tok)}".encode() for _ in range(UNIT)])
                  for _ in range(prompts)]
-        put_lag, get_lag = Ticker(), Ticker()
+        put_lag, get_lag, raw_lag = Ticker(), Ticker(), Ticker()
         for toks, keys in units:
             with put_lag:
                 dt = await eng_put(a, toks)  # timed from commit() to flush() returning
             if measure:
                 results["eng_put"].append(dt)
-            await timed("raw_put", raw_put(keys), measure)
+            await timed("raw_put", raw_put(keys), measure, raw_lag)
         for toks, keys in units:
             res = await timed("eng_get", b.fetch_prefix(toks), measure, get_lag)
             if not res.complete or res.pages_moved != UNIT:
                 raise SystemExit(f"fetch_prefix brought {res} instead of {UNIT} pages")
-            await timed("raw_get", raw_get(keys), measure)
+            await timed("raw_get", raw_get(keys), measure, raw_lag)
         if measure:
             lags["eng_put"].append(put_lag.max_lag)
             lags["eng_get"].append(get_lag.max_lag)
+            lags["raw (baseline)"].append(raw_lag.max_lag)
 
     async with node() as a, node() as b:
         await one_pass(a, b, False)  # warm-up: connections, first-touch memory, server allocations
