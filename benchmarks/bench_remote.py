@@ -48,7 +48,6 @@ if str(_ROOT) not in sys.path:  # run from a checkout without installing
 
 from kvstore import DeviceTier, HostTier, KVCacheManager, PageLayout, RemoteTier, StoreConfig  # noqa: E402
 
-SYNTHETIC = Path("/work/shared/traces/mooncake_synthetic_trace.jsonl")
 UNIT = 32  # pages per pipeline / per prompt in part (b)
 
 
@@ -136,7 +135,12 @@ async def replay_nodes(requests, n: int, local_pages: int, url: Optional[str], s
 
 def part_hitrate(args, server: Server) -> list[str]:
     find_trace, mod = load_replay()
-    traces = [("synthetic", SYNTHETIC)]
+    traces = []
+    synthetic = mod.resolve(args.synthetic)
+    if synthetic.is_file():
+        traces.append(("synthetic", synthetic))
+    else:
+        print(f"synthetic trace skipped: {synthetic} not found (--synthetic PATH)", file=sys.stderr)
     try:
         traces.append(("conversation", find_trace(args.trace, False)))
     except SystemExit as exc:
@@ -298,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("all", "hitrate", "throughput"), default="all")
     p.add_argument("--trace", default=None, help="the Mooncake conversation trace (see benchmarks/bench_trace.py)")
+    p.add_argument("--synthetic", default="../shared/traces/mooncake_synthetic_trace.jsonl",
+                   help="the synthetic Mooncake-format trace (relative paths: from the repository root)")
     p.add_argument("--nodes", default="1,2,4,8")
     p.add_argument("--local-pages", type=int, default=2000, help="local pages per node (device + host)")
     p.add_argument("--block", type=int, default=512)

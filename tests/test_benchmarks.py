@@ -65,3 +65,14 @@ def test_bench_trace_missing_trace_says_how_to_get_it(tmp_path):
     trace = load("bench_trace")
     with pytest.raises(SystemExit, match="conversation_trace.jsonl"):
         trace.main(["--trace", str(tmp_path / "missing.jsonl")])
+
+
+def test_bench_remote_runs_both_parts(capsys, redis_server):
+    """(needs redis-server, like the remote-tier tests; the script starts its own)"""
+    remote = load("bench_remote")
+    rc = remote.main(["--part", "all", "--synthetic", str(MINI_TRACE), "--trace", str(MINI_TRACE), "--nodes", "1,2",
+                      "--local-pages", "200", "--passes", "1", "--prompts", "1", "--page-kib", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| put |" in out and "| get |" in out and "event-loop lag" in out
+    assert "| synthetic (120 req) | 2 |" in out and "| conversation (120 req) | 1 |" in out
