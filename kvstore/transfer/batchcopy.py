@@ -100,19 +100,19 @@ class BatchCopier:
         """Queue ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` for every i (uint64 arrays) on
         the CUDA stream handle ``stream``. Copies must not overlap one another."""
         self._bind_context()
-        attrs = ctypes.byref(self._attrs[direction])
+        attrs = ctypes.addressof(self._attrs[direction])
+        zero = ctypes.addressof(self._zero)
         n = int(dst.size)
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
             d = np.ascontiguousarray(dst[a:b], dtype=np.uint64)
             s = np.ascontiguousarray(src[a:b], dtype=np.uint64)
             z = np.ascontiguousarray(sizes[a:b], dtype=np.uint64)
-            args = [d.ctypes.data, s.ctypes.data, z.ctypes.data, ctypes.c_size_t(b - a), attrs,
-                    ctypes.byref(self._zero), ctypes.c_size_t(1)]
+            args = [d.ctypes.data, s.ctypes.data, z.ctypes.data, b - a, attrs, zero, 1]
             if self._fail_index:
                 fail = ctypes.c_size_t(0)
-                args.append(ctypes.byref(fail))
-            args.append(ctypes.c_void_p(stream))
+                args.append(ctypes.addressof(fail))
+            args.append(stream)
             _check(self._fn(*args), "cuMemcpyBatchAsync")
 
 
@@ -143,6 +143,9 @@ def load(device_index: int) -> Optional[BatchCopier]:
         if fn is None:
             continue
         fn.restype = ctypes.c_int
+        # every pointer and size declared: an undeclared Python int would be passed as a 32-bit C int
+        head = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        fn.argtypes = head + ([ctypes.c_void_p] if has_fail else []) + [ctypes.c_void_p]
         for f in ("cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent"):
             getattr(lib, f).restype = ctypes.c_int
         version = ctypes.c_int()
