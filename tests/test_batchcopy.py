@@ -114,8 +114,12 @@ def test_batch_copier_hands_the_driver_full_64_bit_addresses(stand_in_driver, mo
     copier = load(0)
     assert copier is not None
     width = 96
-    src = np.random.default_rng(0).integers(0, 255, size=(64 << 10, width), dtype=np.uint8)  # mmapped: high address
-    dst = np.zeros_like(src)
+    import mmap
+
+    rows_total = 64 << 10
+    maps = [mmap.mmap(-1, rows_total * width) for _ in range(2)]  # anonymous maps sit far above 4 GiB on Linux
+    src, dst = (np.frombuffer(m, dtype=np.uint8).reshape(rows_total, width) for m in maps)
+    src[:] = np.random.default_rng(0).integers(0, 255, size=src.shape, dtype=np.uint8)
     assert src.ctypes.data > 1 << 32 and dst.ctypes.data > 1 << 32
     rows = np.random.default_rng(1).permutation(src.shape[0])[:50]
     d0, s0, n = runs(rows[::-1].copy(), rows)
