@@ -52,13 +52,13 @@ def test_load_without_a_driver_library_is_none(monkeypatch):
     assert load(0) is None
 
 
-def test_batched_copies_are_opt_in(monkeypatch):
+def test_batched_copies_are_the_default_and_can_be_turned_off(monkeypatch):
     from kvstore.transfer import batchcopy
 
     monkeypatch.delenv("KVSTORE_BATCH_COPIES", raising=False)
-    assert not batchcopy.enabled()
-    monkeypatch.setenv("KVSTORE_BATCH_COPIES", "1")
     assert batchcopy.enabled()
+    monkeypatch.setenv("KVSTORE_BATCH_COPIES", "0")
+    assert not batchcopy.enabled()
 
 
 _STAND_IN_DRIVER = r"""
