@@ -5,6 +5,7 @@ A cache of N pages is demoted to the host level by another cache's resize(), the
 the other cache's pages): 4N page moves of bookkeeping only, profiled, top functions by own time.
 
     python benchmarks/profile_moves.py --pages 8192 --top 25
+    python benchmarks/profile_moves.py --pages 16384 --time 5   # no profiler: loop-thread CPU us per move
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -27,8 +30,8 @@ import bench_bookkeeping as bb  # noqa: E402
 from kvstore import KVCacheManager  # noqa: E402
 
 
-async def profile(pages: int) -> cProfile.Profile:
-    prof = cProfile.Profile()
+async def profile(pages: int, prof: "cProfile.Profile | None" = None) -> float:
+    """Run the moves once (profiled when ``prof``); loop-thread CPU seconds of the moves."""
     with bb.stubbed_copies(), tempfile.TemporaryDirectory(prefix="kvprofile-") as tmp:
         cfg, _ = bb.configs(pages, tmp)
         async with KVCacheManager(cfg) as mgr:
@@ -36,21 +39,32 @@ async def profile(pages: int) -> cProfile.Profile:
             a.suspend()
             await bb.active(mgr, pages)  # fills the device level
             c = await bb.active(mgr)
-            prof.enable()
+            t0 = time.thread_time()
+            if prof is not None:
+                prof.enable()
             await c.resize(pages * bb.LAYOUT.tokens_per_page)  # demotes a's pages to the host level
             c.suspend()
             await a.resume()  # a's pages come back; c's leave
-            prof.disable()
+            if prof is not None:
+                prof.disable()
+            cpu = time.thread_time() - t0
             mgr.check_invariants()
-    return prof
+    return cpu
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pages", type=int, default=8192)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--time", type=int, default=0, metavar="REPS", help="no profiler: median of REPS runs")
     args = p.parse_args()
-    prof = asyncio.run(profile(args.pages))
+    if args.time:
+        runs = [asyncio.run(profile(args.pages)) / (4 * args.pages) * 1e6 for _ in range(args.time)]
+        print(f"{args.pages} pages, 4 moves each: loop-thread CPU {statistics.median(runs):.2f} us/move, min {min(runs):.2f} "
+              f"(median of {args.time}; runs {', '.join(f'{r:.2f}' for r in runs)})")
+        return 0
+    prof = cProfile.Profile()
+    asyncio.run(profile(args.pages, prof))
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     return 0
 

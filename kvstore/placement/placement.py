@@ -23,6 +23,7 @@ from .slots import SlotAllocator
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
+_MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
 @dataclass(slots=True)
@@ -135,10 +136,11 @@ class Placement:
 
     def sync(self, page: Page) -> None:
         """Queue ``page`` (most recently used) iff it is evictable; otherwise take it out of its queue."""
-        if page.level is None:  # not placed yet, or freed
+        level = page.level
+        if level is None:  # not placed yet, or freed
             return
-        q = self.queues[page.level]
-        if page.evictable:
+        q = self.queues[level]
+        if page.locks == 0 and page.holds == 0 and page.move is None and not page.freed:  # Page.evictable
             if page not in q:
                 q.push(page)
         else:
@@ -539,6 +541,42 @@ class Placement:
         move.state = MoveState.DONE
         self._free_if_orphan(page)
         self.sync(page)
+
+    def complete_many(self, moves: Sequence[Move]) -> None:
+        """:meth:`complete` for every move of ``moves`` (one batch's transfers succeeded), in one pass: source
+        slots are released with one merge per level and the eviction counters updated once."""
+        released: dict[CacheLevel, list[int]] = {}
+        evicted: Counter[CacheLevel] = Counter()
+        listener = self.disk_listener
+        done = MoveState.DONE
+        disk = CacheLevel.DISK
+        for move in moves:
+            page, src, dst = move.page, move.src, move.dst
+            if src is not None:
+                if not move.handoff:
+                    released.setdefault(src, []).append(move.src_slot)
+                if src < dst:
+                    evicted[src] += 1
+                if src is disk and listener is not None and page.indexed:
+                    listener("del", page, move.src_slot)
+            page.level, page.slot = dst, move.dst_slot
+            if dst is disk and listener is not None and page.indexed:
+                listener("put", page, move.dst_slot)
+            page.move = None
+            move.state = done
+            if page.owners == 0 and not page.indexed and not page.freed:
+                self._free(page, release_slot=True)  # an orphan (Placement._orphan)
+            else:
+                self.sync(page)
+        for level, slots in released.items():
+            alloc = self.alloc[level]
+            if len(slots) >= _MERGE_RELEASES:
+                alloc.release_many(slots)
+            else:
+                for slot in slots:
+                    alloc.release(slot)
+        for level, n in evicted.items():
+            self.counters[_EVICTIONS[level]] += n
 
     def abort(self, move: Move) -> None:
         """The transfer of ``move`` did not happen: the page stays at its source. A no-op for a settled move.

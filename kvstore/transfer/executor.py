@@ -242,8 +242,7 @@ class TransferExecutor:
             if back:
                 src = [b.moves[i].src_slot for i in back]
                 await self.copier.copy(self._segments_rows(buf, back, b.src, src, to_buf=False), "up", after)
-            for i in ok:
-                self.placement.complete(b.moves[i])
+            self.placement.complete_many([b.moves[i] for i in ok])
             for i in back:
                 self.placement.abort(b.moves[i])
             self._count(b, len(ok), state)
@@ -304,12 +303,12 @@ class TransferExecutor:
                 if state.result.error is None:
                     state.result.error = self._wrap(exc, b)
                 return
-            for i, m in enumerate(ready):
-                if i in bad:
-                    self._corrupt(m, state)
-                else:
-                    self.placement.complete(m)
-            self._count(b, len(ready) - len(bad), state)
+            if bad:
+                for i in sorted(bad):
+                    self._corrupt(ready[i], state)
+                ready = [m for i, m in enumerate(ready) if i not in bad]
+            self.placement.complete_many(ready)
+            self._count(b, len(ready), state)
         finally:
             if admitted:
                 self.io_sched.release(admitted)
