@@ -14,7 +14,7 @@ Primitives:
   reused on creation and its prefill skipped.
 
 Scope: batch size 1 per cache, decoder-only models whose layers all use full attention
-(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore[hf]``.
+(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore-llm[hf]``.
 Tested with transformers 4.57.1 and 5.24.0 (``Cache`` built from per-layer ``CacheLayerMixin`` objects).
 """
 
@@ -29,7 +29,7 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore[hf]'"
+        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore-llm[hf]' (or pip install -e '.[hf]' in a checkout; not 'kvstore', an unrelated PyPI project)"
     ) from exc
 
 from kvstore import CacheLevel, CacheStatus, PageLayout
