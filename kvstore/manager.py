@@ -209,7 +209,7 @@ class KVCacheManager:
                 "slot_stride": slot_stride(self._page_bytes),
                 "layout": self.layout.fingerprint(),
                 "hash_seed": self._hasher.seed.hex(),
-            })
+            }, info=self._disk_info())
             recovered = self._catalog.open(self._slots[CacheLevel.DISK])
         self._disk = DiskSlotFile(directory, self._page_bytes, persistent)
         self._disk.open(self._slots[CacheLevel.DISK])
@@ -221,6 +221,15 @@ class KVCacheManager:
         self.io_backend = name
         log.info("kvstore disk tier %s: I/O backend %s (%s)", self._disk.path, name, why)
         return recovered
+
+    def _disk_info(self) -> dict[str, object]:
+        """What ``kvstore inspect`` shows about a persistent tier (kvstore.info; never read back)."""
+        from . import __version__
+
+        lay = self.layout
+        return {"namespace": self.config.namespace, "num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads,
+                "head_dim": lay.head_dim, "tokens_per_page": lay.tokens_per_page, "dtype": str(lay.dtype),
+                "eviction_policy": self.config.eviction_policy, "kvstore_version": __version__}
 
     def _restore(self, records: dict[int, Record]) -> None:
         """Index the committed pages a persistent disk tier recovered, then journal every later change."""
