@@ -26,3 +26,16 @@ def test_no_install_hint_names_the_wrong_project():
              *(ROOT / "examples").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
     hits = [f"{f.relative_to(ROOT)}: {m.group(0)!r}" for f in files for m in wrong.finditer(f.read_text())]
     assert hits == []
+
+
+def test_the_console_script_points_at_the_cli_entry_point(capsys):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["kvstore"].partition(":")
+    import importlib
+
+    import kvstore
+
+    entry = getattr(importlib.import_module(module), func)
+    assert entry(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"kvstore {kvstore.__version__}"
+    assert entry(["verify"]) == 2  # a usage error: missing DIRECTORY
