@@ -218,10 +218,13 @@ class KVCache:
         self._status = CacheStatus.CLOSED
 
     # ------------------------------------------------------------------ queries
-    def page_indices(self) -> torch.Tensor:
-        """ACTIVE only: int64 slot indices into ``mgr.device_pool``, one per page, in token order."""
+    def page_indices(self, device: "torch.device | str | None" = None) -> torch.Tensor:
+        """ACTIVE only: int64 slot indices into ``mgr.device_pool``, one per page, in token order.
+
+        A CPU tensor by default; ``device`` (e.g. ``mgr.device_pool.device``) builds it there instead, for
+        indexing the pool or handing it to an attention kernel without a ``.to()`` of your own."""
         self._require(CacheStatus.ACTIVE, what="page_indices()")
-        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64)
+        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64, device=device)
 
     def page_levels(self) -> dict[CacheLevel, int]:
         """Pages of this cache per level (a moving page counts at the level it is leaving)."""
