@@ -165,7 +165,11 @@ def verify(directory: Path, as_json: bool, progress: Optional[bool]) -> None:
 
             bar = tqdm(total=total, unit="page", file=sys.stderr, desc="verify", leave=True)
         try:
-            rep = verify_dir(directory, (lambda n, _b: bar.update(n)) if bar is not None else None)
+            def advance(pages: int, _nbytes: int) -> None:
+                if bar is not None:
+                    bar.update(pages)
+
+            rep = verify_dir(directory, advance if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()

@@ -163,7 +163,7 @@ class DiskTier:
     """Local disk level: one preallocated slot file in the directory ``path`` (created if missing)."""
 
     quota_bytes: int
-    path: Union[str, os.PathLike]
+    path: Union[str, "os.PathLike[str]"]
     persistent: bool = False
 
     level = CacheLevel.DISK

@@ -76,8 +76,8 @@ def _params(cls: type) -> dict[str, Any]:
     """Constructor parameters of ``cls`` -> their resolved type hints (``Any`` when unknown)."""
     hints: dict[str, Any] = {}
     try:
-        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__,
-                                      vars(sys.modules[cls.__module__]))
+        target: Any = cls if dataclasses.is_dataclass(cls) else vars(cls).get("__init__", cls)
+        hints = typing.get_type_hints(target, vars(sys.modules[cls.__module__]))
     except Exception:  # pragma: no cover - unresolvable hints: values pass through to the record's checks
         pass
     sig = inspect.signature(cls)
@@ -202,7 +202,8 @@ def from_dict(data: Mapping[str, object], *, layout: Optional["PageLayout"] = No
             raise ConfigError(f"{t_where}.kind must be one of {', '.join(repr(k) for k in kinds)}, got {kind!r}")
         tiers.append(_build(kinds[kind], t, t_where))
     fields = {**fields, "layout": chosen, "tiers": tiers}
-    return _build(StoreConfig, fields, where)
+    config: StoreConfig = _build(StoreConfig, fields, where)
+    return config
 
 
 def _load(path: Path) -> object:
@@ -306,4 +307,6 @@ def from_env(prefix: str = "KVSTORE_", *, layout: Optional["PageLayout"] = None,
     if "device" not in sections:
         raise ConfigError(f"no device tier: set {prefix}DEVICE_QUOTA_BYTES (e.g. 8GiB)")
     tiers = [_build(cls, sections[k], f"{prefix}{k.upper()}_*") for k, cls in kinds.items() if k in sections]
-    return _build(StoreConfig, {**sections.get("store", {}), "layout": layout, "tiers": tiers}, "environment")
+    config: StoreConfig = _build(StoreConfig, {**sections.get("store", {}), "layout": layout, "tiers": tiers},
+                                 "environment")
+    return config

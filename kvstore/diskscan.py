@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import xxhash
 
@@ -140,7 +140,16 @@ def _allocated(path: Path) -> int:
         return 0
 
 
-def _read_json(path: Path) -> Optional[dict]:
+T = TypeVar("T")
+
+
+def _field(data: dict[str, object], key: str, kind: type[T]) -> Optional[T]:
+    """``data[key]`` when it is a ``kind`` (never a bool for int), else None."""
+    value = data.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _read_json(path: Path) -> Optional[dict[str, object]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -182,16 +191,14 @@ def inspect_dir(directory: "str | os.PathLike[str]") -> TierReport:
     if meta is None:
         rep.problems.append("kvstore.meta is unreadable: a manager will refuse this directory")
         return rep
-    rep.format = meta.get("format") if isinstance(meta.get("format"), int) else None
+    rep.format = _field(meta, "format", int)
     rep.layout = _layout(meta.get("layout"))
-    rep.page_bytes = meta.get("page_bytes") if isinstance(meta.get("page_bytes"), int) else None
-    rep.slot_stride = meta.get("slot_stride") if isinstance(meta.get("slot_stride"), int) else None
-    rep.namespace_hash = meta.get("hash_seed") if isinstance(meta.get("hash_seed"), str) else None
+    rep.page_bytes = _field(meta, "page_bytes", int)
+    rep.slot_stride = _field(meta, "slot_stride", int)
+    rep.namespace_hash = _field(meta, "hash_seed", str)
     info = _read_json(d / INFO) or {}
-    if isinstance(info.get("namespace"), str):
-        rep.namespace = info["namespace"]
-    if isinstance(info.get("kvstore_version"), str):
-        rep.kvstore_version = info["kvstore_version"]
+    rep.namespace = _field(info, "namespace", str)
+    rep.kvstore_version = _field(info, "kvstore_version", str)
     scan, nbytes = _journal(d)
     rep.journal_bytes, rep.journal_records = nbytes, scan.records
     rep.journal_puts, rep.journal_dels, rep.journal_torn_bytes = scan.puts, scan.dels, scan.torn_bytes
@@ -234,11 +241,11 @@ def verify_dir(directory: "str | os.PathLike[str]",
 
     d = _check_dir(Path(directory))
     meta = _read_json(d / META)
-    if meta is None or not isinstance(meta.get("page_bytes"), int):
+    page_bytes = _field(meta, "page_bytes", int) if meta is not None else None
+    if meta is None or page_bytes is None:
         raise ConfigError(f"{str(d)!r} is not a persistent disk tier (no readable kvstore.meta): only "
                           "DiskTier(persistent=True) keeps checksums on disk to verify")
-    page_bytes = int(meta["page_bytes"])
-    stride = int(meta.get("slot_stride") or slot_stride(page_bytes))
+    stride = _field(meta, "slot_stride", int) or slot_stride(page_bytes)
     scan, _ = _journal(d)
     records = [scan.live[s] for s in sorted(scan.live)]
     rep = VerifyReport(path=str(d.resolve()), pages=len(records), checked=0, bytes_read=0, seconds=0.0)

@@ -22,6 +22,10 @@ __all__ = ["log", "log_plan", "describe_plan"]
 _PRIORITY = {0: "resume", 1: "prefetch", 2: "background"}
 
 
+def _counts(c: "Counter[str]") -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+
+
 def describe_plan(plan: "Plan", priority: int) -> str:
     """``plan (resume priority): 12 moves [disk->host 8, host->device 4]; evicted 4 [device->host 4]; dropped 0``."""
     moves: Counter[str] = Counter()
@@ -36,9 +40,8 @@ def describe_plan(plan: "Plan", priority: int) -> str:
         if m.dst > m.src:
             evicted[pair] += 1
         swaps += m.swap
-    fmt = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items()))  # noqa: E731
-    return (f"plan ({_PRIORITY.get(priority, priority)} priority): {len(plan.moves) - new} moves [{fmt(moves)}], "
-            f"{new} new pages; evicted {sum(evicted.values())} [{fmt(evicted)}]; dropped {plan.dropped}; swaps {swaps}")
+    return (f"plan ({_PRIORITY.get(priority, priority)} priority): {len(plan.moves) - new} moves [{_counts(moves)}], "
+            f"{new} new pages; evicted {sum(evicted.values())} [{_counts(evicted)}]; dropped {plan.dropped}; swaps {swaps}")
 
 
 def log_plan(plan: "Plan", priority: int) -> None:

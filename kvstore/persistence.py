@@ -167,7 +167,7 @@ class DiskCatalog:
       :class:`StorageIOError` (errno kept) and the disk write fails, the page staying where it was.
     """
 
-    def __init__(self, directory: Path, meta: dict, info: Optional[dict] = None) -> None:
+    def __init__(self, directory: Path, meta: dict[str, object], info: Optional[dict[str, object]] = None) -> None:
         self.directory = Path(directory)
         self.meta = {"format": FORMAT, **meta}
         self.info = info  # written to kvstore.info for inspection tools; never read back by the engine
@@ -180,7 +180,7 @@ class DiskCatalog:
         self._durable: dict[int, bytes] = {}  # slot -> its PUT record, durable in the journal file
         self._lock = asyncio.Lock()
         self._wake: Optional[asyncio.Event] = None
-        self._writer: Optional[asyncio.Task] = None
+        self._writer: Optional[asyncio.Task[None]] = None
         self._fd = -1  # the journal, O_APPEND
         self._size = 0  # bytes of the journal known written
         self._data_fd = -1
@@ -335,9 +335,12 @@ class DiskCatalog:
                     "overwriting it", errno.EIO)
 
     async def _write_loop(self) -> None:
+        wake = self._wake
+        if wake is None:  # pragma: no cover - start() creates the event before the task
+            return
         while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
+            await wake.wait()
+            wake.clear()
             try:
                 await self.flush()
             except StorageIOError:
@@ -388,7 +391,7 @@ class DiskCatalog:
             self._poisoned = False  # the rewrite (if any) succeeded
         if stage == "data.fdatasync":
             self._data_failed = True
-            keep = [(r, d) for r, d in batch + self._pending if d is not None]  # DELs only
+            keep: list[tuple[bytes, Optional[int]]] = [(r, d) for r, d in batch + self._pending if d is not None]  # DELs
             dropped = len(batch) + len(self._pending) - len(keep)
             self._pending = keep
             what = (f"fdatasync of the slot file (no page is journaled for the rest of this session: "
@@ -409,7 +412,8 @@ class DiskCatalog:
         that fails is logged: a restart then recovers the pages committed at the last durable point."""
         self._closing = True  # put/delete from now on are bugs of the caller: refused loudly
         if self._writer is not None:  # let it finish the flush it may be in (a cancel would lose that batch)
-            self._wake.set()
+            if self._wake is not None:
+                self._wake.set()
             await settle(self._writer)
             self._writer = None
         try:

@@ -16,7 +16,7 @@ import bisect
 import ctypes
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ _OS_PAGE = 4096
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
-def _madvise():
+def _madvise() -> "Optional[Callable[..., int]]":
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
@@ -223,4 +223,5 @@ class StagingPool:
     def give_back(self, buf: torch.Tensor) -> None:
         if self._pooled.pop(id(buf), True):
             self._free.append(buf)
-            self._sem.release()
+            if self._sem is not None:
+                self._sem.release()

@@ -20,7 +20,7 @@ import ctypes.util
 import logging
 import os
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def runs(dst_rows: Sequence[int], src_rows: Sequence[int]) -> tuple[np.ndarray, 
 class BatchCopier:
     """Queues batched copies on a CUDA stream through the driver API (see the module docstring)."""
 
-    def __init__(self, lib: ctypes.CDLL, fn: ctypes._CFuncPtr, has_fail_index: bool, device_index: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, fn: "Callable[..., int]", has_fail_index: bool, device_index: int) -> None:
         self._lib = lib
         self._fn = fn
         self._fail_index = has_fail_index
