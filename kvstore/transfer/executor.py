@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._aio import settle
@@ -257,8 +258,9 @@ class TransferExecutor:
     def _segments_rows(self, buf: torch.Tensor, rows: list[int], level: CacheLevel, slots: list[int], to_buf: bool):
         """Segments copying memory-level ``slots`` into staging ``rows`` (or back, ``to_buf=False``)."""
         segs = []
-        for t, pos, trows in self._mem(level, slots):
-            brows = [rows[p] for p in pos]
+        rows_a = np.asarray(rows, dtype=np.int64)
+        for t, pos, trows in self._mem(level, np.asarray(slots, dtype=np.int64)):
+            brows = rows_a[pos]
             segs.append(Segment(buf, brows, t, trows) if to_buf else Segment(t, trows, buf, brows))
         return segs
 
@@ -348,21 +350,22 @@ class TransferExecutor:
         return exc
 
     # ------------------------------------------------------------------ data paths
-    def _mem(self, level: CacheLevel, slots: Sequence[int]) -> list[tuple[torch.Tensor, list[int], list[int]]]:
-        """Rows of ``slots`` on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
-        if level == D:
-            return [(self.device.rows, list(range(len(slots))), list(slots))]
-        if len(self.host.chunks) == 1:  # one chunk: a slot is its row
-            return [(self.host.chunks[0], list(range(len(slots))), list(slots))]
-        groups = self.host.group(slots)
-        return [(self.host.chunks[c], [p for p, _ in pr], [r for _, r in pr]) for c, pr in groups.items()]
+    def _mem(self, level: CacheLevel, slots: np.ndarray) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        """Rows of ``slots`` (int64 array) on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
+        if level == D or len(self.host.chunks) == 1:  # one tensor: a slot is its row
+            rows = self.device.rows if level == D else self.host.chunks[0]
+            return [(rows, np.arange(slots.size), slots)]
+        return [(self.host.chunks[c], pos, rows) for c, (pos, rows) in self.host.group(slots).items()]
 
-    def _segments(self, dst_l, dst_slots, src_l, src_slots) -> list[Segment]:
+    def _segments(self, dst_l, dst_slots: Sequence[int], src_l, src_slots: Sequence[int]) -> list[Segment]:
+        """The copy request moving rows ``src_slots`` of ``src_l`` to ``dst_slots`` of ``dst_l``: one segment
+        per (destination tensor, source tensor) pair, rows as arrays (no Python per page)."""
+        dst_a = np.asarray(dst_slots, dtype=np.int64)
+        src_a = np.asarray(src_slots, dtype=np.int64)
         segs = []
-        for dt, dpos, drows in self._mem(dst_l, dst_slots):
-            sub_src = [src_slots[p] for p in dpos]
-            for st, spos, srows in self._mem(src_l, sub_src):
-                segs.append(Segment(dt, [drows[p] for p in spos], st, srows))
+        for dt, dpos, drows in self._mem(dst_l, dst_a):
+            for st, spos, srows in self._mem(src_l, src_a[dpos]):
+                segs.append(Segment(dt, drows[spos], st, srows))
         return segs
 
     def _extents(
