@@ -182,7 +182,7 @@ class HostArena:
         c = bisect.bisect_right(self._starts, slot) - 1
         return c, slot - self._starts[c]
 
-    def group(self, slots: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def group(self, slots: "Sequence[int] | np.ndarray") -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Positions of ``slots`` grouped by chunk: {chunk: (positions in ``slots``, rows in the chunk)}, as
         int64 arrays (no Python per slot)."""
         s = np.asarray(slots, dtype=np.int64)

@@ -48,7 +48,7 @@ class _Attributes(ctypes.Structure):
     ]
 
 
-def runs(dst_rows: Sequence[int], src_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def runs(dst_rows: "Sequence[int] | np.ndarray", src_rows: "Sequence[int] | np.ndarray") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coalesce row pairs into runs contiguous on both sides: (dst starts, src starts, lengths), int64,
     ordered by source row. Vectorized: no Python per row."""
     d = np.asarray(dst_rows, dtype=np.int64)

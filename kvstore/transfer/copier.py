@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,15 +26,19 @@ from .._aio import settle, thread_pool
 from . import batchcopy
 
 
+#: Row indices: a sequence of ints or an int64 array.
+Rows = Union[Sequence[int], np.ndarray]
+
+
 @dataclass
 class Segment:
     dst: torch.Tensor
-    dst_rows: Sequence[int]
+    dst_rows: "Rows"
     src: torch.Tensor
-    src_rows: Sequence[int]
+    src_rows: "Rows"
 
 
-def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int, int, int]]:
+def coalesce(dst_rows: "Rows", src_rows: "Rows") -> list[tuple[int, int, int]]:
     """Runs (dst_start, src_start, count) covering the row pairs, contiguous on both sides."""
     d0, s0, n = batchcopy.runs(dst_rows, src_rows)
     return list(zip(d0.tolist(), s0.tolist(), n.tolist()))
