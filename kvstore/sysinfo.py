@@ -20,7 +20,7 @@ from . import resources
 
 __all__ = ["versions", "cuda_info", "kvikio_info", "backend_for", "redis_info", "report"]
 
-_PACKAGES = ("kvstore-llm", "torch", "numpy", "xxhash", "click", "tqdm", "prometheus-client", "PyYAML",
+_PACKAGES = ("torch", "numpy", "xxhash", "click", "tqdm", "prometheus-client", "PyYAML",
              "kvikio-cu13", "libkvikio-cu13", "redis", "transformers")
 
 
@@ -28,7 +28,8 @@ def versions() -> dict[str, Optional[str]]:
     """Installed versions of kvstore's dependencies (None: not installed). Imports nothing."""
     from . import __version__
 
-    out: dict[str, Optional[str]] = {"python": platform.python_version(), "kvstore": __version__}
+    out: dict[str, Optional[str]] = {"python": platform.python_version(), "kvstore": __version__,
+                                     "kvstore location": str(Path(__file__).resolve().parent)}
     for name in _PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
