@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,12 @@ def test_every_environment_variable_is_documented_in_one_table():
     expected_rows = set(env_variables()) | {f"KVSTORE_{k}" for k in RUNTIME_ENV}
     assert rows == expected_rows
     assert used - rows == set()
+
+
+def test_the_documented_toml_example_is_a_valid_config():
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    example = re.findall(r"```toml\n(.*?)```", doc, re.S)[0]
+    cfg = StoreConfig.from_dict(tomllib.loads(example))
+    assert [type(t) for t in cfg.tiers] == [DeviceTier, HostTier, DiskTier]
+    assert cfg.tiers[2].quota_bytes == 256 << 30 and cfg.eviction_policy == "slru"
