@@ -12,7 +12,7 @@ from .errors import (
     StorageIOError,
 )
 from .manager import KVCacheManager
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
+from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
 
 __all__ = [
     "CacheLevel",
@@ -32,6 +32,7 @@ __all__ = [
     "PrefetchResult",
     "PrefetchTask",
     "PrefixMatch",
+    "Stats",
     "StorageIOError",
     "StoreConfig",
     "TierUsage",

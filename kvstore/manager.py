@@ -29,6 +29,7 @@ from .errors import (
 )
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
+from .telemetry import Timings, instrument_io
 from .placement import Page, Placement, Plan, RoomCheck
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
@@ -73,6 +74,7 @@ class KVCacheManager:
         )
         self._hasher = PrefixHasher(config.namespace, config.layout.fingerprint(), config.layout.tokens_per_page)
         self._stats: Counter[str] = Counter()
+        self.timings = Timings()  # latency histograms for kvstore.metrics (one observation per operation)
         self._caches: set[KVCache] = set()
         self._gate = Gate()
         self._plan_lock = asyncio.Lock()
@@ -209,7 +211,7 @@ class KVCacheManager:
                 "slot_stride": slot_stride(self._page_bytes),
                 "layout": self.layout.fingerprint(),
                 "hash_seed": self._hasher.seed.hex(),
-            })
+            }, info=self._disk_info())
             recovered = self._catalog.open(self._slots[CacheLevel.DISK])
         self._disk = DiskSlotFile(directory, self._page_bytes, persistent)
         self._disk.open(self._slots[CacheLevel.DISK])
@@ -219,8 +221,18 @@ class KVCacheManager:
         else:
             self._io = PosixBackend(self._disk.fd, self.config.resolved_io_threads())
         self.io_backend = name
+        instrument_io(self._io, self.timings)
         log.info("kvstore disk tier %s: I/O backend %s (%s)", self._disk.path, name, why)
         return recovered
+
+    def _disk_info(self) -> dict[str, object]:
+        """What ``kvstore inspect`` shows about a persistent tier (kvstore.info; never read back)."""
+        from . import __version__
+
+        lay = self.layout
+        return {"namespace": self.config.namespace, "num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads,
+                "head_dim": lay.head_dim, "tokens_per_page": lay.tokens_per_page, "dtype": str(lay.dtype),
+                "eviction_policy": self.config.eviction_policy, "kvstore_version": __version__}
 
     def _restore(self, records: dict[int, Record]) -> None:
         """Index the committed pages a persistent disk tier recovered, then journal every later change."""
@@ -484,11 +496,13 @@ class KVCacheManager:
         for each other) and tries again whenever room may have come back. CapacityError propagates only
         when none of the operations in flight at the first failure is left holding room."""
         waiting_on: Optional[set[Operation]] = None
+        waited: Optional[float] = None  # when the first wait began (kvstore.metrics: room_wait)
         while True:
             async with self._plan_lock:
                 self._check_live(op.cache, status, what)
                 try:
                     if await attempt():
+                        self.timings.since("room_wait", waited)
                         return
                 except CapacityError:
                     if op.runs:
@@ -497,7 +511,9 @@ class KVCacheManager:
                         waiting_on = self._ledger.room_holders(op)
                     waiting_on = {o for o in waiting_on if not o.ended and o.holds_room}
                     if not waiting_on:
+                        self.timings.since("room_wait", waited)
                         raise
+                    waited = waited or time.perf_counter()
                     self._ledger.release(op)
                     for other in waiting_on:
                         if other.kind == "prefetch":

@@ -65,3 +65,18 @@ def test_bench_trace_missing_trace_says_how_to_get_it(tmp_path):
     trace = load("bench_trace")
     with pytest.raises(SystemExit, match="conversation_trace.jsonl"):
         trace.main(["--trace", str(tmp_path / "missing.jsonl")])
+
+
+def test_bench_tiers_plot_defaults_into_the_results_dir_not_the_current_one():
+    parser = load("bench_tiers").build_parser()
+    assert parser.parse_args(["--plot", "--reps", "1"]).plot == str(REPO / "benchmarks" / "results" / "bench_tiers.png")
+    assert parser.parse_args(["--plot", "x.png"]).plot == "x.png"
+    assert parser.parse_args([]).plot is None
+
+
+def test_bench_commit_measures_list_and_numpy_tokens(tmp_path, capsys):
+    out = tmp_path / "commit.json"
+    assert load("bench_commit").main(["--tokens", "256", "--reps", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["list_us"] > 0 and res["numpy_us"] > 0
+    assert "list" in capsys.readouterr().out

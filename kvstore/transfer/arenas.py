@@ -16,7 +16,7 @@ import bisect
 import ctypes
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ _OS_PAGE = 4096
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
-def _madvise():
+def _madvise() -> "Optional[Callable[..., int]]":
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
@@ -182,7 +182,7 @@ class HostArena:
         c = bisect.bisect_right(self._starts, slot) - 1
         return c, slot - self._starts[c]
 
-    def group(self, slots: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def group(self, slots: "Sequence[int] | np.ndarray") -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Positions of ``slots`` grouped by chunk: {chunk: (positions in ``slots``, rows in the chunk)}, as
         int64 arrays (no Python per slot)."""
         s = np.asarray(slots, dtype=np.int64)
@@ -233,4 +233,5 @@ class StagingPool:
     def give_back(self, buf: torch.Tensor) -> None:
         if self._pooled.pop(id(buf), True):
             self._free.append(buf)
-            self._sem.release()
+            if self._sem is not None:
+                self._sem.release()

@@ -22,7 +22,7 @@ import ctypes.util
 import logging
 import os
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class _Attributes(ctypes.Structure):
     ]
 
 
-def runs(dst_rows: Sequence[int], src_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def runs(dst_rows: "Sequence[int] | np.ndarray", src_rows: "Sequence[int] | np.ndarray") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coalesce row pairs into runs contiguous on both sides: (dst starts, src starts, lengths), int64,
     ordered by source row. Vectorized: no Python per row."""
     d = np.asarray(dst_rows, dtype=np.int64)
@@ -68,7 +68,7 @@ def runs(dst_rows: Sequence[int], src_rows: Sequence[int]) -> tuple[np.ndarray, 
 class BatchCopier:
     """Queues batched copies on a CUDA stream through the driver API (see the module docstring)."""
 
-    def __init__(self, lib: ctypes.CDLL, fn: ctypes._CFuncPtr, has_fail_index: bool, device_index: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, fn: "Callable[..., int]", has_fail_index: bool, device_index: int) -> None:
         self._lib = lib
         self._fn = fn
         self._fail_index = has_fail_index

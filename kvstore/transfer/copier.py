@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,15 +26,19 @@ from .._aio import settle, thread_pool
 from . import batchcopy
 
 
+#: Row indices: a sequence of ints or an int64 array.
+Rows = Union[Sequence[int], np.ndarray]
+
+
 @dataclass
 class Segment:
     dst: torch.Tensor
-    dst_rows: Sequence[int]
+    dst_rows: "Rows"
     src: torch.Tensor
-    src_rows: Sequence[int]
+    src_rows: "Rows"
 
 
-def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int, int, int]]:
+def coalesce(dst_rows: "Rows", src_rows: "Rows") -> list[tuple[int, int, int]]:
     """Runs (dst_start, src_start, count) covering the row pairs, contiguous on both sides."""
     d0, s0, n = batchcopy.runs(dst_rows, src_rows)
     return list(zip(d0.tolist(), s0.tolist(), n.tolist()))
@@ -133,16 +137,16 @@ class _ZeroCopy:
         rows = np.stack([np.asarray(seg.dst_rows, dtype=np.int64), np.asarray(seg.src_rows, dtype=np.int64)])
         didx, sidx = torch.from_numpy(rows).to(self.device)
         if seg.dst.is_cuda:  # host -> device: gather over PCIe, scatter in HBM
-            src = self.mapped(seg.src)
-            dst = seg.dst.view(torch.int64) if src.word == 8 else seg.dst
-            dst.index_copy_(0, didx, src.tensor.index_select(0, sidx))
+            host = self.mapped(seg.src)
+            dev = seg.dst.view(torch.int64) if host.word == 8 else seg.dst
+            dev.index_copy_(0, didx, host.tensor.index_select(0, sidx))
         else:  # device -> host: gather in HBM, scatter over PCIe
-            dst = self.mapped(seg.dst)
-            src = seg.src.view(torch.int64) if dst.word == 8 else seg.src
-            dst.tensor.index_copy_(0, didx, src.index_select(0, sidx))
+            host = self.mapped(seg.dst)
+            dev = seg.src.view(torch.int64) if host.word == 8 else seg.src
+            host.tensor.index_copy_(0, didx, dev.index_select(0, sidx))
 
 
-def _wait_event(event: torch.cuda.Event, done: Future) -> None:
+def _wait_event(event: torch.cuda.Event, done: "Future[None]") -> None:
     try:
         event.synchronize()
     except BaseException as exc:
@@ -197,7 +201,8 @@ class Copier:
         self._issue = {lane: [thread_pool(1, f"kvstore-copy-{lane}{i}") for i in range(ISSUERS)] for lane in lanes}
         self._turn = {lane: 0 for lane in lanes}
         if self.cuda:
-            self._streams = {lane: [torch.cuda.Stream(device) for _ in range(ISSUERS)] for lane in lanes}
+            self._streams = {lane: [torch.cuda.Stream(device) for _ in range(ISSUERS)]  # type: ignore[no-untyped-call]
+                             for lane in lanes}
             self._zero_copy = _ZeroCopy(device)
             index = device.index if device.index is not None else torch.cuda.current_device()
             self._batch = batchcopy.load(index) if batchcopy.enabled() else None
@@ -213,9 +218,11 @@ class Copier:
         """An event on the caller's current stream, so copies start after the compute queued so far."""
         if not self.cuda:
             return None
-        return torch.cuda.current_stream(self.device).record_event()
+        event: torch.cuda.Event = torch.cuda.current_stream(self.device).record_event()
+        return event
 
-    def _issue_cuda(self, segments: Sequence[Segment], stream: torch.cuda.Stream, after: Optional[torch.cuda.Event]):
+    def _issue_cuda(self, segments: Sequence[Segment], stream: torch.cuda.Stream,
+                    after: Optional[torch.cuda.Event]) -> torch.cuda.Event:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
@@ -228,7 +235,8 @@ class Copier:
                 else:
                     dma.append(seg)
             _copy_runs(dma, non_blocking=True)
-            return stream.record_event()
+            event: torch.cuda.Event = stream.record_event()
+            return event
 
     def _batch_copy(self, seg: Segment, direction: str, stream: torch.cuda.Stream) -> None:
         """The segment's rows as one batched driver call per chunk of runs (addresses built with numpy)."""
@@ -238,6 +246,8 @@ class Copier:
         width = seg.dst.shape[1] * seg.dst.element_size()
         dst = np.uint64(seg.dst.data_ptr()) + (d0 * seg.dst.stride(0) * seg.dst.element_size()).astype(np.uint64)
         src = np.uint64(seg.src.data_ptr()) + (s0 * seg.src.stride(0) * seg.src.element_size()).astype(np.uint64)
+        if self._batch is None:  # pragma: no cover - _issue_cuda checks it first
+            raise RuntimeError("batched copies are not loaded")
         self._batch.copy(dst, src, (n * width).astype(np.uint64), direction, stream.cuda_stream)
 
     def forget_host_memory(self) -> None:
@@ -257,11 +267,12 @@ class Copier:
             await settle(loop.run_in_executor(self._issue[lane][i], _copy_runs, segments, False))
             return
         i = self._next_issuer(lane)
-        done: Future = Future()
+        done: "Future[None]" = Future()
         self._issue[lane][i].submit(self._issue_then_wait, segments, self._streams[lane][i], after, done)
         await settle(asyncio.wrap_future(done))
 
-    def _issue_then_wait(self, segments: Sequence[Segment], stream, after, done: Future) -> None:
+    def _issue_then_wait(self, segments: Sequence[Segment], stream: torch.cuda.Stream,
+                         after: Optional[torch.cuda.Event], done: "Future[None]") -> None:
         """Issue thread: queue the copies, then hand their completion to a waiter thread (this thread goes
         on issuing the next request while the copies run)."""
         try:

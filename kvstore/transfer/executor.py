@@ -28,6 +28,7 @@ from .arenas import DeviceArena, HostArena, StagingPool
 from .copier import Copier, Segment
 from .diskfile import DiskSlotFile
 from .io_backends import Extent, IOBackend
+from ..logs import log_plan
 from .scheduler import BACKGROUND, IOScheduler
 
 log = logging.getLogger("kvstore")
@@ -178,6 +179,7 @@ class TransferExecutor:
 
     def submit(self, plan: Plan, priority: int = BACKGROUND) -> Run:
         """Start running ``plan`` (see :meth:`run`); each move's ``settled`` is set before this returns."""
+        log_plan(plan, priority)  # DEBUG only: counts per src->dst, evictions, drops (kvstore.logs)
         state = _RunState()
         loop = asyncio.get_running_loop()
         batches = self._batches(plan)
