@@ -72,7 +72,7 @@ class PrefetchTask:
         return self._task.result()
 
 
-def _retrieve(task: asyncio.Task) -> None:
+def _retrieve(task: asyncio.Task[PrefetchResult]) -> None:
     if not task.cancelled():
         task.exception()  # mark retrieved: a failed prefetch nobody awaits is not an asyncio warning
 

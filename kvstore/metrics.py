@@ -78,7 +78,7 @@ def _snapshot(mgr: "KVCacheManager") -> _Snapshot:
     levels = list(mgr.config.levels)
     return _Snapshot(
         namespace=mgr.config.namespace,
-        stats={k: float(v) for k, v in mgr.stats().items()},
+        stats={k: float(v) for k, v in mgr.stats().items() if isinstance(v, int)},  # all of them (kvstore.Stats)
         usage=[mgr.usage(level) for level in levels],
         page_bytes=mgr.layout.page_bytes,
         histograms=mgr.timings.snapshot(),

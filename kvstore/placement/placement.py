@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
@@ -44,13 +44,13 @@ class RoomCheck:
     holds the draft the check made, for the plan made right after it (no await between) to apply instead of
     drafting again; it is used once."""
 
-    drafted: Optional[list] = None
+    drafted: Optional[list[Any]] = None  # (page, grant) pairs of a promotion, or the grants of new pages
 
     @property
     def chunked(self) -> bool:
         return self.drafted is None
 
-    def take(self) -> Optional[list]:
+    def take(self) -> Optional[list[Any]]:
         drafted, self.drafted = self.drafted, None
         return drafted
 
@@ -78,7 +78,7 @@ class _Draft:
             if victim is None:
                 break
             nxt = self.pl.levels[i + 1] if i + 1 < len(self.pl.levels) else None
-            if swap_with is not None and nxt == swap_with.level and self.free_left[nxt] == 0:
+            if swap_with is not None and nxt is not None and nxt == swap_with.level and self.free_left[nxt] == 0:
                 # the next level is full: the victim takes the slot the promoted page leaves
                 grants.append(_Grant(_DEMOTE, victim, _Grant(_SWAP, swap_with), i + 1))
                 continue
@@ -330,6 +330,7 @@ class Placement:
         plan = Plan()
         colder = self._colder(pages, ti)
         drafted = check.take() if check is not None else None
+        rooms: Iterator[tuple[Page, tuple[int, Optional[Move]]]]
         if drafted is None and self._room_is_simple(ti, len(colder)):
             rooms = zip(colder, self._simple_room(ti, len(colder), plan))
         else:
@@ -499,7 +500,7 @@ class Placement:
         level = self.levels[li]
         if grant.kind == _FREE:
             return self.alloc[level].allocate(), None
-        victim = grant.victim
+        victim = cast(Page, grant.victim)  # every grant but a _FREE one names its victim
         self.queues[level].remove(victim)
         slot = victim.slot
         if grant.kind == _DROP:
@@ -508,15 +509,17 @@ class Placement:
             self.counters[_EVICTIONS[level]] += 1
             plan.dropped += 1
             return slot, None
-        if grant.via.kind == _SWAP:
-            dst_slot, after = grant.via.victim.slot, None
+        via = cast(_Grant, grant.via)  # a _DEMOTE grant: the grant its victim moves into
+        after: Optional[Move]
+        if via.kind == _SWAP:
+            dst_slot, after = cast(Page, via.victim).slot, None  # _SWAP: the page promoted out of that slot
         else:
-            dst_slot, after = self._realize(grant.via, grant.via_index, plan)
+            dst_slot, after = self._realize(via, grant.via_index, plan)
         move = Move(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
         victim.move = move
         plan.moves.append(move)
-        if grant.via.kind == _SWAP:
-            plan.swaps.append((move, grant.via.victim))
+        if via.kind == _SWAP:
+            plan.swaps.append((move, cast(Page, via.victim)))
         return slot, move
 
     # ----------------------------------------------------------------- settling moves
@@ -598,6 +601,8 @@ class Placement:
             page.move = None
             move.state = MoveState.ABORTED
             chain.append(move)
+            if move.successor is None:
+                break
             move = move.successor
         for move in chain:  # pages settle once every dependent move let go of its slot
             page = move.page
@@ -641,7 +646,7 @@ class Placement:
                 staged_here = mv is not None and mv.state is MoveState.STAGED and (
                     mv.successor is None or mv.successor.state is not MoveState.ABORTED
                 )
-                if staged_here:
+                if staged_here and mv is not None:
                     # its bytes are in staging: the source slot belongs to its successor (reserved by that
                     # move, or occupied by its page, or freed with it when that page was an orphan)
                     if not mv.handoff or mv.successor is None:
@@ -664,7 +669,7 @@ class Placement:
                 fail(f"locked page {page.pid} is outside the device level")
             if page.locks < 0 or page.holds < 0 or page.owners < 0:
                 fail(f"page {page.pid} has a negative count")
-            if page.indexed and self.index.get(page.key) is not page:
+            if page.indexed and (page.key is None or self.index.get(page.key) is not page):
                 fail(f"page {page.pid} claims to be indexed but the index disagrees")
             if page.owners == 0 and not page.indexed and mv is None:
                 fail(f"page {page.pid} is held by no cache and not reusable but was not freed")
