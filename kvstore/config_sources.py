@@ -50,7 +50,7 @@ __all__ = ["from_dict", "from_file", "from_env", "env_variables", "RUNTIME_ENV"]
 #: Variables read elsewhere (process-wide switches, tests and benchmarks): from_env leaves them alone.
 RUNTIME_ENV: dict[str, str] = {
     "IO_BACKEND": "disk I/O backend: auto (default), kvikio or posix (kvstore.transfer.io_backends)",
-    "BATCH_COPIES": "1: host<->device copies as batched driver copies (kvstore.transfer.batchcopy); default 0",
+    "BATCH_COPIES": "0: no batched driver copies for host<->device (kvstore.transfer.batchcopy); default 1",
     "MOONCAKE_TRACE": "path of the Mooncake trace for benchmarks/bench_trace.py",
     "CRASH_TRIALS": "tests: crash trials of tests/test_persistence.py (default 4)",
     "STATEFUL_EXAMPLES": "tests: hypothesis examples of tests/test_stateful.py (default 25)",
@@ -59,6 +59,7 @@ RUNTIME_ENV: dict[str, str] = {
     "STRESS_SEEDS": "tests: seeds of tests/test_stress.py (N, A-B or a comma list; default 20)",
     "STRESS_SECONDS": "tests: seconds per seed of tests/test_stress.py (default 3)",
     "STRESS_REPORT": "tests: JSON file for tests/test_stress.py failures",
+    "STRESS_PROGRESS": "tests: file that gets one line per finished seed of tests/test_stress.py",
     "STRESS_DEVICE": "tests: device of tests/test_stress.py (default cpu)",
     "STRESS_TRACE": "tests: 1 records a page-event trace in tests/test_stress.py",
 }

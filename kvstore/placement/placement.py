@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
@@ -500,7 +500,9 @@ class Placement:
         level = self.levels[li]
         if grant.kind == _FREE:
             return self.alloc[level].allocate(), None
-        victim = cast(Page, grant.victim)  # every grant but a _FREE one names its victim
+        victim = grant.victim
+        if victim is None:
+            raise RuntimeError("a drafted demotion or drop names no victim")
         self.queues[level].remove(victim)
         slot = victim.slot
         if grant.kind == _DROP:
@@ -509,17 +511,22 @@ class Placement:
             self.counters[_EVICTIONS[level]] += 1
             plan.dropped += 1
             return slot, None
-        via = cast(_Grant, grant.via)  # a _DEMOTE grant: the grant its victim moves into
+        via = grant.via  # a _DEMOTE grant: the grant its victim moves into
+        if via is None:
+            raise RuntimeError("a drafted demotion names no destination")
         after: Optional[Move]
+        swapped = via.victim  # _SWAP: the page promoted out of that slot
         if via.kind == _SWAP:
-            dst_slot, after = cast(Page, via.victim).slot, None  # _SWAP: the page promoted out of that slot
+            if swapped is None:
+                raise RuntimeError("a drafted swap names no promoted page")
+            dst_slot, after = swapped.slot, None
         else:
             dst_slot, after = self._realize(via, grant.via_index, plan)
         move = Move(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
         victim.move = move
         plan.moves.append(move)
-        if via.kind == _SWAP:
-            plan.swaps.append((move, cast(Page, via.victim)))
+        if via.kind == _SWAP and swapped is not None:
+            plan.swaps.append((move, swapped))
         return slot, move
 
     # ----------------------------------------------------------------- settling moves

@@ -63,6 +63,11 @@ class RunResult:
     seconds: float = 0.0
 
 
+def _promoted(m: Move) -> bool:
+    """Whether the promotion a swap victim ``m`` waited for (its ``after``) took the victim's slot."""
+    return m.after is not None and m.after.state is MoveState.DONE
+
+
 def _slot_free(m: Move) -> bool:
     """Whether ``m``'s destination slot is vacated (its previous occupant moved or was staged)."""
     return m.after is None or m.after.state in (MoveState.DONE, MoveState.STAGED)
@@ -158,23 +163,42 @@ class TransferExecutor:
             return False  # GPUDirect Storage: the backend reads the file straight into device memory
         return {src, dst} == {D, K} and self.copier.cuda
 
-    def _batches(self, plan: Plan) -> list[_Batch]:
+    def _batches(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> list[_Batch]:
+        """The plan's moves in batches of one (src, dst, swap) kind, each with its futures; every move's
+        ``settled`` is its batch's ``done``. One pass over the moves, a second only over those that wait
+        for another move (``after``)."""
         open_: dict[tuple[Optional[CacheLevel], CacheLevel, bool], _Batch] = {}
-        limits: dict[tuple[Optional[CacheLevel], CacheLevel, bool], int] = {}
-        of: dict[int, _Batch] = {}
+        room: dict[tuple[Optional[CacheLevel], CacheLevel, bool], int] = {}
         out: list[_Batch] = []
+        waiting: list[tuple[_Batch, Move]] = []
+        b: _Batch  # set on the first move (its key differs from None)
+        # ``room``: moves the open batch of a kind can still take (a kind seen before has an open batch)
+        key: Optional[tuple[Optional[CacheLevel], CacheLevel, bool]] = None
+        left = 0
         for mv in plan.moves:
-            key = (mv.src, mv.dst, mv.swap)
-            b = open_.get(key)
-            if b is None or len(b.moves) >= limits[key]:
-                b = open_[key] = _Batch(mv.src, mv.dst, mv.swap)
-                limits[key] = self._rows_limit(mv.src, mv.dst, mv.swap)
-                out.append(b)
+            k = (mv.src, mv.dst, mv.swap)
+            if k != key or left == 0:
+                if key is not None:
+                    room[key] = left
+                key = k
+                left = room.get(k, 0)
+                if left:
+                    b = open_[k]
+                else:
+                    b = open_[k] = _Batch(mv.src, mv.dst, mv.swap)
+                    b.done = loop.create_future()
+                    b.read_done = loop.create_future() if mv.swap else None
+                    left = self._rows_limit(mv.src, mv.dst, mv.swap)
+                    out.append(b)
             b.moves.append(mv)
-            of[id(mv)] = b
-        for b in out:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
-            for mv in b.moves:
-                dep = of.get(id(mv.after)) if mv.after is not None else None
+            mv.settled = b.done
+            left -= 1
+            if mv.after is not None:
+                waiting.append((b, mv))
+        if waiting:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
+            of = {id(x.done): x for x in out}
+            for b, mv in waiting:
+                dep = of.get(id(mv.after.settled)) if mv.after is not None else None
                 if dep is None:
                     continue
                 if dep.swap:
@@ -202,12 +226,7 @@ class TransferExecutor:
         log_plan(plan, priority)  # DEBUG only: counts per src->dst, evictions, drops (kvstore.logs)
         state = _RunState()
         loop = asyncio.get_running_loop()
-        batches = self._batches(plan)
-        for b in batches:
-            b.done = loop.create_future()
-            b.read_done = loop.create_future() if b.swap else None
-            for mv in b.moves:
-                mv.settled = b.done
+        batches = self._batches(plan, loop)
         return Run(asyncio.ensure_future(self._execute(batches, state, priority)), state)
 
     async def _execute(self, batches: list[_Batch], state: _RunState, priority: int) -> RunResult:
@@ -260,8 +279,8 @@ class TransferExecutor:
             await asyncio.wait(b.waits())
             # only moves still staged: one settled meanwhile no longer owns its slots (never write them);
             # a swap move's ``after`` is the promotion that vacates its destination
-            ok = [i for i, m in enumerate(b.moves) if m.pending and cast(Move, m.after).state is MoveState.DONE]
-            back = [i for i, m in enumerate(b.moves) if m.pending and cast(Move, m.after).state is not MoveState.DONE]
+            ok = [i for i, m in enumerate(b.moves) if m.pending and _promoted(m)]
+            back = [i for i, m in enumerate(b.moves) if m.pending and not _promoted(m)]
             if ok:
                 dst = [b.moves[i].dst_slot for i in ok]
                 await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
