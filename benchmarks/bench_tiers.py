@@ -61,6 +61,7 @@ from kvstore import (  # noqa: E402
 T = TypeVar("T")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
+RESULTS = _ROOT / "benchmarks" / "results"  # default place of --plot output (git-ignored)
 RAW_TASK_BYTES = 8 << 20  # the engine's POSIX backend cuts reads into tasks of this size, so does the raw one
 
 
@@ -1128,7 +1129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-size-mib", type=int, default=None,
                    help="bytes per sweep point (default min(--size-mib, 1024))")
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
-    p.add_argument("--plot", default=None, help="sweep page sizes and draw bandwidth per path to this PNG")
+    p.add_argument("--plot", nargs="?", const=str(RESULTS / "bench_tiers.png"), default=None, metavar="PNG",
+                   help="sweep page sizes and draw bandwidth per path to this PNG "
+                        "(without a path: benchmarks/results/bench_tiers.png, not the current directory)")
     p.add_argument("--disk-dir", default=None, help="directory for disk tiers and raw files (default $TMPDIR or /tmp)")
     p.add_argument("--drop", choices=["auto", "drop_caches", "fadvise"], default="auto",
                    help="how to drop the page cache for cold rows (auto: drop_caches if possible, else fadvise)")
@@ -1257,6 +1260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.plot and sweep:
         title = f"kvstore tiers on {gpu or 'CPU'} ({fmt_bytes(args.sweep_size_mib * MiB)} per point)"
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         draw_plot(args.plot, sweep, title)
         print(f"plot written to {args.plot}")
     if args.json_path:

@@ -11,7 +11,7 @@ Two demos:
 2. Prefix reuse: two requests share a long prompt; the second reuses the first's committed pages
    and prefills only its own tail.
 
-Run (``pip install kvstore[hf]``)::
+Run (``pip install 'kvstore-llm[hf]'``, or ``pip install -e '.[hf]'`` in a checkout)::
 
     python examples/hf_generate.py                 # CPU, or CUDA device tier when available
     python examples/hf_generate.py --requests 8 --max-new-tokens 16 --tokens-per-page 4

@@ -12,7 +12,7 @@ from .errors import (
     StorageIOError,
 )
 from .manager import KVCacheManager
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
+from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
 
 __all__ = [
     "CacheLevel",
@@ -33,6 +33,7 @@ __all__ = [
     "PrefetchTask",
     "PrefixMatch",
     "RemoteTier",
+    "Stats",
     "StorageIOError",
     "StoreConfig",
     "TierUsage",

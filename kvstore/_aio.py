@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ async def settle(aw: Awaitable[T]) -> T:
     return result
 
 
-async def wait_through(futures: "list[asyncio.Future]") -> int:
+async def wait_through(futures: "Sequence[asyncio.Future[Any]]") -> int:
     """Wait until every one of ``futures`` is done, whatever cancellations arrive meanwhile (they do not
     reach the futures); returns how many arrived, for the caller to re-raise or withdraw."""
     cancels = 0
@@ -66,7 +66,7 @@ class Gate:
         self._shared = 0
         self._exclusive = False
         self._writers_waiting = 0
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[asyncio.Future[None]] = []
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -74,7 +74,7 @@ class Gate:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _wait(self, ready) -> None:
+    async def _wait(self, ready: Callable[[], bool]) -> None:
         while not ready():
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)

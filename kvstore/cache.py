@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import TYPE_CHECKING, Generator, Optional, Sequence
 
 import numpy as np
@@ -71,7 +72,7 @@ class PrefetchTask:
         return self._task.result()
 
 
-def _retrieve(task: asyncio.Task) -> None:
+def _retrieve(task: asyncio.Task[PrefetchResult]) -> None:
     if not task.cancelled():
         task.exception()  # mark retrieved: a failed prefetch nobody awaits is not an asyncio warning
 
@@ -149,11 +150,13 @@ class KVCache:
         self._require(CacheStatus.SUSPENDED, what="resume()")
         self._require_idle("resume()")
         self._busy = "resume"
+        start = time.perf_counter()
         try:
             await self._join_prefetch()
             await self._mgr._resume(self)
         finally:
             self._busy = None
+        self._mgr.timings.since("resume", start)  # kvstore.metrics: resume latency
 
     async def _join_prefetch(self) -> None:
         """Wait for every prefetch of this cache in flight (none can start while a resume runs)."""
@@ -201,6 +204,7 @@ class KVCache:
         task = PrefetchTask(self, target, self._prefetches)
         self._prefetches.append(task)
         task._task.add_done_callback(lambda _: self._prefetches.remove(task))
+        task._task.add_done_callback(self._mgr.timings.prefetch_done)  # kvstore.metrics: prefetch latency
         self._mgr._stats["prefetches"] += 1
         return task
 
@@ -214,10 +218,13 @@ class KVCache:
         self._status = CacheStatus.CLOSED
 
     # ------------------------------------------------------------------ queries
-    def page_indices(self) -> torch.Tensor:
-        """ACTIVE only: int64 slot indices into ``mgr.device_pool``, one per page, in token order."""
+    def page_indices(self, device: "torch.device | str | None" = None) -> torch.Tensor:
+        """ACTIVE only: int64 slot indices into ``mgr.device_pool``, one per page, in token order.
+
+        A CPU tensor by default; ``device`` (e.g. ``mgr.device_pool.device``) builds it there instead, for
+        indexing the pool or handing it to an attention kernel without a ``.to()`` of your own."""
         self._require(CacheStatus.ACTIVE, what="page_indices()")
-        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64)
+        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64, device=device)
 
     def page_levels(self) -> dict[CacheLevel, int]:
         """Pages of this cache per level (a moving page counts at the level it is leaving)."""

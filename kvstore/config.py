@@ -5,20 +5,22 @@ Every record validates itself on construction and raises :class:`ConfigError` na
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ._args import describe, integral
 from .errors import ConfigError
+from .sizes import format_size
 from .placement.policies import POLICIES
 from .types import CacheLevel
 
-__all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "RemoteTier", "StoreConfig", "TierConfig"]
+__all__ = ["PageLayout", "DeviceTier", "HostTier", "DiskTier", "RemoteTier", "StoreConfig", "TierConfig", "TIER_KINDS"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -42,6 +44,23 @@ def _quota(owner: str, value: object) -> int:
 
 def _set(record: object, name: str, value: object) -> None:
     object.__setattr__(record, name, value)  # frozen dataclasses: store the validated (plain int) value
+
+
+def _readable_repr(record: object) -> str:
+    """``DiskTier(quota_bytes='256GiB', path='/nvme/kvstore', persistent=True)``: byte sizes in units, as
+    :meth:`StoreConfig.from_dict` reads them back."""
+    parts = []
+    for f in dataclasses.fields(record):  # type: ignore[arg-type]
+        if not f.repr:
+            continue
+        value = getattr(record, f.name)
+        if f.name.endswith("_bytes") and isinstance(value, int):
+            parts.append(f"{f.name}={format_size(value)!r}")
+        elif isinstance(value, tuple) and f.name == "tiers":
+            parts.append(f"tiers=[{', '.join(map(repr, value))}]")
+        else:
+            parts.append(f"{f.name}={value!r}")
+    return f"{type(record).__name__}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class DeviceTier:
     device: Union[str, torch.device, None] = None
 
     level = CacheLevel.DEVICE
+    __repr__ = _readable_repr
 
     def __post_init__(self) -> None:
         _set(self, "quota_bytes", _quota("DeviceTier", self.quota_bytes))
@@ -123,6 +143,7 @@ class HostTier:
     pinned: bool | None = None
 
     level = CacheLevel.HOST
+    __repr__ = _readable_repr
 
     def __post_init__(self) -> None:
         _set(self, "quota_bytes", _quota("HostTier", self.quota_bytes))
@@ -142,10 +163,11 @@ class DiskTier:
     """Local disk level: one preallocated slot file in the directory ``path`` (created if missing)."""
 
     quota_bytes: int
-    path: Union[str, os.PathLike]
+    path: Union[str, "os.PathLike[str]"]
     persistent: bool = False
 
     level = CacheLevel.DISK
+    __repr__ = _readable_repr
 
     def __post_init__(self) -> None:
         _set(self, "quota_bytes", _quota("DiskTier", self.quota_bytes))
@@ -205,6 +227,14 @@ class RemoteTier:
 
 TierConfig = Union[DeviceTier, HostTier, DiskTier]
 
+#: Tier kinds by the name configuration files and environment variables use (``kind = "disk"``,
+#: ``KVSTORE_DISK_*``), hot to cold. A new tier class joins every configuration source with one line here.
+TIER_KINDS: dict[str, type] = {
+    "device": DeviceTier,
+    "host": HostTier,
+    "disk": DiskTier,
+}
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -229,6 +259,34 @@ class StoreConfig:
     free_target: float = 0.0
     remote: "RemoteTier | None" = None
 
+    __repr__ = _readable_repr
+
+    # ------------------------------------------------------------------ from plain data (kvstore.config_sources)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, layout: Optional[PageLayout] = None) -> "StoreConfig":
+        """From a dict: StoreConfig fields, a ``layout`` table and ``tiers`` (tables with a ``kind``, hot to
+        cold); sizes may be strings (``"8GiB"``). ``layout`` supplies or replaces the layout table.
+        See :mod:`kvstore.config_sources` and ``docs/configuration.md``."""
+        from .config_sources import from_dict
+
+        return from_dict(data, layout=layout)
+
+    @classmethod
+    def from_file(cls, path: "str | os.PathLike[str]", *, layout: Optional[PageLayout] = None) -> "StoreConfig":
+        """From a ``.toml`` file, or a ``.yaml``/``.yml`` file (needs PyYAML: the ``yaml`` extra)."""
+        from .config_sources import from_file
+
+        return from_file(path, layout=layout)
+
+    @classmethod
+    def from_env(cls, prefix: str = "KVSTORE_", *, layout: Optional[PageLayout] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> "StoreConfig":
+        """From environment variables (``KVSTORE_DEVICE_QUOTA_BYTES=8GiB``, ...; the table is in
+        ``docs/configuration.md``); an unknown ``KVSTORE_*`` variable is a ConfigError."""
+        from .config_sources import from_env
+
+        return from_env(prefix, layout=layout, environ=environ)
+
     def __post_init__(self) -> None:
         if not isinstance(self.layout, PageLayout):
             raise ConfigError(f"StoreConfig.layout must be a PageLayout, got {type(self.layout).__name__}")
@@ -238,7 +296,7 @@ class StoreConfig:
         tiers = self._take_remote(tiers)
         object.__setattr__(self, "tiers", tiers)
         for i, tier in enumerate(tiers):
-            if not isinstance(tier, (DeviceTier, HostTier, DiskTier)):
+            if not isinstance(tier, tuple(TIER_KINDS.values())):
                 raise ConfigError(f"StoreConfig.tiers[{i}] must be a DeviceTier, HostTier or DiskTier, got {tier!r}")
         if not isinstance(tiers[0], DeviceTier):
             raise ConfigError("StoreConfig.tiers[0] must be a DeviceTier (tiers are ordered hot -> cold)")
@@ -271,7 +329,7 @@ class StoreConfig:
                 f"StoreConfig.free_target must be a fraction 0 <= f < 1 (0: no background demotion), got {self.free_target!r}"
             )
 
-    def _take_remote(self, tiers: tuple) -> tuple:
+    def _take_remote(self, tiers: tuple[Any, ...]) -> tuple[Any, ...]:
         """``tiers`` without a closing RemoteTier, which becomes ``self.remote`` (checked: last, one, a host tier)."""
         if self.remote is not None and not isinstance(self.remote, RemoteTier):
             raise ConfigError(f"StoreConfig.remote must be a RemoteTier or None, got {self.remote!r}")

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -23,12 +23,13 @@ from . import resources
 from ._aio import Gate, settle, wait_through
 from ._args import describe, integral
 from .cache import KVCache, PrefetchTask
-from .config import DiskTier, HostTier, StoreConfig
+from .config import DeviceTier, DiskTier, HostTier, StoreConfig
 from .errors import (
     CapacityError, ConfigError, InvalidArgumentError, InvalidStateError, KVStoreError, StorageIOError,
 )
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
+from .telemetry import Timings, instrument_io
 from .placement import Page, Placement, Plan, RoomCheck
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
@@ -37,11 +38,18 @@ from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
 from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, TierUsage
+from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
+
+if TYPE_CHECKING:
+    from .remote.engine import RemoteEngine
 
 log = logging.getLogger("kvstore")
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+#: What :meth:`KVCacheManager._build_store` makes for a level: a device pool, host chunks (see
+#: ``HostArena.prepare``), or nothing (the disk file is resized in place).
+_Prepared = Union[torch.Tensor, list[torch.Tensor], None]
 
 #: Pages planned per synchronous step of a resume or prefetch (bounds event-loop stalls; the next chunk
 #: is planned while the previous one's transfers run).
@@ -73,11 +81,12 @@ class KVCacheManager:
         )
         self._hasher = PrefixHasher(config.namespace, config.layout.fingerprint(), config.layout.tokens_per_page)
         self._stats: Counter[str] = Counter()
+        self.timings = Timings()  # latency histograms for kvstore.metrics (one observation per operation)
         self._caches: set[KVCache] = set()
         self._gate = Gate()
         self._plan_lock = asyncio.Lock()
         self._ledger = Ledger(self._placement)
-        self._store_tasks: set[asyncio.Future] = set()  # memory and disk space being given back after a shrink
+        self._store_tasks: set[asyncio.Future[object]] = set()  # memory and disk space being given back after a shrink
         self._state = _NEW
         self._closed = asyncio.Event()
         self._device: Optional[DeviceArena] = None
@@ -88,8 +97,8 @@ class KVCacheManager:
         self._executor: Optional[TransferExecutor] = None
         self.io_backend: Optional[str] = None  # "kvikio" or "posix" once started with a disk tier
         self._catalog: Optional[DiskCatalog] = None  # a persistent disk tier's lock, fingerprint and journal
-        self._demoter: Optional[asyncio.Task] = None  # keeps StoreConfig.free_target free (when > 0)
-        self._remote = None  # the shared remote tier (kvstore.remote.engine.RemoteEngine) when configured
+        self._demoter: Optional[asyncio.Task[None]] = None  # keeps StoreConfig.free_target free (when > 0)
+        self._remote: Optional["RemoteEngine"] = None  # the shared remote tier when configured
 
     # ------------------------------------------------------------------ start / close
     async def __aenter__(self) -> "KVCacheManager":
@@ -106,7 +115,7 @@ class KVCacheManager:
         if self._state != _NEW:
             raise InvalidStateError("this manager was closed; create a new KVCacheManager")
         cfg = self.config
-        device = cfg.tiers[0].resolved_device()
+        device = cast(DeviceTier, cfg.tiers[0]).resolved_device()  # StoreConfig checks tiers[0] is a DeviceTier
         pinned = False
         host_cfg = next((t for t in cfg.tiers if isinstance(t, HostTier)), None)
         disk_cfg = next((t for t in cfg.tiers if isinstance(t, DiskTier)), None)
@@ -135,7 +144,7 @@ class KVCacheManager:
             if self._catalog is not None:
                 # nothing else can touch placement before start() returns: rebuild it off the loop thread
                 await asyncio.to_thread(self._restore, recovered)
-                await self._catalog.start(self._disk.fd)
+                await self._catalog.start(self._disk_file.fd)
             if cfg.remote is not None:
                 from .remote.engine import RemoteEngine
 
@@ -169,7 +178,7 @@ class KVCacheManager:
     def _check_machine(self) -> None:
         """ConfigError when a quota exceeds what this machine has at all (memory, GPU memory, disk size)."""
         cfg, pb = self.config, self._page_bytes
-        device = cfg.tiers[0].resolved_device()
+        device = cast(DeviceTier, cfg.tiers[0]).resolved_device()  # StoreConfig checks tiers[0] is a DeviceTier
         dev_bytes, host_bytes, what = self._memory_quotas(device)
         resources.check_device_total(device, dev_bytes)
         if CacheLevel.HOST in self._slots or device.type == "cpu":
@@ -216,7 +225,7 @@ class KVCacheManager:
                 "slot_stride": slot_stride(self._page_bytes),
                 "layout": self.layout.fingerprint(),
                 "hash_seed": self._hasher.seed.hex(),
-            })
+            }, info=self._disk_info())
             recovered = self._catalog.open(self._slots[CacheLevel.DISK])
         self._disk = DiskSlotFile(directory, self._page_bytes, persistent)
         self._disk.open(self._slots[CacheLevel.DISK])
@@ -226,8 +235,18 @@ class KVCacheManager:
         else:
             self._io = PosixBackend(self._disk.fd, self.config.resolved_io_threads())
         self.io_backend = name
+        instrument_io(self._io, self.timings)
         log.info("kvstore disk tier %s: I/O backend %s (%s)", self._disk.path, name, why)
         return recovered
+
+    def _disk_info(self) -> dict[str, object]:
+        """What ``kvstore inspect`` shows about a persistent tier (kvstore.info; never read back)."""
+        from . import __version__
+
+        lay = self.layout
+        return {"namespace": self.config.namespace, "num_layers": lay.num_layers, "num_kv_heads": lay.num_kv_heads,
+                "head_dim": lay.head_dim, "tokens_per_page": lay.tokens_per_page, "dtype": str(lay.dtype),
+                "eviction_policy": self.config.eviction_policy, "kvstore_version": __version__}
 
     def _restore(self, records: dict[int, Record]) -> None:
         """Index the committed pages a persistent disk tier recovered, then journal every later change."""
@@ -238,21 +257,21 @@ class KVCacheManager:
                 page = pl.restore_page(CacheLevel.DISK, slot, rec.key, rec.parent)
             except RuntimeError:
                 continue  # a key recorded twice: keep the first
-            self._executor.sums[slot] = (page.pid, rec.checksum)
+            self._started_executor.sums[slot] = (page.pid, rec.checksum)
         pl.disk_listener = self._journal
-        self._executor.before_disk_write = self._catalog.before_overwrite
+        self._started_executor.before_disk_write = self._disk_catalog.before_overwrite
         if records:
             log.info("kvstore disk tier: recovered %d committed pages", len(records))
 
     def _journal(self, op: str, page: Page, slot: int) -> None:
         if op == "del":
-            self._catalog.delete(slot)
+            self._disk_catalog.delete(slot)
             return
-        record = self._executor.sums.get(slot)
-        if record is None or record[0] != page.pid:
+        record = self._started_executor.sums.get(slot)
+        if record is None or record[0] != page.pid or page.key is None:  # (an indexed page has its key)
             return  # no checksum for these bytes: not journaled, a miss after a restart
         node = self._placement.index.node(page)
-        self._catalog.put(slot, page.key, node.parent_key if node is not None else None, record[1])
+        self._disk_catalog.put(slot, page.key, node.parent_key if node is not None else None, record[1])
 
     def _release(self) -> None:
         """Free memory, threads and files (blocking; run on a worker thread)."""
@@ -307,9 +326,51 @@ class KVCacheManager:
             raise InvalidStateError("the manager is not started; use 'async with KVCacheManager(cfg)' or await start()")
         raise InvalidStateError(f"the manager is {self._state}; create a new KVCacheManager")
 
+    def _missing(self, what: str) -> InvalidStateError:
+        """The error for a part of the store that start() makes and aclose() releases, found missing: the
+        manager's state error when it is not running (raised here), else ``what`` is not configured."""
+        self._check_running()
+        return InvalidStateError(f"this store has no {what}")
+
+    @property
+    def _device_arena(self) -> DeviceArena:
+        if self._device is None:
+            raise self._missing("device arena")
+        return self._device
+
+    @property
+    def _host_arena(self) -> HostArena:
+        if self._host is None:
+            raise self._missing("host level")
+        return self._host
+
+    @property
+    def _disk_file(self) -> DiskSlotFile:
+        if self._disk is None:
+            raise self._missing("disk level")
+        return self._disk
+
+    @property
+    def _disk_catalog(self) -> DiskCatalog:
+        if self._catalog is None:
+            raise self._missing("persistent disk level")
+        return self._catalog
+
+    @property
+    def _started_copier(self) -> Copier:
+        if self._copier is None:
+            raise self._missing("copier")
+        return self._copier
+
+    @property
+    def _started_executor(self) -> TransferExecutor:
+        if self._executor is None:
+            raise self._missing("transfer executor")
+        return self._executor
+
     def _check_live(self, cache: Optional[KVCache], status: Optional[CacheStatus], what: str) -> None:
         """InvalidStateError unless the manager runs and ``cache`` (if any) is in ``status``."""
-        if cache is None:
+        if cache is None or status is None:  # a store-wide operation (no cache, no status)
             self._check_running()
         else:
             cache._require(status, what=what)
@@ -361,7 +422,7 @@ class KVCacheManager:
     def device_pool(self) -> torch.Tensor:
         """``(num_device_slots, *page_shape)``; read again after ``set_quota``."""
         self._check_running()
-        return self._device.pool
+        return self._device_arena.pool
 
     def quota(self, level: CacheLevel) -> int:
         level = self._level_arg(level, "quota(level)")
@@ -371,9 +432,9 @@ class KVCacheManager:
         level = self._level_arg(level, "usage(level)")
         return self._placement.usage(level)
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> Stats:
         """Monotonic counters (bytes/pages per level pair, evictions, drops, prefetches, hits, I/O errors)."""
-        out: dict[str, int | float] = {}
+        out: dict[str, int] = {}
         levels = self.config.levels
         for a in levels:
             out[f"evictions_{a.label}"] = 0
@@ -388,7 +449,7 @@ class KVCacheManager:
             out.update(self._remote.stats_keys(levels))
         out.update(self._stats)
         out.update(self._placement.counters)
-        return out
+        return cast(Stats, out)  # keys made per configured level; each one is declared in Stats
 
     def check_invariants(self) -> None:
         """Raise AssertionError naming the first broken invariant (slow; for tests and debugging).
@@ -430,7 +491,8 @@ class KVCacheManager:
         pages, _ = self._match(as_token_array(tokens))
         per_level = {lvl: 0 for lvl in self.config.levels}
         for p in pages:
-            per_level[p.level] += 1
+            if p.level is not None:  # an indexed page is placed
+                per_level[p.level] += 1
         return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level)
 
     # ------------------------------------------------------------------ the shared remote tier
@@ -501,10 +563,10 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ cache operations
     @staticmethod
-    def _moving(pages: Sequence[Page]) -> set[asyncio.Future]:
+    def _moving(pages: Sequence[Page]) -> set[asyncio.Future[None]]:
         """The ``settled`` awaitables of the pages of ``pages`` in flight. A batch settles each of its moves
         before it is done: a done one with its move still pending is a bug, raised (never spun on)."""
-        out = set()
+        out: set[asyncio.Future[None]] = set()
         for p in pages:
             if p.move is not None:
                 if p.move.settled is None or p.move.settled.done():
@@ -518,7 +580,7 @@ class KVCacheManager:
             await asyncio.wait(pending)
 
     async def _run(self, plan: Plan, priority: int = BACKGROUND) -> RunResult:
-        result = await self._executor.run(plan, priority)
+        result = await self._started_executor.run(plan, priority)
         if result.error is not None:
             raise result.error
         return result
@@ -533,11 +595,13 @@ class KVCacheManager:
         for each other) and tries again whenever room may have come back. CapacityError propagates only
         when none of the operations in flight at the first failure is left holding room."""
         waiting_on: Optional[set[Operation]] = None
+        waited: Optional[float] = None  # when the first wait began (kvstore.metrics: room_wait)
         while True:
             async with self._plan_lock:
                 self._check_live(op.cache, status, what)
                 try:
                     if await attempt():
+                        self.timings.since("room_wait", waited)
                         return
                 except CapacityError:
                     if op.runs:
@@ -546,13 +610,15 @@ class KVCacheManager:
                         waiting_on = self._ledger.room_holders(op)
                     waiting_on = {o for o in waiting_on if not o.ended and o.holds_room}
                     if not waiting_on:
+                        self.timings.since("room_wait", waited)
                         raise
+                    waited = waited or time.perf_counter()
                     self._ledger.release(op)
                     for other in waiting_on:
                         if other.kind == "prefetch":
                             other.stop()
                     self._stats["room_waits"] += 1
-                    moving: set[asyncio.Future] = set()
+                    moving: set[asyncio.Future[None]] = set()
                 else:
                     moving = self._moving(op.held)
             if moving:
@@ -572,7 +638,7 @@ class KVCacheManager:
         for i in range(0, n, step):
             plan = plan_chunk(i, min(step, n - i))
             if plan.moves:
-                op.runs.append(self._executor.submit(plan, priority))
+                op.runs.append(self._started_executor.submit(plan, priority))
             if i + step < n:
                 await asyncio.sleep(0)
                 self._check_live(op.cache, status, what)
@@ -597,10 +663,12 @@ class KVCacheManager:
             await self._abandon(op)
             raise
         for t in tasks:
-            if t.exception() is not None:
-                raise t.exception()
-            if t.result().error is not None:
-                raise t.result().error
+            exc = t.exception()
+            if exc is not None:
+                raise exc
+            error = t.result().error
+            if error is not None:
+                raise error
 
     async def _resume(self, cache: KVCache) -> None:
         pl = self._placement
@@ -763,7 +831,7 @@ class KVCacheManager:
                         for level, n in self._placement.background_room(target):
                             plan = self._placement.plan_demotion(level, n)
                             if plan.moves:
-                                op.runs.append(self._executor.submit(plan, BACKGROUND))
+                                op.runs.append(self._started_executor.submit(plan, BACKGROUND))
                     await self._finish(op)
                     self._stats["background_demotions"] += sum(r.task.result().pages_moved for r in op.runs)
             except InvalidStateError:
@@ -820,13 +888,13 @@ class KVCacheManager:
             self._ledger.notify()
             await self._after_commit(release)
 
-    async def _after_commit(self, release: Optional[asyncio.Future]) -> None:
+    async def _after_commit(self, release: Optional[asyncio.Future[object]]) -> None:
         """Wait while the memory or disk space given up is released. The change is made: a cancellation
         arriving now lets the release finish and set_quota return normally (all or nothing)."""
         if release is not None:
             _uncancel(await wait_through([release]))
 
-    async def _prepare_store(self, level: CacheLevel, slots: int) -> object:
+    async def _prepare_store(self, level: CacheLevel, slots: int) -> _Prepared:
         """Build what the backing store of ``level`` needs for ``slots`` slots, off to the side on a worker
         thread (nothing in use changes). If the caller is cancelled meanwhile, the thread still finishes,
         its result is thrown away and the cancellation goes on."""
@@ -838,55 +906,60 @@ class KVCacheManager:
                 self._background(self._discard_store, level, fut.result())
             raise
 
-    def _build_store(self, level: CacheLevel, slots: int) -> object:
+    def _build_store(self, level: CacheLevel, slots: int) -> _Prepared:
         """Blocking (worker thread): a resized device pool; host chunks to add or the chunk that replaces the
         one straddling the new end; disk space reserved for a grow. Checks what the machine has first:
         CapacityError / StorageIOError leave everything as it was."""
         pb = self._page_bytes
         if level == CacheLevel.DEVICE:
-            if slots > self._device.slots:  # the new pool is made while the old one still exists
-                resources.check_device(self._device.device, slots * pb, "set_quota(DEVICE) quota_bytes")
-            pool = self._device.resized(slots)
+            device = self._device_arena
+            if slots > device.slots:  # the new pool is made while the old one still exists
+                resources.check_device(device.device, slots * pb, "set_quota(DEVICE) quota_bytes")
+            pool = device.resized(slots)
             if pool.is_cuda:
                 torch.cuda.synchronize(pool.device)
             return pool
         if level == CacheLevel.HOST:
-            if slots > self._host.slots:
+            host = self._host_arena
+            if slots > host.slots:
                 resources.check_memory(
-                    f"growing the host tier by {slots - self._host.slots} pages", (slots - self._host.slots) * pb,
+                    f"growing the host tier by {slots - host.slots} pages", (slots - host.slots) * pb,
                     "set_quota(HOST) quota_bytes",
                 )
-            return self._host.prepare(slots)
-        if slots > self._disk.slots:
-            self._disk.resize(slots)
+            return host.prepare(slots)
+        disk = self._disk_file
+        if slots > disk.slots:
+            disk.resize(slots)
         return None
 
-    def _commit_store(self, level: CacheLevel, slots: int, prepared: object) -> Optional[asyncio.Future]:
+    def _commit_store(self, level: CacheLevel, slots: int, prepared: _Prepared) -> Optional[asyncio.Future[object]]:
         """Swap in what :meth:`_build_store` made (synchronous); the memory or space given back is freed on
         a worker thread."""
         if level == CacheLevel.DEVICE:
-            old = [self._device.pool]
-            self._device.pool = prepared
+            device = self._device_arena
+            old = [device.pool]
+            device.pool = cast(torch.Tensor, prepared)  # _build_store(DEVICE) made a pool
             return self._background(old.clear)
         if level == CacheLevel.HOST:
-            dropped = self._host.commit(slots, prepared)
-            self._copier.forget_host_memory()
-            return self._background(self._host.free, dropped)
-        if slots < self._disk.slots:
+            host, copier = self._host_arena, self._started_copier
+            dropped = host.commit(slots, prepared)
+            copier.forget_host_memory()
+            return self._background(host.free, dropped)
+        if slots < self._disk_file.slots:
             return self._background(self._truncate_disk, slots)
         return None
 
     def _truncate_disk(self, slots: int) -> None:
         try:
-            self._disk.resize(slots)
+            self._disk_file.resize(slots)
         except StorageIOError as exc:  # the quota changed; only the file keeps its size
             log.warning("kvstore: the disk tier's file could not be truncated (%s); it keeps its size", exc)
 
-    def _discard_store(self, level: CacheLevel, prepared: object) -> None:
+    def _discard_store(self, level: CacheLevel, prepared: _Prepared) -> None:
         if level == CacheLevel.HOST and isinstance(prepared, list):
-            self._host.free(prepared)
+            self._host_arena.free(prepared)
 
-    def _background(self, fn: Callable[..., object], *args: object) -> asyncio.Future:
+    def _background(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
         """Run blocking ``fn(*args)`` on a worker thread; the next quota change and aclose() wait for it."""
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         self._store_tasks.add(task)

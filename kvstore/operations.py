@@ -54,7 +54,7 @@ class Ledger:
     def __init__(self, placement: Placement) -> None:
         self._pl = placement
         self.ops: set[Operation] = set()
-        self._changed: Optional[asyncio.Future] = None
+        self._changed: Optional[asyncio.Future[None]] = None
 
     def begin(self, kind: str, cache: Optional["KVCache"] = None) -> Operation:
         op = Operation(kind, cache)

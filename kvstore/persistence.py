@@ -5,6 +5,8 @@ Files in the tier directory (all 0600):
 - ``kvstore.lock`` — held with ``flock`` while a manager has the tier open: two processes never share it.
 - ``kvstore.meta`` — the layout fingerprint (format, page bytes, slot stride, prefix-hash seed, which
   covers the namespace and the page layout). A directory made for another layout is refused.
+- ``kvstore.info`` — informational, never checked: the namespace and layout in plain words, for
+  ``kvstore inspect`` (the fingerprint in ``kvstore.meta`` only holds the namespace's hash).
 - ``kvstore.pages`` — the slot file (see :mod:`kvstore.transfer.diskfile`).
 - ``kvstore.journal`` — fixed-size records ``PUT(slot, key, parent key, page checksum)`` and ``DEL(slot)``
   for the committed pages on the disk level, each record protected by its own checksum.
@@ -56,6 +58,42 @@ class Record:
     key: bytes
     parent: Optional[bytes]
     checksum: int
+
+
+@dataclass(frozen=True)
+class JournalScan:
+    """What a journal holds: the live PUT per slot, how many records were read, the torn tail ignored."""
+
+    live: dict[int, Record]
+    records: int
+    puts: int
+    dels: int
+    torn_bytes: int
+
+
+def scan_journal(data: bytes) -> JournalScan:
+    """Replay journal bytes: the last record per slot wins; a record that fails its checksum or magic ends
+    the journal (a torn tail). Pure; used by recovery and by ``kvstore inspect`` / ``verify``."""
+    live: dict[int, Record] = {}
+    puts = dels = 0
+    torn = 0
+    off = 0
+    for off in range(0, len(data) - _RECORD + 1, _RECORD):
+        body, digest = data[off : off + _BODY.size], data[off + _BODY.size : off + _RECORD]
+        if xxhash.xxh3_64_digest(body) != digest:
+            torn = len(data) - off
+            break
+        magic, op, slot, key, parent, csum = _BODY.unpack(body)
+        if magic != _MAGIC:
+            torn = len(data) - off
+            break
+        if op == _PUT:
+            puts += 1
+            live[slot] = Record(slot, key, None if parent == _NO_PARENT else parent, csum)
+        else:
+            dels += 1
+            live.pop(slot, None)
+    return JournalScan(live, puts + dels, puts, dels, torn or len(data) % _RECORD)
 
 
 def _pack(op: int, slot: int, key: bytes = _NO_PARENT, parent: Optional[bytes] = None, checksum: int = 0) -> bytes:
@@ -129,9 +167,10 @@ class DiskCatalog:
       :class:`StorageIOError` (errno kept) and the disk write fails, the page staying where it was.
     """
 
-    def __init__(self, directory: Path, meta: dict) -> None:
+    def __init__(self, directory: Path, meta: dict[str, object], info: Optional[dict[str, object]] = None) -> None:
         self.directory = Path(directory)
         self.meta = {"format": FORMAT, **meta}
+        self.info = info  # written to kvstore.info for inspection tools; never read back by the engine
         self.journal_path = self.directory / "kvstore.journal"
         self.fault_hook: Optional[CatalogFaultHook] = None
         self._lock_fd = -1
@@ -141,7 +180,7 @@ class DiskCatalog:
         self._durable: dict[int, bytes] = {}  # slot -> its PUT record, durable in the journal file
         self._lock = asyncio.Lock()
         self._wake: Optional[asyncio.Event] = None
-        self._writer: Optional[asyncio.Task] = None
+        self._writer: Optional[asyncio.Task[None]] = None
         self._fd = -1  # the journal, O_APPEND
         self._size = 0  # bytes of the journal known written
         self._data_fd = -1
@@ -159,6 +198,7 @@ class DiskCatalog:
         self._lock_dir()
         try:
             self._check_meta()
+            self._write_info()
             records = self._recover(slots)
             self._compact(records)
             self._claimed = set(records)
@@ -209,29 +249,34 @@ class DiskCatalog:
         except OSError as exc:
             raise _io_error(exc, f"writing {path}") from exc
 
+    def _write_info(self) -> None:
+        """Refresh ``kvstore.info`` (tmp file + rename; not synced: it is informational only)."""
+        if self.info is None:
+            return
+        path = self.directory / "kvstore.info"
+        text = json.dumps(self.info, sort_keys=True, indent=1)
+        try:
+            if path.exists() and path.read_text() == text:
+                return
+            tmp = path.with_suffix(".info-tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                _write_all(fd, text.encode(), "info.write", 0, None)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("kvstore disk tier: could not write %s (%s); inspection shows less", path, exc)
+
     def _recover(self, slots: int) -> dict[int, Record]:
         try:
             data = self.journal_path.read_bytes()
         except FileNotFoundError:
             return {}
-        live: dict[int, Record] = {}
-        torn = 0
-        for off in range(0, len(data) - _RECORD + 1, _RECORD):
-            body, digest = data[off : off + _BODY.size], data[off + _BODY.size : off + _RECORD]
-            if xxhash.xxh3_64_digest(body) != digest:
-                torn = len(data) - off
-                break
-            magic, op, slot, key, parent, csum = _BODY.unpack(body)
-            if magic != _MAGIC:
-                torn = len(data) - off
-                break
-            if op == _PUT:
-                live[slot] = Record(slot, key, None if parent == _NO_PARENT else parent, csum)
-            else:
-                live.pop(slot, None)
-        if torn or len(data) % _RECORD:
-            log.warning("kvstore journal %s: ignored a torn tail of %d bytes", self.journal_path, torn or len(data) % _RECORD)
-        return {s: r for s, r in live.items() if s < slots}
+        scan = scan_journal(data)
+        if scan.torn_bytes:
+            log.warning("kvstore journal %s: ignored a torn tail of %d bytes", self.journal_path, scan.torn_bytes)
+        return {s: r for s, r in scan.live.items() if s < slots}
 
     def _compact(self, records: dict[int, Record]) -> None:
         durable = {r.slot: _pack(_PUT, r.slot, r.key, r.parent, r.checksum) for r in records.values()}
@@ -290,9 +335,12 @@ class DiskCatalog:
                     "overwriting it", errno.EIO)
 
     async def _write_loop(self) -> None:
+        wake = self._wake
+        if wake is None:  # pragma: no cover - start() creates the event before the task
+            return
         while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
+            await wake.wait()
+            wake.clear()
             try:
                 await self.flush()
             except StorageIOError:
@@ -343,7 +391,7 @@ class DiskCatalog:
             self._poisoned = False  # the rewrite (if any) succeeded
         if stage == "data.fdatasync":
             self._data_failed = True
-            keep = [(r, d) for r, d in batch + self._pending if d is not None]  # DELs only
+            keep: list[tuple[bytes, Optional[int]]] = [(r, d) for r, d in batch + self._pending if d is not None]  # DELs
             dropped = len(batch) + len(self._pending) - len(keep)
             self._pending = keep
             what = (f"fdatasync of the slot file (no page is journaled for the rest of this session: "
@@ -364,7 +412,8 @@ class DiskCatalog:
         that fails is logged: a restart then recovers the pages committed at the last durable point."""
         self._closing = True  # put/delete from now on are bugs of the caller: refused loudly
         if self._writer is not None:  # let it finish the flush it may be in (a cancel would lose that batch)
-            self._wake.set()
+            if self._wake is not None:
+                self._wake.set()
             await settle(self._writer)
             self._writer = None
         try:

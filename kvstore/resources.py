@@ -228,10 +228,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reclaim_stale_slot_files(directory: Path) -> list[Path]:
+def slot_file_pid(name: str) -> Optional[int]:
+    """The pid in a non-persistent slot file's name (``kvstore-<pid>-<random>.pages``), else None."""
+    m = _SLOT_FILE.fullmatch(name)
+    return int(m.group(1)) if m is not None else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (or cannot be told: then True, so its files are kept)."""
+    return _pid_alive(pid)
+
+
+def reclaim_stale_slot_files(directory: Path, dry_run: bool = False) -> list[Path]:
     """Remove the non-persistent slot files in ``directory`` that a dead process left behind: named with a
     pid that no longer runs, owned by this user, and not locked (a live owner keeps its file locked).
-    Returns the files removed."""
+    Returns the files removed (with ``dry_run``: the files that would be, none removed)."""
     removed: list[Path] = []
     try:
         names = os.listdir(directory)
@@ -254,7 +265,8 @@ def reclaim_stale_slot_files(directory: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # in use (a process in another pid namespace?)
-            os.unlink(path)
+            if not dry_run:
+                os.unlink(path)
             removed.append(path)
         except OSError:
             continue

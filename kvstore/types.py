@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TypedDict
 
-__all__ = ["CacheLevel", "CacheStatus", "PrefetchResult", "TierUsage", "PrefixMatch"]
+__all__ = ["CacheLevel", "CacheStatus", "PrefetchResult", "TierUsage", "PrefixMatch", "Stats"]
 
 
 class CacheLevel(enum.IntEnum):
@@ -58,3 +59,56 @@ class PrefixMatch:
 
     num_tokens: int
     pages_per_level: dict[CacheLevel, int] = field(default_factory=dict)
+
+
+class Stats(TypedDict, total=False):
+    """The counters of ``mgr.stats()``, all ints and monotonic. Keys exist for the configured levels only
+    (``bytes_<src>_to_<dst>`` / ``pages_<src>_to_<dst>`` for every pair, ``evictions_<level>``), the rest
+    always (the ``remote_*`` ones with a remote tier). ``total=False``: which level pairs exist depends on
+    the config, so read a pair's key with ``.get(key, 0)`` when the config may not have it."""
+
+    bytes_device_to_host: int
+    pages_device_to_host: int
+    bytes_device_to_disk: int
+    pages_device_to_disk: int
+    bytes_device_to_remote: int
+    pages_device_to_remote: int
+    bytes_host_to_device: int
+    pages_host_to_device: int
+    bytes_host_to_disk: int
+    pages_host_to_disk: int
+    bytes_host_to_remote: int
+    pages_host_to_remote: int
+    bytes_disk_to_device: int
+    pages_disk_to_device: int
+    bytes_disk_to_host: int
+    pages_disk_to_host: int
+    bytes_disk_to_remote: int
+    pages_disk_to_remote: int
+    bytes_remote_to_device: int
+    pages_remote_to_device: int
+    bytes_remote_to_host: int
+    pages_remote_to_host: int
+    bytes_remote_to_disk: int
+    pages_remote_to_disk: int
+    evictions_device: int
+    evictions_host: int
+    evictions_disk: int
+    relocations_device: int
+    relocations_host: int
+    relocations_disk: int
+    drops: int
+    prefetches: int
+    prefix_hit_tokens: int
+    io_errors: int
+    corrupt_pages: int
+    room_waits: int
+    background_demotions: int
+    remote_hits: int
+    remote_misses: int
+    remote_errors: int
+    remote_corrupt: int
+    remote_write_dropped: int
+    remote_write_skipped: int
+    remote_timeouts: int
+    remote_breaker_opened: int

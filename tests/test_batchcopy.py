@@ -52,10 +52,82 @@ def test_load_without_a_driver_library_is_none(monkeypatch):
     assert load(0) is None
 
 
-def test_batched_copies_are_opt_in(monkeypatch):
+def test_batched_copies_are_the_default_and_can_be_turned_off(monkeypatch):
     from kvstore.transfer import batchcopy
 
     monkeypatch.delenv("KVSTORE_BATCH_COPIES", raising=False)
-    assert not batchcopy.enabled()
-    monkeypatch.setenv("KVSTORE_BATCH_COPIES", "1")
     assert batchcopy.enabled()
+    monkeypatch.setenv("KVSTORE_BATCH_COPIES", "0")
+    assert not batchcopy.enabled()
+
+
+_STAND_IN_DRIVER = r"""
+#include <stddef.h>
+#include <string.h>
+typedef struct { int type; int id; } loc_t;
+typedef struct { int order; loc_t src; loc_t dst; unsigned flags; } attrs_t;
+static int ctx_token;
+int cuDriverGetVersion(int *v) { *v = 13000; return 0; }
+int cuCtxGetCurrent(void **ctx) { *ctx = &ctx_token; return 0; }
+int cuDeviceGet(int *d, int ordinal) { *d = ordinal; return 0; }
+int cuDevicePrimaryCtxRetain(void **ctx, int d) { *ctx = &ctx_token; return 0; }
+int cuCtxSetCurrent(void *ctx) { return 0; }
+unsigned long long last_stream;
+size_t last_count;
+int cuMemcpyBatchAsync_v2(void **dsts, void **srcs, size_t *sizes, size_t count, attrs_t *attrs,
+                          size_t *attr_idx, size_t num_attrs, void *stream) {
+    if (num_attrs != 1 || attr_idx[0] != 0 || attrs->order != 1) return 1;
+    for (size_t i = 0; i < count; i++) memcpy(dsts[i], srcs[i], sizes[i]);
+    last_stream = (unsigned long long)stream;
+    last_count = count;
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def stand_in_driver(tmp_path_factory):
+    """A libcuda stand-in whose batched copy is memcpy on host addresses (gcc builds it)."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.fail("a C compiler (gcc) is needed to build the driver stand-in")
+    d = tmp_path_factory.mktemp("fake_cuda")
+    (d / "fake.c").write_text(_STAND_IN_DRIVER)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "libcuda.so"), str(d / "fake.c")], check=True)
+    return str(d / "libcuda.so")
+
+
+def test_batch_copier_hands_the_driver_full_64_bit_addresses(stand_in_driver, monkeypatch):
+    """Addresses above 4 GiB reach the driver whole (an undeclared ctypes argument is a 32-bit int: the copy
+    then writes to a truncated address, which crashed the H200 run); sizes, chunking and the stream too."""
+    import ctypes.util
+
+    import numpy as np
+
+    from kvstore.transfer import batchcopy
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: stand_in_driver)
+    monkeypatch.setattr(batchcopy, "CHUNK", 7)
+    copier = load(0)
+    assert copier is not None
+    width = 96
+    import mmap
+
+    rows_total = 64 << 10
+    maps = [mmap.mmap(-1, rows_total * width) for _ in range(2)]  # anonymous maps sit far above 4 GiB on Linux
+    src, dst = (np.frombuffer(m, dtype=np.uint8).reshape(rows_total, width) for m in maps)
+    src[:] = np.random.default_rng(0).integers(0, 255, size=src.shape, dtype=np.uint8)
+    assert src.ctypes.data > 1 << 32 and dst.ctypes.data > 1 << 32
+    rows = np.random.default_rng(1).permutation(src.shape[0])[:50]
+    d0, s0, n = runs(rows[::-1].copy(), rows)
+    base_d, base_s = np.uint64(dst.ctypes.data), np.uint64(src.ctypes.data)
+    copier.copy(base_d + (d0 * width).astype(np.uint64), base_s + (s0 * width).astype(np.uint64),
+                (n * width).astype(np.uint64), "h2d", 0xDEADBEEF12)
+    assert (dst[rows[::-1]] == src[rows]).all()
+    assert not dst[np.setdiff1d(np.arange(src.shape[0]), rows)].any()
+    lib = ctypes.CDLL(stand_in_driver)
+    assert ctypes.c_ulonglong.in_dll(lib, "last_stream").value == 0xDEADBEEF12
+    assert ctypes.c_size_t.in_dll(lib, "last_count").value == (len(n) % 7 or 7)

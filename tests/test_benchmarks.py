@@ -76,3 +76,18 @@ def test_bench_remote_runs_both_parts(capsys, redis_server):
     out = capsys.readouterr().out
     assert "| put |" in out and "| get |" in out and "event-loop lag" in out
     assert "| synthetic (120 req) | 2 |" in out and "| conversation (120 req) | 1 |" in out
+
+
+def test_bench_tiers_plot_defaults_into_the_results_dir_not_the_current_one():
+    parser = load("bench_tiers").build_parser()
+    assert parser.parse_args(["--plot", "--reps", "1"]).plot == str(REPO / "benchmarks" / "results" / "bench_tiers.png")
+    assert parser.parse_args(["--plot", "x.png"]).plot == "x.png"
+    assert parser.parse_args([]).plot is None
+
+
+def test_bench_commit_measures_list_and_numpy_tokens(tmp_path, capsys):
+    out = tmp_path / "commit.json"
+    assert load("bench_commit").main(["--tokens", "256", "--reps", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["list_us"] > 0 and res["numpy_us"] > 0
+    assert "list" in capsys.readouterr().out

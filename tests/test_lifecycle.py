@@ -237,3 +237,15 @@ async def test_suspended_pages_are_never_dropped(make_store):
             await fresh.resize(TPP)
         assert mgr.stats()["drops"] == 0
         assert all(c.num_pages == 2 for c, _ in caches)
+
+
+async def test_page_indices_is_a_cpu_tensor_unless_a_device_is_asked_for(make_store):
+    async with make_store() as mgr:
+        cache = mgr.create_cache()
+        await cache.resume()
+        await cache.resize(2 * mgr.layout.tokens_per_page)
+        cpu = cache.page_indices()
+        assert cpu.device.type == "cpu" and cpu.dtype == torch.int64
+        on_pool = cache.page_indices(device=mgr.device_pool.device)
+        assert on_pool.device == mgr.device_pool.device and torch.equal(on_pool.cpu(), cpu)
+        cache.close()

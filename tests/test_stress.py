@@ -35,6 +35,7 @@ CI: a few seeds per variant, about two seconds each. A long run (marked ``slow``
 
     KVSTORE_STRESS_SEEDS=0-199 KVSTORE_STRESS_SECONDS=3 python -m pytest tests/test_stress.py -m slow -q
 
+``KVSTORE_STRESS_PROGRESS=path`` appends one line per finished seed (variant, seed, wall seconds, failures).
 ``KVSTORE_STRESS_SEEDS``: ``N`` (seeds 0..N-1), ``A-B`` (inclusive) or a comma list; ``KVSTORE_STRESS_SECONDS``:
 seconds of random operations per seed; ``KVSTORE_STRESS_REPORT=path.json`` also writes every failure there;
 ``KVSTORE_STRESS_DEVICE=cuda`` puts the device tier on the GPU.
@@ -1080,11 +1081,16 @@ def _seeds() -> list[int]:
 async def test_stress_long(variant_env, tmp_path):
     seconds = float(os.environ.get("KVSTORE_STRESS_SECONDS", "3"))
     failures: list[Failure] = []
+    progress = os.environ.get("KVSTORE_STRESS_PROGRESS")  # a file: one line per seed as it ends (wall seconds)
     for seed in _seeds():
         d = tmp_path / f"seed{seed}"
         d.mkdir()
+        t0 = time.perf_counter()
         s = await run_stress(seed, variant_env, seconds, str(d))
         failures.extend(s.failures)
+        if progress:
+            with open(progress, "a") as fh:  # survives a run killed from outside
+                fh.write(f"{variant_env} seed={seed} wall_s={time.perf_counter() - t0:.1f} failures={len(s.failures)}\n")
     path = os.environ.get("KVSTORE_STRESS_REPORT")
     if path:
         rows = [f.__dict__ for f in failures]

@@ -1,5 +1,5 @@
 """Integrations of kvstore with model frameworks.
 
 Each submodule needs its framework as an optional extra and is imported explicitly, e.g.
-``from kvstore.integrations.hf import PagedGeneration`` (``pip install kvstore[hf]``).
+``from kvstore.integrations.hf import PagedGeneration`` (``pip install 'kvstore-llm[hf]'``; the distribution is ``kvstore-llm``).
 """

@@ -14,14 +14,14 @@ Primitives:
   reused on creation and its prefill skipped.
 
 Scope: batch size 1 per cache, decoder-only models whose layers all use full attention
-(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore[hf]``.
+(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore-llm[hf]``.
 Tested with transformers 4.57.1 and 5.24.0 (``Cache`` built from per-layer ``CacheLayerMixin`` objects).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 
@@ -29,7 +29,7 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore[hf]'"
+        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore-llm[hf]' (or pip install -e '.[hf]' in a checkout; not 'kvstore', an unrelated PyPI project)"
     ) from exc
 
 from kvstore import CacheLevel, CacheStatus, PageLayout
@@ -97,7 +97,7 @@ class _Binding:
         self.tok_off = torch.arange(tokens_per_page, device=device).repeat(pages.numel())
 
 
-class _PagedLayer(CacheLayerMixin):
+class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
     """One model layer's view of the shared pages; tracks how many tokens this layer has written."""
 
     is_compileable = False
@@ -105,7 +105,7 @@ class _PagedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, owner: PagedKVCache, layer_idx: int, num_tokens: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._owner = owner
         self._layer_idx = layer_idx
         self.num_tokens = num_tokens
@@ -178,7 +178,7 @@ class PagedKVCache(Cache):
                 f"num_tokens={num_tokens} must be within the KVCache's capacity of {kv_cache.num_tokens} tokens"
             )
         self._binding: _Binding | None = None
-        layers = [_PagedLayer(self, i, num_tokens) for i in range(self._num_layers)]
+        layers: list[Any] = [_PagedLayer(self, i, num_tokens) for i in range(self._num_layers)]
         super().__init__(layers=layers)
 
     @property
@@ -199,7 +199,7 @@ class PagedKVCache(Cache):
 
     def rollback(self, num_tokens: int) -> None:
         """Forget every token from ``num_tokens`` on in every layer (e.g. after a failed forward)."""
-        for layer in self.layers:
+        for layer in cast("list[_PagedLayer]", self.layers):
             layer.num_tokens = min(layer.num_tokens, num_tokens)
 
     def _bind(self, pool: torch.Tensor) -> _Binding:

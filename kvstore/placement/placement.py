@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
@@ -23,6 +23,7 @@ from .slots import SlotAllocator
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
+_MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
 @dataclass(slots=True)
@@ -43,13 +44,13 @@ class RoomCheck:
     holds the draft the check made, for the plan made right after it (no await between) to apply instead of
     drafting again; it is used once."""
 
-    drafted: Optional[list] = None
+    drafted: Optional[list[Any]] = None  # (page, grant) pairs of a promotion, or the grants of new pages
 
     @property
     def chunked(self) -> bool:
         return self.drafted is None
 
-    def take(self) -> Optional[list]:
+    def take(self) -> Optional[list[Any]]:
         drafted, self.drafted = self.drafted, None
         return drafted
 
@@ -77,7 +78,7 @@ class _Draft:
             if victim is None:
                 break
             nxt = self.pl.levels[i + 1] if i + 1 < len(self.pl.levels) else None
-            if swap_with is not None and nxt == swap_with.level and self.free_left[nxt] == 0:
+            if swap_with is not None and nxt is not None and nxt == swap_with.level and self.free_left[nxt] == 0:
                 # the next level is full: the victim takes the slot the promoted page leaves
                 grants.append(_Grant(_DEMOTE, victim, _Grant(_SWAP, swap_with), i + 1))
                 continue
@@ -135,10 +136,11 @@ class Placement:
 
     def sync(self, page: Page) -> None:
         """Queue ``page`` (most recently used) iff it is evictable; otherwise take it out of its queue."""
-        if page.level is None:  # not placed yet, or freed
+        level = page.level
+        if level is None:  # not placed yet, or freed
             return
-        q = self.queues[page.level]
-        if page.evictable:
+        q = self.queues[level]
+        if page.locks == 0 and page.holds == 0 and page.move is None and not page.freed:  # Page.evictable
             if page not in q:
                 q.push(page)
         else:
@@ -328,6 +330,7 @@ class Placement:
         plan = Plan()
         colder = self._colder(pages, ti)
         drafted = check.take() if check is not None else None
+        rooms: Iterator[tuple[Page, tuple[int, Optional[Move]]]]
         if drafted is None and self._room_is_simple(ti, len(colder)):
             rooms = zip(colder, self._simple_room(ti, len(colder), plan))
         else:
@@ -498,6 +501,8 @@ class Placement:
         if grant.kind == _FREE:
             return self.alloc[level].allocate(), None
         victim = grant.victim
+        if victim is None:
+            raise RuntimeError("a drafted demotion or drop names no victim")
         self.queues[level].remove(victim)
         slot = victim.slot
         if grant.kind == _DROP:
@@ -506,15 +511,22 @@ class Placement:
             self.counters[_EVICTIONS[level]] += 1
             plan.dropped += 1
             return slot, None
-        if grant.via.kind == _SWAP:
-            dst_slot, after = grant.via.victim.slot, None
+        via = grant.via  # a _DEMOTE grant: the grant its victim moves into
+        if via is None:
+            raise RuntimeError("a drafted demotion names no destination")
+        after: Optional[Move]
+        swapped = via.victim  # _SWAP: the page promoted out of that slot
+        if via.kind == _SWAP:
+            if swapped is None:
+                raise RuntimeError("a drafted swap names no promoted page")
+            dst_slot, after = swapped.slot, None
         else:
-            dst_slot, after = self._realize(grant.via, grant.via_index, plan)
+            dst_slot, after = self._realize(via, grant.via_index, plan)
         move = Move(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
         victim.move = move
         plan.moves.append(move)
-        if grant.via.kind == _SWAP:
-            plan.swaps.append((move, grant.via.victim))
+        if via.kind == _SWAP and swapped is not None:
+            plan.swaps.append((move, swapped))
         return slot, move
 
     # ----------------------------------------------------------------- settling moves
@@ -540,6 +552,42 @@ class Placement:
         self._free_if_orphan(page)
         self.sync(page)
 
+    def complete_many(self, moves: Sequence[Move]) -> None:
+        """:meth:`complete` for every move of ``moves`` (one batch's transfers succeeded), in one pass: source
+        slots are released with one merge per level and the eviction counters updated once."""
+        released: dict[CacheLevel, list[int]] = {}
+        evicted: Counter[CacheLevel] = Counter()
+        listener = self.disk_listener
+        done = MoveState.DONE
+        disk = CacheLevel.DISK
+        for move in moves:
+            page, src, dst = move.page, move.src, move.dst
+            if src is not None:
+                if not move.handoff:
+                    released.setdefault(src, []).append(move.src_slot)
+                if src < dst:
+                    evicted[src] += 1
+                if src is disk and listener is not None and page.indexed:
+                    listener("del", page, move.src_slot)
+            page.level, page.slot = dst, move.dst_slot
+            if dst is disk and listener is not None and page.indexed:
+                listener("put", page, move.dst_slot)
+            page.move = None
+            move.state = done
+            if page.owners == 0 and not page.indexed and not page.freed:
+                self._free(page, release_slot=True)  # an orphan (Placement._orphan)
+            else:
+                self.sync(page)
+        for level, slots in released.items():
+            alloc = self.alloc[level]
+            if len(slots) >= _MERGE_RELEASES:
+                alloc.release_many(slots)
+            else:
+                for slot in slots:
+                    alloc.release(slot)
+        for level, n in evicted.items():
+            self.counters[_EVICTIONS[level]] += n
+
     def abort(self, move: Move) -> None:
         """The transfer of ``move`` did not happen: the page stays at its source. A no-op for a settled move.
 
@@ -560,6 +608,8 @@ class Placement:
             page.move = None
             move.state = MoveState.ABORTED
             chain.append(move)
+            if move.successor is None:
+                break
             move = move.successor
         for move in chain:  # pages settle once every dependent move let go of its slot
             page = move.page
@@ -603,7 +653,7 @@ class Placement:
                 staged_here = mv is not None and mv.state is MoveState.STAGED and (
                     mv.successor is None or mv.successor.state is not MoveState.ABORTED
                 )
-                if staged_here:
+                if staged_here and mv is not None:
                     # its bytes are in staging: the source slot belongs to its successor (reserved by that
                     # move, or occupied by its page, or freed with it when that page was an orphan)
                     if not mv.handoff or mv.successor is None:
@@ -626,7 +676,7 @@ class Placement:
                 fail(f"locked page {page.pid} is outside the device level")
             if page.locks < 0 or page.holds < 0 or page.owners < 0:
                 fail(f"page {page.pid} has a negative count")
-            if page.indexed and self.index.get(page.key) is not page:
+            if page.indexed and (page.key is None or self.index.get(page.key) is not page):
                 fail(f"page {page.pid} claims to be indexed but the index disagrees")
             if page.owners == 0 and not page.indexed and mv is None:
                 fail(f"page {page.pid} is held by no cache and not reusable but was not freed")

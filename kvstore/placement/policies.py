@@ -19,7 +19,7 @@ draft skips (it can be neither demoted nor dropped) counts as gone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from ..errors import ConfigError
 from ..types import CacheLevel
@@ -65,9 +65,9 @@ class _Order:
     __slots__ = ("_head", "_links")
 
     def __init__(self) -> None:
-        self._head: list = [None, None, None]  # sentinel link: [prev, next, page]
+        self._head: list[Any] = [None, None, None]  # sentinel link: [prev, next, page]
         self._head[0] = self._head[1] = self._head
-        self._links: dict[int, list] = {}
+        self._links: dict[int, list[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._links)

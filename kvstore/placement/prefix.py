@@ -125,7 +125,7 @@ class PrefixIndex:
 
     def node(self, page: Page) -> Optional[_Node]:
         """The node of an indexed page (None when ``page`` is not the indexed page of its key)."""
-        if not page.indexed:
+        if not page.indexed or page.key is None:  # an indexed page always has its key
             return None
         node = self._nodes.get(page.key)
         return node if node is not None and node.page is page else None
@@ -237,7 +237,7 @@ class PrefixIndex:
             node.hits += 1
         return node
 
-    def pages(self):
+    def pages(self) -> list[Page]:
         return [n.page for n in self._nodes.values()]
 
     def check(self) -> None:

@@ -32,12 +32,17 @@ try:  # the optional dependency (pip extra "remote")
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
 except ImportError:  # pragma: no cover - exercised only without the extra
-    _redis = None
+    _redis = None  # type: ignore[assignment]
     RedisError = OSError  # type: ignore[assignment,misc]
 
 
 def _failure_types() -> tuple[type[BaseException], ...]:
     return (RedisError, OSError, TimeoutError, ConnectionError, EOFError)
+
+
+def _cmd(name: str, *args: Any, **kw: Any) -> Callable[[Any], Any]:
+    """A command to queue on a pipeline: ``_cmd("get", key)(pipe)`` calls ``pipe.get(key)``."""
+    return lambda pipe: getattr(pipe, name)(*args, **kw)
 
 
 def reraise_cancellation() -> None:
@@ -53,7 +58,7 @@ class RemoteClient:
     """Deadline-bounded, breaker-guarded remote calls. Create inside a running event loop."""
 
     def __init__(
-        self, url: RemoteURL, timeout_s: float, stats: Counter, *, breaker_threshold: int = 3,
+        self, url: RemoteURL, timeout_s: float, stats: "Counter[str]", *, breaker_threshold: int = 3,
         probe_interval_s: Optional[float] = None, max_connections: int = 32, pipeline_bytes: int = 256 << 10,
         read_depth: int = 4, write_depth: int = 2,
     ) -> None:
@@ -70,7 +75,7 @@ class RemoteClient:
         self.probe_interval_s = probe_interval_s if probe_interval_s is not None else min(1.0, self.timeout_s)
         self._read = self._connect(max_connections)
         self._write = self._connect(max_connections)
-        self._probe: Optional[asyncio.Task] = None
+        self._probe: Optional["asyncio.Task[None]"] = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -78,7 +83,7 @@ class RemoteClient:
 
     def _connect(self, max_connections: int) -> Any:
         u, t = self.url, self.timeout_s
-        common = dict(
+        common: dict[str, Any] = dict(
             username=u.username, password=u.password, socket_timeout=t, socket_connect_timeout=t,
             decode_responses=False, max_connections=max_connections, **dict(u.tls_options),
         )
@@ -137,7 +142,7 @@ class RemoteClient:
         pipe = client.pipeline(transaction=False)
         for cmd in commands:
             cmd(pipe)
-        return await pipe.execute(raise_on_error=False)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def _pipelines(self, client: Any, commands: Sequence[Callable[[Any], Any]], item_bytes: int, depth: int) -> list[Any]:
         """``commands`` as pipelines of at most ``pipeline_bytes`` of values each, ``depth`` of them in
@@ -163,7 +168,8 @@ class RemoteClient:
         """Whether each key is on the server (pipelined EXISTS); None on failure."""
         if not keys:
             return []
-        res = await self._call(self._read, lambda c: self._pipeline(c, [lambda p, k=k: p.exists(k) for k in keys]), "EXISTS")
+        cmds: list[Callable[[Any], Any]] = [_cmd("exists", k) for k in keys]
+        res = await self._call(self._read, lambda c: self._pipeline(c, cmds), "EXISTS")
         if res is None:
             return None
         if any(isinstance(r, BaseException) for r in res):
@@ -200,7 +206,8 @@ class RemoteClient:
     async def delete(self, keys: Sequence[bytes]) -> None:
         """Best-effort DEL of ``keys`` (one per command: cluster keys live on different nodes)."""
         if keys:
-            await self._call(self._write, lambda c: self._pipeline(c, [lambda p, k=k: p.delete(k) for k in keys]), "DEL")
+            cmds: list[Callable[[Any], Any]] = [_cmd("delete", k) for k in keys]
+            await self._call(self._write, lambda c: self._pipeline(c, cmds), "DEL")
 
     async def ping(self) -> bool:
         """Whether the server answers within the deadline (does not touch the breaker)."""
@@ -215,5 +222,5 @@ class RemoteClient:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     await client.aclose()
-            except (*_failure_types(), Exception):  # closing a dead connection: nothing left to do
+            except Exception:  # closing a dead connection: nothing left to do
                 pass

@@ -10,7 +10,9 @@ never data.
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Any, Optional
+
+Buffer = Any  # bytes, memoryview or a numpy uint8 array (anything memoryview() takes)
 
 import xxhash
 
@@ -22,13 +24,13 @@ _FMT = struct.Struct("<4sHH16s16s32sIQ")
 HEADER = _FMT.size
 
 
-def encode_header(layout_digest: bytes, scope: bytes, page_key: bytes, payload) -> bytes:
+def encode_header(layout_digest: bytes, scope: bytes, page_key: bytes, payload: "Buffer") -> bytes:
     """The header of a value carrying ``payload`` (a buffer of page bytes) for ``page_key``."""
     mv = memoryview(payload).cast("B")
     return _FMT.pack(MAGIC, VERSION, HEADER, layout_digest, scope, page_key, mv.nbytes, xxhash.xxh3_64_intdigest(mv))
 
 
-def encode(layout_digest: bytes, scope: bytes, page_key: bytes, payload) -> bytes:
+def encode(layout_digest: bytes, scope: bytes, page_key: bytes, payload: "Buffer") -> bytes:
     """Header + payload as one bytes object (one copy of the page bytes)."""
     return b"".join((encode_header(layout_digest, scope, page_key, payload), memoryview(payload).cast("B")))
 

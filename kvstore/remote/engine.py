@@ -45,7 +45,7 @@ class RemoteEngine:
         self.client = RemoteClient(self.url, tier.timeout_s, mgr._stats)
         self.writer = RemoteWriter(
             mgr, self.client, self.keys, make_encoder(self.keys.layout_digest, self.keys.scope), tier.ttl_s,
-            tier.max_pending_pages, min(WRITE_BATCH_PAGES, fit, mgr._executor.staging.rows),
+            tier.max_pending_pages, min(WRITE_BATCH_PAGES, fit, mgr._started_executor.staging.rows),
         )
         self.reader = RemoteReader(mgr, self.client, self.keys, min(FETCH_STEP_PAGES, fit))
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .._aio import settle
 from ..errors import CapacityError, InvalidArgumentError, KVStoreError
 from ..operations import Operation
-from ..placement import Page
+from ..placement import Page, Placement, RoomCheck
 from ..placement.prefix import as_token_array
 from ..transfer.copier import Segment
 from ..transfer.scheduler import PREFETCH
@@ -44,7 +45,7 @@ class RemoteReader:
         self.keys = keys
         self.batch = batch
         self.stats = mgr._stats
-        self._deletes: set[asyncio.Task] = set()
+        self._deletes: set["asyncio.Task[None]"] = set()
 
     # ------------------------------------------------------------------ the part of the prefix to ask for
     def _rest(self, tokens: Sequence[int]) -> tuple[list[Page], list[bytes], Optional[bytes]]:
@@ -73,7 +74,8 @@ class RemoteReader:
                 break
         per_level = {lvl: 0 for lvl in mgr.config.levels}
         for p in pages:
-            per_level[p.level] += 1
+            if p.level is not None:
+                per_level[p.level] += 1
         per_level[CacheLevel.REMOTE] = found
         return PrefixMatch((len(pages) + found) * mgr.layout.tokens_per_page, per_level)
 
@@ -106,7 +108,7 @@ class RemoteReader:
         """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
         pb = self.mgr._page_bytes
         chunks = [rest[i : i + self.batch] for i in range(0, len(rest), self.batch)]
-        gets: list[asyncio.Task] = []
+        gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"] = []
 
         def get(k: int) -> None:  # the GETs of chunk k, started while chunk k-1 is checked and landed
             if k < len(chunks):
@@ -121,7 +123,10 @@ class RemoteReader:
             if gets:
                 await asyncio.gather(*gets, return_exceptions=True)
 
-    async def _walk(self, chunks, gets, get, prev, target, keeper) -> tuple[int, bool]:
+    async def _walk(
+        self, chunks: list[list[bytes]], gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"],
+        get: Callable[[int], None], prev: Optional[bytes], target: CacheLevel, keeper: Operation,
+    ) -> tuple[int, bool]:
         moved = 0
         pb = self.mgr._page_bytes
         lay, scope = self.keys.layout_digest, self.keys.scope
@@ -141,10 +146,11 @@ class RemoteReader:
             if corrupt:
                 self.stats["remote_corrupt"] += 1
                 self._delete(rkeys[lead])
+            good = [b for b in bodies[:lead] if b is not None]  # all of them: the leading valid values
             done = 0
             while done < lead:  # a full target takes the pages in parts (each part's pages make room for the next)
                 local, landed = await self._land(
-                    chunk[done:lead], bodies[done:lead], chunk[done - 1] if done else prev, target, keeper
+                    chunk[done:lead], good[done:lead], chunk[done - 1] if done else prev, target, keeper
                 )
                 moved += landed
                 if local == 0:
@@ -162,7 +168,7 @@ class RemoteReader:
         task.add_done_callback(self._deletes.discard)
 
     async def _land(
-        self, keys: list[bytes], bodies: list, prev: Optional[bytes], target: CacheLevel, keeper: Operation
+        self, keys: list[bytes], bodies: list[memoryview], prev: Optional[bytes], target: CacheLevel, keeper: Operation
     ) -> tuple[int, int]:
         """Land pages ``keys`` (bytes ``bodies``, chained after ``prev``) at ``target``: (how many leading ones
         are local now, landed here or indexed meanwhile by someone else; how many this call landed). Landed
@@ -186,7 +192,7 @@ class RemoteReader:
                 op.owned.extend(chunk)
                 mgr._ledger.hold(op, chunk)
                 if plan.moves:
-                    op.runs.append(mgr._executor.submit(plan, PREFETCH))
+                    op.runs.append(mgr._started_executor.submit(plan, PREFETCH))
                 return True
 
             try:
@@ -219,7 +225,7 @@ class RemoteReader:
                 keeper.owned.extend(p for p in owned if p.indexed)  # owners stays 1: kept until the fetch ends
                 pl.remove_owners([p for p in owned if not p.indexed])  # reserved but not landed: freed
 
-    async def _with_room(self, op: Operation, keeper: Operation, attempt) -> bool:
+    async def _with_room(self, op: Operation, keeper: Operation, attempt: Callable[[], bool]) -> bool:
         """``attempt()`` under the planning lock until it fits (True), waiting while other operations in flight
         hold room that may come back; False once none does (this fetch's own pages never count)."""
         mgr = self.mgr
@@ -234,25 +240,26 @@ class RemoteReader:
                         return False
             await mgr._ledger.changed()
 
-    async def _write(self, target: CacheLevel, slots: list[int], bodies: list) -> None:
+    async def _write(self, target: CacheLevel, slots: list[int], bodies: list[memoryview]) -> None:
         """Copy ``bodies`` into ``slots`` of ``target`` off the loop (finishes even if cancelled)."""
         mgr = self.mgr
         if target == CacheLevel.HOST:
-            host = mgr._host
+            host = mgr._host_arena
             rows = [host.chunks[c][r] for c, r in map(host.locate, slots)]
             await settle(asyncio.to_thread(_fill, rows, bodies))
             return
-        if not mgr._copier.cuda:
-            await settle(asyncio.to_thread(_fill, [mgr._device.rows[s] for s in slots], bodies))
+        if not mgr._started_copier.cuda:
+            await settle(asyncio.to_thread(_fill, [mgr._device_arena.rows[s] for s in slots], bodies))
             return
-        staging = mgr._executor.staging
+        staging = mgr._started_executor.staging
         for start in range(0, len(slots), staging.rows):
             part = slots[start : start + staging.rows]
             buf = await staging.acquire()
             try:
-                rows = list(range(len(part)))
-                await settle(asyncio.to_thread(_fill, [buf[r] for r in rows], bodies[start : start + len(part)]))
-                await mgr._copier.copy([Segment(mgr._device.rows, part, buf, rows)], "up", mgr._copier.after_current_stream())
+                brows = list(range(len(part)))
+                await settle(asyncio.to_thread(_fill, [buf[r] for r in brows], bodies[start : start + len(part)]))
+                copier = mgr._started_copier
+                await copier.copy([Segment(mgr._device_arena.rows, part, buf, brows)], "up", copier.after_current_stream())
             finally:
                 staging.give_back(buf)
 
@@ -261,13 +268,14 @@ class RemoteReader:
             await asyncio.gather(*self._deletes, return_exceptions=True)
 
 
-def _most_that_fit(pl, n: int, target: CacheLevel):
+def _most_that_fit(pl: Placement, n: int, target: CacheLevel) -> tuple[int, Optional[RoomCheck]]:
     """(the most of ``n`` new pages that fit at ``target`` now, its room check); (0, None) if none does."""
     try:
         return n, pl.check_new_pages(n, target)
     except CapacityError:
         pass
-    lo, hi, best = 0, n - 1, (0, None)  # binary search: a draft per probe
+    lo, hi = 0, n - 1  # binary search: a draft per probe
+    best: tuple[int, Optional[RoomCheck]] = (0, None)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         try:
@@ -280,12 +288,14 @@ def _most_that_fit(pl, n: int, target: CacheLevel):
     return best
 
 
-def _verify(values: list, keys: list[bytes], lay: bytes, scope: bytes, page_bytes: int) -> list:
+def _verify(
+    values: list[Optional[bytes]], keys: list[bytes], lay: bytes, scope: bytes, page_bytes: int
+) -> list[Optional[memoryview]]:
     """Worker thread: each value's page bytes if it checks out, else None."""
     return [codec.decode(v, lay, scope, k, page_bytes) for v, k in zip(values, keys, strict=True)]
 
 
-def _fill(rows: list, bodies: list) -> None:
+def _fill(rows: list[torch.Tensor], bodies: list[memoryview]) -> None:
     """Worker thread: copy each body into its uint8 row tensor."""
     for row, body in zip(rows, bodies, strict=True):
         row.numpy()[:] = np.frombuffer(body, dtype=np.uint8)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+import torch
+
 from .._aio import settle
 from ..placement import Page
 from ..transfer.copier import Segment
@@ -61,18 +63,19 @@ async def gather_values(
 
 
 async def _read_level(
-    mgr: "KVCacheManager", level: CacheLevel, group: list, pages: Sequence[tuple[Page, bytes]], encode: Encoder
+    mgr: "KVCacheManager", level: CacheLevel, group: list[tuple[int, Page, CacheLevel, int]],
+    pages: Sequence[tuple[Page, bytes]], encode: Encoder,
 ) -> list[Optional[bytes]]:
     keys = [pages[i][1] for i, _, _, _ in group]
     slots = [slot for _, _, _, slot in group]
     if level == CacheLevel.HOST:
-        host = mgr._host
+        host = mgr._host_arena
         rows = [host.chunks[c][r] for c, r in map(host.locate, slots)]
         return await settle(asyncio.to_thread(_encode_rows, encode, keys, rows))
-    if level == CacheLevel.DEVICE and not mgr._copier.cuda:
-        dev = mgr._device.rows
+    if level == CacheLevel.DEVICE and not mgr._started_copier.cuda:
+        dev = mgr._device_arena.rows
         return await settle(asyncio.to_thread(_encode_rows, encode, keys, [dev[s] for s in slots]))
-    executor = mgr._executor
+    executor = mgr._started_executor
     staging = executor.staging
     out: list[Optional[bytes]] = []
     for start in range(0, len(group), staging.rows):
@@ -85,23 +88,23 @@ async def _read_staged(
     mgr: "KVCacheManager", level: CacheLevel, slots: list[int], pages: list[Page], keys: list[bytes], encode: Encoder
 ) -> list[Optional[bytes]]:
     """Device (CUDA) or disk pages through one staging buffer; a disk page failing its checksum is None."""
-    executor = mgr._executor
+    executor = mgr._started_executor
     buf = await executor.staging.acquire()
     try:
         rows = list(range(len(slots)))
         bad: set[int] = set()
         if level == CacheLevel.DEVICE:
-            after = mgr._copier.after_current_stream()
-            await mgr._copier.copy([Segment(buf, rows, mgr._device.rows, slots)], "down", after)
+            after = mgr._started_copier.after_current_stream()
+            await mgr._started_copier.copy([Segment(buf, rows, mgr._device_arena.rows, slots)], "down", after)
         else:
             nbytes = len(slots) * mgr._page_bytes
             await executor.io_sched.acquire(nbytes, (BACKGROUND, 0))
             try:
                 extents, _ = executor._extents(slots, [buf] * len(slots), rows, [p.pid for p in pages])
-                bad_offsets = await settle(mgr._io.read(extents))
+                bad_offsets = await settle(executor._io.read(extents))
             finally:
                 executor.io_sched.release(nbytes)
-            bad_slots = {off // mgr._disk.stride for off in bad_offsets}
+            bad_slots = {off // mgr._disk_file.stride for off in bad_offsets}
             bad = {i for i, s in enumerate(slots) if s in bad_slots}
         values = await settle(asyncio.to_thread(_encode_rows, encode, keys, [buf[r] for r in rows]))
         return [None if i in bad else v for i, v in enumerate(values)]
@@ -109,7 +112,7 @@ async def _read_staged(
         executor.staging.give_back(buf)
 
 
-def _encode_rows(encode: Encoder, keys: list[bytes], rows: list) -> list[bytes]:
+def _encode_rows(encode: Encoder, keys: list[bytes], rows: list[torch.Tensor]) -> list[Optional[bytes]]:
     """Worker thread: one value per (key, uint8 row tensor)."""
     return [encode(key, row.numpy()) for key, row in zip(keys, rows, strict=True)]
 

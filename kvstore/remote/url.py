@@ -68,7 +68,7 @@ def parse_url(url: str) -> RemoteURL:
             username = unquote(creds) or None
     rest, _, query = rest.partition("?")
     hostpart, _, path = rest.partition("/")
-    options = []
+    options: list[tuple[str, object]] = []
     for name, value in parse_qsl(query, keep_blank_values=True):
         kind = TLS_OPTIONS.get(name)
         if kind is None or not tls:

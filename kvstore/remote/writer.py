@@ -49,8 +49,8 @@ class RemoteWriter:
         self._wake = asyncio.Event()
         self._queued = 0  # pages ever queued (sequence numbers)
         self._settled = 0  # of those, written or given up
-        self._waiters: list[tuple[int, asyncio.Future]] = []
-        self._task: Optional[asyncio.Task] = None
+        self._waiters: list[tuple[int, "asyncio.Future[None]"]] = []
+        self._task: Optional["asyncio.Task[None]"] = None
         self._closing = False
 
     @property
@@ -147,7 +147,7 @@ class RemoteWriter:
             return 0
         # read group k+1 (off the loop) while group k is on the wire
         retried = 0
-        sending: Optional[asyncio.Task] = None
+        sending: Optional["asyncio.Task[None]"] = None
         try:
             for start in range(0, len(todo), self.group_pages):
                 group = todo[start : start + self.group_pages]

@@ -16,8 +16,9 @@ import bisect
 import ctypes
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..resources import allocating
@@ -25,11 +26,14 @@ from ..resources import allocating
 log = logging.getLogger("kvstore")
 
 _MAX_CHUNK = 1 << 30
+#: Pinned chunks are smaller: CUDA pins (and unpins) a chunk while holding a driver lock that every other
+#: CUDA call of the process waits for, so a 1 GiB chunk stalled transfers of other caches for up to a second.
+_MAX_PINNED_CHUNK = 256 << 20
 _OS_PAGE = 4096
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
-def _madvise():
+def _madvise() -> "Optional[Callable[..., int]]":
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
@@ -102,7 +106,7 @@ class HostArena:
         self.slots = 0
 
     def _chunk_rows(self, remaining: int) -> int:
-        want = min(remaining * self.page_bytes, _MAX_CHUNK)
+        want = min(remaining * self.page_bytes, _MAX_PINNED_CHUNK if self.pinned else _MAX_CHUNK)
         size = _pow2_floor(want) if want >= self.page_bytes else self.page_bytes
         rows = max(1, size // self.page_bytes)
         # the largest power-of-two chunk may leave a tail smaller than a page: take the rows that fit
@@ -178,12 +182,18 @@ class HostArena:
         c = bisect.bisect_right(self._starts, slot) - 1
         return c, slot - self._starts[c]
 
-    def group(self, slots: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
-        """Positions of ``slots`` grouped by chunk: {chunk: [(position in ``slots``, row), ...]}."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for pos, slot in enumerate(slots):
-            c, r = self.locate(slot)
-            out.setdefault(c, []).append((pos, r))
+    def group(self, slots: "Sequence[int] | np.ndarray") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Positions of ``slots`` grouped by chunk: {chunk: (positions in ``slots``, rows in the chunk)}, as
+        int64 arrays (no Python per slot)."""
+        s = np.asarray(slots, dtype=np.int64)
+        chunk = np.searchsorted(np.asarray(self._starts, dtype=np.int64), s, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        cs = chunk[order]
+        cuts = np.flatnonzero(np.diff(cs)) + 1
+        out = {}
+        for part in np.split(order, cuts) if order.size else []:
+            c = int(chunk[part[0]])
+            out[c] = (part, s[part] - self._starts[c])
         return out
 
 
@@ -223,4 +233,5 @@ class StagingPool:
     def give_back(self, buf: torch.Tensor) -> None:
         if self._pooled.pop(id(buf), True):
             self._free.append(buf)
-            self._sem.release()
+            if self._sem is not None:
+                self._sem.release()

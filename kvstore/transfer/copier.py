@@ -5,8 +5,8 @@ the rows to copy. Rows are coalesced into runs that are contiguous on both sides
 neighbouring slots move with one copy. On CUDA the copies are issued from worker threads, each with
 its own stream (``ISSUERS`` per direction, taken in turn; H2D and D2H overlap), after the caller's
 compute stream, with one ``_foreach_copy_`` call per request, and
-scattered small pages move with one gather/scatter kernel over mapped pinned memory (or, opt-in, every
-host<->device request as batched driver copies: :mod:`.batchcopy`); completion
+every host<->device request moves as batched driver copies (:mod:`.batchcopy`; where the driver lacks
+them, scattered small pages move with one gather/scatter kernel over mapped pinned memory); completion
 is a CUDA event waited for on another worker thread and bridged to asyncio. Without CUDA
 host-memory copies run on worker threads, except tiny ones (``INLINE_BYTES``) done inline. The event
 loop thread never issues or waits for a CUDA copy and never copies more than ``INLINE_BYTES``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,29 +26,48 @@ from .._aio import settle, thread_pool
 from . import batchcopy
 
 
+#: Row indices: a sequence of ints or an int64 array.
+Rows = Union[Sequence[int], np.ndarray]
+
+
 @dataclass
 class Segment:
     dst: torch.Tensor
-    dst_rows: Sequence[int]
+    dst_rows: "Rows"
     src: torch.Tensor
-    src_rows: Sequence[int]
+    src_rows: "Rows"
 
 
-def coalesce(dst_rows: Sequence[int], src_rows: Sequence[int]) -> list[tuple[int, int, int]]:
+def coalesce(dst_rows: "Rows", src_rows: "Rows") -> list[tuple[int, int, int]]:
     """Runs (dst_start, src_start, count) covering the row pairs, contiguous on both sides."""
     d0, s0, n = batchcopy.runs(dst_rows, src_rows)
     return list(zip(d0.tolist(), s0.tolist(), n.tolist()))
 
 
+#: A same-device segment of more runs than this, averaging under ``GATHER_BELOW`` bytes a run, moves with
+#: one gather (``index_select``) and one scatter (``index_copy_``) instead of a copy per run: two passes
+#: over the bytes, but no Python per run.
+GATHER_RUNS = 32
+GATHER_BELOW = 1 << 20
+
+
 def _copy_runs(segments: Sequence[Segment], non_blocking: bool) -> None:
     """One ``copy_`` per run, all issued by a single ``_foreach_copy_`` call: the calling thread gives the
-    GIL up once for the whole request, not once per run (each re-acquire can wait on a busy event loop)."""
+    GIL up once for the whole request, not once per run (each re-acquire can wait on a busy event loop).
+    Many small runs between tensors of one device move by index instead (:data:`GATHER_RUNS`)."""
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
     for seg in segments:
-        for d0, s0, n in coalesce(seg.dst_rows, seg.src_rows):
-            dst.append(seg.dst[d0 : d0 + n])
-            src.append(seg.src[s0 : s0 + n])
+        d0, s0, n = batchcopy.runs(seg.dst_rows, seg.src_rows)
+        row_bytes = seg.dst.shape[1] * seg.dst.element_size()
+        if n.size > GATHER_RUNS and seg.dst.device == seg.src.device and n.sum() * row_bytes < GATHER_BELOW * n.size:
+            didx = torch.from_numpy(np.asarray(seg.dst_rows, dtype=np.int64)).to(seg.dst.device)
+            sidx = torch.from_numpy(np.asarray(seg.src_rows, dtype=np.int64)).to(seg.src.device)
+            seg.dst.index_copy_(0, didx, seg.src.index_select(0, sidx))
+            continue
+        for a, b, k in zip(d0.tolist(), s0.tolist(), n.tolist()):
+            dst.append(seg.dst[a : a + k])
+            src.append(seg.src[b : b + k])
     if dst:
         torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
@@ -115,18 +134,19 @@ class _ZeroCopy:
         return n > 0 and n * host.shape[1] / len(coalesce(seg.dst_rows, seg.src_rows)) < ZERO_COPY_BELOW
 
     def copy(self, seg: Segment) -> None:
-        didx, sidx = torch.tensor([list(seg.dst_rows), list(seg.src_rows)], dtype=torch.int64).to(self.device)
+        rows = np.stack([np.asarray(seg.dst_rows, dtype=np.int64), np.asarray(seg.src_rows, dtype=np.int64)])
+        didx, sidx = torch.from_numpy(rows).to(self.device)
         if seg.dst.is_cuda:  # host -> device: gather over PCIe, scatter in HBM
-            src = self.mapped(seg.src)
-            dst = seg.dst.view(torch.int64) if src.word == 8 else seg.dst
-            dst.index_copy_(0, didx, src.tensor.index_select(0, sidx))
+            host = self.mapped(seg.src)
+            dev = seg.dst.view(torch.int64) if host.word == 8 else seg.dst
+            dev.index_copy_(0, didx, host.tensor.index_select(0, sidx))
         else:  # device -> host: gather in HBM, scatter over PCIe
-            dst = self.mapped(seg.dst)
-            src = seg.src.view(torch.int64) if dst.word == 8 else seg.src
-            dst.tensor.index_copy_(0, didx, src.index_select(0, sidx))
+            host = self.mapped(seg.dst)
+            dev = seg.src.view(torch.int64) if host.word == 8 else seg.src
+            host.tensor.index_copy_(0, didx, dev.index_select(0, sidx))
 
 
-def _wait_event(event: torch.cuda.Event, done: Future) -> None:
+def _wait_event(event: torch.cuda.Event, done: "Future[None]") -> None:
     try:
         event.synchronize()
     except BaseException as exc:
@@ -135,7 +155,28 @@ def _wait_event(event: torch.cuda.Event, done: Future) -> None:
         done.set_result(None)
 
 
-def _batchable(seg: Segment) -> Optional[str]:
+class _PinnedCache:
+    """Whether host tensors are pinned, asked of CUDA once per storage. ``Tensor.is_pinned()`` is a driver
+    query, and driver queries wait while another thread pins or unpins memory (seconds for a big host
+    tier): copies issued between two quota changes must not pay one per request. Entries keep their storage
+    alive, so an address cannot be reused under a stale answer; :meth:`clear` drops them."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int], tuple[torch.UntypedStorage, bool]] = {}
+
+    def __call__(self, t: torch.Tensor) -> bool:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        hit = self._known.get(key)
+        if hit is None:
+            hit = self._known[key] = (storage, t.is_pinned())
+        return hit[1]
+
+    def clear(self) -> None:
+        self._known.clear()
+
+
+def _batchable(seg: Segment, pinned: _PinnedCache) -> Optional[str]:
     """The direction of a segment the batched driver copies can move (rows contiguous in memory; host
     side pinned), else None."""
     d, s = seg.dst, seg.src
@@ -144,9 +185,9 @@ def _batchable(seg: Segment) -> Optional[str]:
     if d.is_cuda and s.is_cuda:
         return "d2d" if d.device == s.device else None
     if d.is_cuda:
-        return "h2d" if s.is_pinned() else None
+        return "h2d" if pinned(s) else None
     if s.is_cuda:
-        return "d2h" if d.is_pinned() else None
+        return "d2h" if pinned(d) else None
     return None
 
 
@@ -160,10 +201,12 @@ class Copier:
         self._issue = {lane: [thread_pool(1, f"kvstore-copy-{lane}{i}") for i in range(ISSUERS)] for lane in lanes}
         self._turn = {lane: 0 for lane in lanes}
         if self.cuda:
-            self._streams = {lane: [torch.cuda.Stream(device) for _ in range(ISSUERS)] for lane in lanes}
+            self._streams = {lane: [torch.cuda.Stream(device) for _ in range(ISSUERS)]  # type: ignore[no-untyped-call]
+                             for lane in lanes}
             self._zero_copy = _ZeroCopy(device)
             index = device.index if device.index is not None else torch.cuda.current_device()
             self._batch = batchcopy.load(index) if batchcopy.enabled() else None
+            self._pinned = _PinnedCache()
             self._wait = thread_pool(4, "kvstore-cuda-wait")
 
     def _next_issuer(self, lane: str) -> int:
@@ -175,22 +218,25 @@ class Copier:
         """An event on the caller's current stream, so copies start after the compute queued so far."""
         if not self.cuda:
             return None
-        return torch.cuda.current_stream(self.device).record_event()
+        event: torch.cuda.Event = torch.cuda.current_stream(self.device).record_event()
+        return event
 
-    def _issue_cuda(self, segments: Sequence[Segment], stream: torch.cuda.Stream, after: Optional[torch.cuda.Event]):
+    def _issue_cuda(self, segments: Sequence[Segment], stream: torch.cuda.Stream,
+                    after: Optional[torch.cuda.Event]) -> torch.cuda.Event:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
             dma = []
             for seg in segments:
-                if self._batch is not None and (direction := _batchable(seg)) is not None:
+                if self._batch is not None and (direction := _batchable(seg, self._pinned)) is not None:
                     self._batch_copy(seg, direction, stream)
                 elif self._zero_copy.usable(seg):
                     self._zero_copy.copy(seg)
                 else:
                     dma.append(seg)
             _copy_runs(dma, non_blocking=True)
-            return stream.record_event()
+            event: torch.cuda.Event = stream.record_event()
+            return event
 
     def _batch_copy(self, seg: Segment, direction: str, stream: torch.cuda.Stream) -> None:
         """The segment's rows as one batched driver call per chunk of runs (addresses built with numpy)."""
@@ -200,12 +246,15 @@ class Copier:
         width = seg.dst.shape[1] * seg.dst.element_size()
         dst = np.uint64(seg.dst.data_ptr()) + (d0 * seg.dst.stride(0) * seg.dst.element_size()).astype(np.uint64)
         src = np.uint64(seg.src.data_ptr()) + (s0 * seg.src.stride(0) * seg.src.element_size()).astype(np.uint64)
+        if self._batch is None:  # pragma: no cover - _issue_cuda checks it first
+            raise RuntimeError("batched copies are not loaded")
         self._batch.copy(dst, src, (n * width).astype(np.uint64), direction, stream.cuda_stream)
 
     def forget_host_memory(self) -> None:
         """Drop cached device views of host memory (after the host arena was reallocated)."""
         if self.cuda:
             self._zero_copy.forget()
+            self._pinned.clear()
 
     async def copy(self, segments: Sequence[Segment], lane: str, after: Optional[torch.cuda.Event] = None) -> None:
         """Copy every segment's rows; returns once the bytes are in place."""
@@ -218,11 +267,12 @@ class Copier:
             await settle(loop.run_in_executor(self._issue[lane][i], _copy_runs, segments, False))
             return
         i = self._next_issuer(lane)
-        done: Future = Future()
+        done: "Future[None]" = Future()
         self._issue[lane][i].submit(self._issue_then_wait, segments, self._streams[lane][i], after, done)
         await settle(asyncio.wrap_future(done))
 
-    def _issue_then_wait(self, segments: Sequence[Segment], stream, after, done: Future) -> None:
+    def _issue_then_wait(self, segments: Sequence[Segment], stream: torch.cuda.Stream,
+                         after: Optional[torch.cuda.Event], done: "Future[None]") -> None:
         """Issue thread: queue the copies, then hand their completion to a waiter thread (this thread goes
         on issuing the next request while the copies run)."""
         try:

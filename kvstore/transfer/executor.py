@@ -15,18 +15,20 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence, cast
 
+import numpy as np
 import torch
 
 from .._aio import settle
-from ..errors import CorruptPageError, StorageIOError
+from ..errors import CorruptPageError, InvalidStateError, StorageIOError
 from ..placement import Move, MoveState, Placement, Plan
 from ..types import CacheLevel
 from .arenas import DeviceArena, HostArena, StagingPool
 from .copier import Copier, Segment
 from .diskfile import DiskSlotFile
 from .io_backends import Extent, IOBackend
+from ..logs import log_plan
 from .scheduler import BACKGROUND, IOScheduler
 
 log = logging.getLogger("kvstore")
@@ -43,11 +45,12 @@ class _Batch:
     moves: list[Move] = field(default_factory=list)
     deps: set["_Batch"] = field(default_factory=set)  # batches that must be done first
     read_deps: set["_Batch"] = field(default_factory=set)  # swap batches whose sources must be staged first
-    done: Optional[asyncio.Future] = None
-    read_done: Optional[asyncio.Future] = None  # swap batches: sources copied to staging
+    done: Optional[asyncio.Future[None]] = None  # set by submit()
+    read_done: Optional[asyncio.Future[None]] = None  # swap batches: sources copied to staging
 
-    def waits(self) -> list[asyncio.Future]:
-        return [d.done for d in self.deps] + [d.read_done for d in self.read_deps]
+    def waits(self) -> list[asyncio.Future[None]]:
+        # submit() gave every batch its ``done`` and every swap batch (the read_deps) its ``read_done``
+        return cast("list[asyncio.Future[None]]", [d.done for d in self.deps] + [d.read_done for d in self.read_deps])
 
 
 @dataclass
@@ -58,6 +61,11 @@ class RunResult:
     bytes_moved: int = 0
     error: Optional[BaseException] = None
     seconds: float = 0.0
+
+
+def _promoted(m: Move) -> bool:
+    """Whether the promotion a swap victim ``m`` waited for (its ``after``) took the victim's slot."""
+    return m.after is not None and m.after.state is MoveState.DONE
 
 
 def _slot_free(m: Move) -> bool:
@@ -104,7 +112,7 @@ class TransferExecutor:
         copier: Copier,
         staging: StagingPool,
         batch_bytes: int,
-        stats: Counter,
+        stats: Counter[str],
     ) -> None:
         self.placement = placement
         self.device = device
@@ -121,6 +129,25 @@ class TransferExecutor:
         #: awaited with the disk slots about to be written (a persistent tier makes stale records durable-deleted)
         self.before_disk_write: Optional[Callable[[Sequence[int]], Awaitable[None]]] = None
 
+    # the stores of the levels a plan moves pages to or from: a plan names configured levels only
+    @property
+    def _host(self) -> HostArena:
+        if self.host is None:
+            raise InvalidStateError("this store has no host level")
+        return self.host
+
+    @property
+    def _disk(self) -> DiskSlotFile:
+        if self.disk is None:
+            raise InvalidStateError("this store has no disk level")
+        return self.disk
+
+    @property
+    def _io(self) -> IOBackend:
+        if self.io is None:
+            raise InvalidStateError("this store has no disk level (no disk I/O backend)")
+        return self.io
+
     # ------------------------------------------------------------------ planning batches
     def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
         if self._needs_staging(src, dst, swap):
@@ -136,23 +163,42 @@ class TransferExecutor:
             return False  # GPUDirect Storage: the backend reads the file straight into device memory
         return {src, dst} == {D, K} and self.copier.cuda
 
-    def _batches(self, plan: Plan) -> list[_Batch]:
-        open_: dict[tuple, _Batch] = {}
-        limits: dict[tuple, int] = {}
-        of: dict[int, _Batch] = {}
+    def _batches(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> list[_Batch]:
+        """The plan's moves in batches of one (src, dst, swap) kind, each with its futures; every move's
+        ``settled`` is its batch's ``done``. One pass over the moves, a second only over those that wait
+        for another move (``after``)."""
+        open_: dict[tuple[Optional[CacheLevel], CacheLevel, bool], _Batch] = {}
+        room: dict[tuple[Optional[CacheLevel], CacheLevel, bool], int] = {}
         out: list[_Batch] = []
+        waiting: list[tuple[_Batch, Move]] = []
+        b: _Batch  # set on the first move (its key differs from None)
+        # ``room``: moves the open batch of a kind can still take (a kind seen before has an open batch)
+        key: Optional[tuple[Optional[CacheLevel], CacheLevel, bool]] = None
+        left = 0
         for mv in plan.moves:
-            key = (mv.src, mv.dst, mv.swap)
-            b = open_.get(key)
-            if b is None or len(b.moves) >= limits[key]:
-                b = open_[key] = _Batch(mv.src, mv.dst, mv.swap)
-                limits[key] = self._rows_limit(mv.src, mv.dst, mv.swap)
-                out.append(b)
+            k = (mv.src, mv.dst, mv.swap)
+            if k != key or left == 0:
+                if key is not None:
+                    room[key] = left
+                key = k
+                left = room.get(k, 0)
+                if left:
+                    b = open_[k]
+                else:
+                    b = open_[k] = _Batch(mv.src, mv.dst, mv.swap)
+                    b.done = loop.create_future()
+                    b.read_done = loop.create_future() if mv.swap else None
+                    left = self._rows_limit(mv.src, mv.dst, mv.swap)
+                    out.append(b)
             b.moves.append(mv)
-            of[id(mv)] = b
-        for b in out:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
-            for mv in b.moves:
-                dep = of.get(id(mv.after)) if mv.after is not None else None
+            mv.settled = b.done
+            left -= 1
+            if mv.after is not None:
+                waiting.append((b, mv))
+        if waiting:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
+            of = {id(x.done): x for x in out}
+            for b, mv in waiting:
+                dep = of.get(id(mv.after.settled)) if mv.after is not None else None
                 if dep is None:
                     continue
                 if dep.swap:
@@ -177,14 +223,10 @@ class TransferExecutor:
 
     def submit(self, plan: Plan, priority: int = BACKGROUND) -> Run:
         """Start running ``plan`` (see :meth:`run`); each move's ``settled`` is set before this returns."""
+        log_plan(plan, priority)  # DEBUG only: counts per src->dst, evictions, drops (kvstore.logs)
         state = _RunState()
         loop = asyncio.get_running_loop()
-        batches = self._batches(plan)
-        for b in batches:
-            b.done = loop.create_future()
-            b.read_done = loop.create_future() if b.swap else None
-            for mv in b.moves:
-                mv.settled = b.done
+        batches = self._batches(plan, loop)
         return Run(asyncio.ensure_future(self._execute(batches, state, priority)), state)
 
     async def _execute(self, batches: list[_Batch], state: _RunState, priority: int) -> RunResult:
@@ -209,18 +251,21 @@ class TransferExecutor:
             state.result.seconds = time.perf_counter() - t0
         return state.result
 
-    async def _run_swap(self, b: _Batch, state: _RunState, after) -> None:
+    async def _run_swap(self, b: _Batch, state: _RunState, after: Optional[torch.cuda.Event]) -> None:
         """A swap batch: stage the sources, let the promotions take the slots, then write the destinations.
 
         If a promotion this batch waited for did not happen, its page is restored to its source slot.
         Swaps only move between memory levels, where copies do not fail.
         """
+        src_l = cast(CacheLevel, b.src)  # a swap moves placed victims
+        done = cast("asyncio.Future[None]", b.done)  # made by submit(), as a swap batch's read_done
+        read_done = cast("asyncio.Future[None]", b.read_done)
         buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
         try:
             rows = list(range(len(b.moves)))
             src_slots = [m.src_slot for m in b.moves]
             try:
-                await self.copier.copy(self._segments_rows(buf, rows, b.src, src_slots, to_buf=True), "down", after)
+                await self.copier.copy(self._segments_rows(buf, rows, src_l, src_slots, to_buf=True), "down", after)
             except Exception as exc:
                 for m in b.moves:
                     self.placement.abort(m)
@@ -230,33 +275,36 @@ class TransferExecutor:
             for m in b.moves:
                 if m.pending:
                     self.placement.stage(m)
-            b.read_done.set_result(None)
+            read_done.set_result(None)
             await asyncio.wait(b.waits())
-            # only moves still staged: one settled meanwhile no longer owns its slots (never write them)
-            ok = [i for i, m in enumerate(b.moves) if m.pending and m.after.state is MoveState.DONE]
-            back = [i for i, m in enumerate(b.moves) if m.pending and m.after.state is not MoveState.DONE]
+            # only moves still staged: one settled meanwhile no longer owns its slots (never write them);
+            # a swap move's ``after`` is the promotion that vacates its destination
+            ok = [i for i, m in enumerate(b.moves) if m.pending and _promoted(m)]
+            back = [i for i, m in enumerate(b.moves) if m.pending and not _promoted(m)]
             if ok:
                 dst = [b.moves[i].dst_slot for i in ok]
                 await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
             if back:
                 src = [b.moves[i].src_slot for i in back]
-                await self.copier.copy(self._segments_rows(buf, back, b.src, src, to_buf=False), "up", after)
-            for i in ok:
-                self.placement.complete(b.moves[i])
+                await self.copier.copy(self._segments_rows(buf, back, src_l, src, to_buf=False), "up", after)
+            self.placement.complete_many([b.moves[i] for i in ok])
             for i in back:
                 self.placement.abort(b.moves[i])
             self._count(b, len(ok), state)
         finally:
             self.staging.give_back(buf)
-            if not b.read_done.done():
-                b.read_done.set_result(None)
-            b.done.set_result(None)
+            if not read_done.done():
+                read_done.set_result(None)
+            done.set_result(None)
 
-    def _segments_rows(self, buf: torch.Tensor, rows: list[int], level: CacheLevel, slots: list[int], to_buf: bool):
+    def _segments_rows(
+        self, buf: torch.Tensor, rows: list[int], level: CacheLevel, slots: list[int], to_buf: bool
+    ) -> list[Segment]:
         """Segments copying memory-level ``slots`` into staging ``rows`` (or back, ``to_buf=False``)."""
         segs = []
-        for t, pos, trows in self._mem(level, slots):
-            brows = [rows[p] for p in pos]
+        rows_a = np.asarray(rows, dtype=np.int64)
+        for t, pos, trows in self._mem(level, np.asarray(slots, dtype=np.int64)):
+            brows = rows_a[pos]
             segs.append(Segment(buf, brows, t, trows) if to_buf else Segment(t, trows, buf, brows))
         return segs
 
@@ -270,7 +318,8 @@ class TransferExecutor:
         elif b.src == b.dst:
             self.stats[f"relocations_{b.dst.label}"] += n
 
-    async def _run_batch(self, b: _Batch, state: _RunState, after, priority: int) -> None:
+    async def _run_batch(self, b: _Batch, state: _RunState, after: Optional[torch.cuda.Event], priority: int) -> None:
+        done = cast("asyncio.Future[None]", b.done)  # made by submit()
         admitted = 0
         try:
             waits = b.waits()
@@ -302,16 +351,16 @@ class TransferExecutor:
                 if state.result.error is None:
                     state.result.error = self._wrap(exc, b)
                 return
-            for i, m in enumerate(ready):
-                if i in bad:
-                    self._corrupt(m, state)
-                else:
-                    self.placement.complete(m)
-            self._count(b, len(ready) - len(bad), state)
+            if bad:
+                for i in sorted(bad):
+                    self._corrupt(ready[i], state)
+                ready = [m for i, m in enumerate(ready) if i not in bad]
+            self.placement.complete_many(ready)
+            self._count(b, len(ready), state)
         finally:
             if admitted:
                 self.io_sched.release(admitted)
-            b.done.set_result(None)
+            done.set_result(None)
 
     def _corrupt(self, m: Move, state: _RunState) -> None:
         """A page read back from disk failed its checksum: never hand its bytes on.
@@ -336,7 +385,8 @@ class TransferExecutor:
             state.stop = True
 
     def _wrap(self, exc: BaseException, b: _Batch) -> BaseException:
-        what = f"moving {len(b.moves)} pages {b.src.label} -> {b.dst.label}"
+        src = cast(CacheLevel, b.src)  # only batches that move bytes fail (placing new pages copies nothing)
+        what = f"moving {len(b.moves)} pages {src.label} -> {b.dst.label}"
         if isinstance(exc, OSError):
             self.stats["io_errors"] += 1
             err = StorageIOError(f"disk I/O failed {what}: {exc}; pages stayed where they were", exc.errno)
@@ -346,21 +396,25 @@ class TransferExecutor:
         return exc
 
     # ------------------------------------------------------------------ data paths
-    def _mem(self, level: CacheLevel, slots: Sequence[int]) -> list[tuple[torch.Tensor, list[int], list[int]]]:
-        """Rows of ``slots`` on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
-        if level == D:
-            return [(self.device.rows, list(range(len(slots))), list(slots))]
-        if len(self.host.chunks) == 1:  # one chunk: a slot is its row
-            return [(self.host.chunks[0], list(range(len(slots))), list(slots))]
-        groups = self.host.group(slots)
-        return [(self.host.chunks[c], [p for p, _ in pr], [r for _, r in pr]) for c, pr in groups.items()]
+    def _mem(self, level: CacheLevel, slots: np.ndarray) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        """Rows of ``slots`` (int64 array) on a memory level: [(2-D tensor, positions in ``slots``, rows), ...]."""
+        if level == D or len(self._host.chunks) == 1:  # one tensor: a slot is its row
+            rows = self.device.rows if level == D else self._host.chunks[0]
+            return [(rows, np.arange(slots.size), slots)]
+        host = self._host
+        return [(host.chunks[c], pos, rows) for c, (pos, rows) in host.group(slots).items()]
 
-    def _segments(self, dst_l, dst_slots, src_l, src_slots) -> list[Segment]:
+    def _segments(
+        self, dst_l: CacheLevel, dst_slots: Sequence[int], src_l: CacheLevel, src_slots: Sequence[int]
+    ) -> list[Segment]:
+        """The copy request moving rows ``src_slots`` of ``src_l`` to ``dst_slots`` of ``dst_l``: one segment
+        per (destination tensor, source tensor) pair, rows as arrays (no Python per page)."""
+        dst_a = np.asarray(dst_slots, dtype=np.int64)
+        src_a = np.asarray(src_slots, dtype=np.int64)
         segs = []
-        for dt, dpos, drows in self._mem(dst_l, dst_slots):
-            sub_src = [src_slots[p] for p in dpos]
-            for st, spos, srows in self._mem(src_l, sub_src):
-                segs.append(Segment(dt, [drows[p] for p in spos], st, srows))
+        for dt, dpos, drows in self._mem(dst_l, dst_a):
+            for st, spos, srows in self._mem(src_l, src_a[dpos]):
+                segs.append(Segment(dt, drows[spos], st, srows))
         return segs
 
     def _extents(
@@ -372,7 +426,7 @@ class TransferExecutor:
 
         With ``pids`` (a read) every buffer carries the checksum recorded when page ``pids[i]`` was written
         to that slot; a slot holding another page's record (or none) can never verify."""
-        disk = self.disk
+        disk = self._disk
         contiguous = disk.stride == self.page_bytes
         order = sorted(range(len(disk_slots)), key=disk_slots.__getitem__)
         out: list[Extent] = []
@@ -386,13 +440,15 @@ class TransferExecutor:
                 record = self.sums.get(slot)
                 expected = record[1] if record is not None and record[0] == pids[i] else _NO_SUM
             row = tensors[i][rows[i]]
-            out[-1].add(row if row.is_cuda else row.numpy(), expected)  # CUDA rows: GDS reads only
+            # CUDA rows: GDS reads only (a backend with ``device_reads`` takes tensors; Extent names the host case)
+            buf: Any = row if row.is_cuda else row.numpy()
+            out[-1].add(buf, expected)
             last_slot = slot
         return out, order
 
     def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], moves: list[Move]) -> None:
         """After a write: remember (page, checksum) per disk slot, to verify the page when it is read back."""
-        sums = [x for ext in extents for x in ext.sums]
+        sums = cast("list[int]", [x for ext in extents for x in ext.sums])  # a write fills in every checksum
         for i, csum in zip(order, sums):
             self.sums[disk_slots[i]] = (moves[i].page.pid, csum)
 
@@ -400,20 +456,23 @@ class TransferExecutor:
         """Indices into ``moves`` of the pages read from the file offsets that failed verification."""
         if not bad_offsets:
             return set()
-        bad_slots = {off // self.disk.stride for off in bad_offsets}
+        stride = self._disk.stride
+        bad_slots = {off // stride for off in bad_offsets}
         return {i for i, m in enumerate(moves) if m.src_slot in bad_slots}
 
     def _mem_extents(
-        self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int], pids=None
+        self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int],
+        pids: Optional[Sequence[int]] = None,
     ) -> tuple[list[Extent], list[int]]:
-        tensors, rows = [], []
+        tensors: list[torch.Tensor] = []
+        rows: list[int] = []
         for slot in mem_slots:
             if level == D:
                 tensors.append(self.device.rows)
                 rows.append(slot)
             else:
-                c, r = self.host.locate(slot)
-                tensors.append(self.host.chunks[c])
+                c, r = self._host.locate(slot)
+                tensors.append(self._host.chunks[c])
                 rows.append(r)
         return self._extents(disk_slots, tensors, rows, pids)
 
@@ -421,7 +480,9 @@ class TransferExecutor:
         if self.before_disk_write is not None:
             await settle(self.before_disk_write(disk_slots))
 
-    async def _transfer(self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after) -> set[int]:
+    async def _transfer(
+        self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after: Optional[torch.cuda.Event]
+    ) -> set[int]:
         """Move the bytes of ``moves``; returns the indices of moves whose page failed its checksum."""
         src_slots = [m.src_slot for m in moves]
         dst_slots = [m.dst_slot for m in moves]
@@ -433,10 +494,10 @@ class TransferExecutor:
         if not self._needs_staging(src, dst):
             if src == K:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
-                return self._bad_moves(await settle(self.io.read(extents)), moves)
+                return self._bad_moves(await settle(self._io.read(extents)), moves)
             extents, order = self._mem_extents(src, src_slots, dst_slots)
             await self._before_write(dst_slots)
-            await settle(self.io.write(extents))
+            await settle(self._io.write(extents))
             self._record_sums(extents, order, dst_slots, moves)
             return set()
         buf = await self.staging.acquire()
@@ -446,7 +507,7 @@ class TransferExecutor:
             bad: set[int] = set()
             if src == K:
                 extents, _ = self._extents(src_slots, tensors, rows, pids)
-                bad = self._bad_moves(await settle(self.io.read(extents)), moves)
+                bad = self._bad_moves(await settle(self._io.read(extents)), moves)
             else:
                 await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
             if dst == K:
@@ -454,7 +515,7 @@ class TransferExecutor:
                 good_slots = [dst_slots[i] for i in good]
                 extents, order = self._extents(good_slots, tensors, good)
                 await self._before_write(good_slots)
-                await settle(self.io.write(extents))
+                await settle(self._io.write(extents))
                 self._record_sums(extents, order, good_slots, [moves[i] for i in good])
             else:
                 await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)

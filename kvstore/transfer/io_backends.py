@@ -22,7 +22,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import xxhash
@@ -38,11 +38,15 @@ _IOV_MAX = 1024
 #: call fails), or return an int: the first system call then moves at most that many bytes (a short
 #: read or write, which the backend must continue).
 FaultHook = Callable[[str, int, int], Optional[int]]
+#: A kvikio call started: (its IOFuture, bytes, file offset).
+_Started = tuple[Any, int, int]
+#: A run of buffers back to back in file and memory: (index of the first buffer, bytes, buffers).
+_Run = tuple[int, int, list[Any]]
 
 
 def checksum(buf: np.ndarray) -> int:
     """The page checksum (xxh3-64 of its bytes; releases the GIL)."""
-    return xxhash.xxh3_64_intdigest(buf)
+    return xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]  # numpy's stubs say ndarray is a buffer only on 3.12+
 
 
 @dataclass
@@ -102,11 +106,11 @@ def pack_tasks(pieces: Sequence[Extent], task_bytes: int) -> list[list[Extent]]:
     return tasks
 
 
-def _full_io(fn: Callable, fd: int, buffers: list[np.ndarray], offset: int, op: str, first: Optional[int] = None) -> None:
+def _full_io(fn: Callable[[int, list[memoryview], int], int], fd: int, buffers: list[np.ndarray], offset: int, op: str, first: Optional[int] = None) -> None:
     """Run preadv/pwritev until every byte moved; raise OSError(EIO) on end of file or no progress.
 
     ``first`` caps the bytes of the first call (fault injection of a short transfer)."""
-    views = [memoryview(b).cast("B") for b in buffers]
+    views = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]  # ndarray: see checksum()
     while views:
         if first is not None:
             n = fn(fd, [views[0][: max(1, min(first, len(views[0])))]], offset)
@@ -150,8 +154,11 @@ class IOBackend:
     """Reads and writes extents of one file; every call completes through an awaitable."""
 
     name = "abstract"
-    #: whether :meth:`read` takes device (CUDA) buffers, so disk -> device needs no staging in host memory
-    device_reads = False
+
+    @property
+    def device_reads(self) -> bool:
+        """Whether :meth:`read` takes device (CUDA) buffers, so disk -> device needs no staging in host memory."""
+        return False
 
     def __init__(self) -> None:
         self.fault_hook: Optional[FaultHook] = None
@@ -173,13 +180,15 @@ class IOBackend:
         pass
 
 
-async def _gather_all(futs: list[asyncio.Future]) -> list:
+async def _gather_all(futs: "list[asyncio.Future[list[int]]]") -> list[list[int]]:
     """Wait for every future (buffers stay in use until all finish), then raise the first error."""
     results = await asyncio.gather(*futs, return_exceptions=True)
+    out: list[list[int]] = []
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    return results
+        out.append(r)
+    return out
 
 
 class PosixBackend(IOBackend):
@@ -229,8 +238,8 @@ class _Span:
     """``nbytes`` of memory at ``ptr`` as an array interface (host) or CUDA array interface (device), so
     buffers that lie back to back in memory become one kvikio call. ``keep`` holds the buffers alive."""
 
-    def __init__(self, ptr: int, nbytes: int, cuda: bool, keep: list) -> None:
-        iface = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3, "strides": None}
+    def __init__(self, ptr: int, nbytes: int, cuda: bool, keep: list[Any]) -> None:
+        iface: dict[str, Any] = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1", "version": 3, "strides": None}
         if cuda:
             iface["stream"] = None  # kvikio does not read it; the bytes are ready when the read completes
             self.__cuda_array_interface__ = iface
@@ -239,26 +248,26 @@ class _Span:
         self.keep = keep
 
 
-def _span(bufs: list, nbytes: int):
+def _span(bufs: list[Any], nbytes: int) -> Any:
     """One buffer over ``bufs`` (back to back in memory): an ndarray for host memory (kvikio takes host
     buffers through the buffer protocol), a CUDA array interface object for device memory."""
     span = _Span(_address(bufs[0]), nbytes, _is_cuda(bufs[0]), bufs)
     return span if _is_cuda(bufs[0]) else np.asarray(span)
 
 
-def _is_cuda(buf) -> bool:
+def _is_cuda(buf: Any) -> bool:
     return bool(getattr(buf, "is_cuda", False))
 
 
-def _address(buf) -> int:
-    return buf.data_ptr() if _is_cuda(buf) else buf.ctypes.data
+def _address(buf: Any) -> int:
+    return int(buf.data_ptr() if _is_cuda(buf) else buf.ctypes.data)
 
 
-def memory_runs(buffers: Sequence) -> list[tuple[int, int, list]]:
+def memory_runs(buffers: Sequence[Any]) -> list[_Run]:
     """Buffers (back to back in the file) grouped where they are also back to back in memory:
     ``(index of the first buffer, bytes, buffers)`` per run, one kvikio call each (kvikio has no
     vectored I/O, so scattered memory costs one call per buffer)."""
-    runs: list[tuple[int, int, list]] = []
+    runs: list[_Run] = []
     end = None
     for i, buf in enumerate(buffers):
         cuda = _is_cuda(buf)
@@ -273,12 +282,13 @@ def memory_runs(buffers: Sequence) -> list[tuple[int, int, list]]:
     return runs
 
 
-def _host_view(buf) -> np.ndarray:
+def _host_view(buf: Any) -> np.ndarray:
     """Host bytes of ``buf`` for its checksum: a device tensor is copied to host memory first."""
-    return buf.cpu().numpy() if _is_cuda(buf) else buf
+    out: np.ndarray = buf.cpu().numpy() if _is_cuda(buf) else buf
+    return out
 
 
-def kvikio_settings(kvikio_defaults, threads: int, environ=os.environ) -> dict:
+def kvikio_settings(kvikio_defaults: Any, threads: int, environ: "os._Environ[str] | dict[str, str]" = os.environ) -> dict[str, Any]:
     """The kvikio defaults the backend changes (applied by the caller; process-wide in kvikio).
 
     - ``num_threads`` at least ``threads`` (kvikio's default is 1: one call at a time).
@@ -286,7 +296,7 @@ def kvikio_settings(kvikio_defaults, threads: int, environ=os.environ) -> dict:
       memory with O_DIRECT by default in compat mode (reads are buffered), so pages just written to disk
       are not in the page cache and reading them back runs at cold-disk speed; the POSIX backend's
       writes go through the page cache, and so do ours now."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     if kvikio_defaults.get("num_threads") < threads:
         out["num_threads"] = threads
     if "KVIKIO_AUTO_DIRECT_IO_WRITE" not in environ:
@@ -329,10 +339,10 @@ class KvikioBackend(IOBackend):
         """Whether reads may target device memory directly (GPUDirect Storage, not compat mode)."""
         return self.gds
 
-    def _issue(self, op: str, task: list[Extent]) -> list[tuple]:
+    def _issue(self, op: str, task: list[Extent]) -> list[_Started]:
         """Start one kvikio call per memory run of ``task``; ``(future, bytes, offset)`` each. If starting one
         fails, waits for those started (their buffers are in use), then raises."""
-        futs: list[tuple] = []
+        futs: list[_Started] = []
         fn = self.file.pread if op == "read" else self.file.pwrite
         try:
             for ext in task:
@@ -350,7 +360,7 @@ class KvikioBackend(IOBackend):
         return futs
 
     @staticmethod
-    def _wait(op: str, futs: list[tuple], raise_errors: bool = True) -> None:
+    def _wait(op: str, futs: list[_Started], raise_errors: bool = True) -> None:
         """Wait for every started call (all of them, even after one failed), then raise the first error."""
         errors = []
         for fut, size, off in futs:
@@ -365,9 +375,9 @@ class KvikioBackend(IOBackend):
             err = errors[0]
             raise err if isinstance(err, OSError) else OSError(errno.EIO, f"kvikio {op} failed: {err}")
 
-    def _issue_reads(self, tasks: list[list[Extent]]) -> list[list[tuple]]:
+    def _issue_reads(self, tasks: list[list[Extent]]) -> list[list[_Started]]:
         """On the issue thread: start the reads of every task, in order (kvikio's pool runs them)."""
-        started: list[list[tuple]] = []
+        started: list[list[_Started]] = []
         try:
             for task in tasks:
                 started.append(self._issue("read", task))
@@ -377,7 +387,7 @@ class KvikioBackend(IOBackend):
             raise
         return started
 
-    def _finish_read(self, task: list[Extent], futs: list[tuple]) -> list[int]:
+    def _finish_read(self, task: list[Extent], futs: list[_Started]) -> list[int]:
         """On a worker: wait for one task's reads, then checksum its pages while they are hot."""
         self._wait("read", futs)
         bad: list[int] = []

@@ -20,7 +20,7 @@ class IOScheduler:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.in_flight = 0
-        self._waiters: list[tuple[tuple[int, int], int, int, asyncio.Future]] = []
+        self._waiters: list[tuple[tuple[int, int], int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
     def _fits(self, nbytes: int) -> bool:
@@ -30,7 +30,7 @@ class IOScheduler:
         if not self._waiters and self._fits(nbytes):
             self.in_flight += nbytes
             return
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), nbytes, fut))
         try:
             await fut
