@@ -64,7 +64,7 @@ class RemoteClient:
     ) -> None:
         if _redis is None:
             raise ConfigError(
-                "RemoteTier needs the redis client library: pip install 'kvstore[remote]' (redis>=5, hiredis)"
+                "RemoteTier needs the redis client library: pip install 'kvstore-llm[remote]' (redis>=5, hiredis)"
             )
         self.url = url
         self.timeout_s = float(timeout_s)
