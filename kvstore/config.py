@@ -233,6 +233,7 @@ TIER_KINDS: dict[str, type] = {
     "device": DeviceTier,
     "host": HostTier,
     "disk": DiskTier,
+    "remote": RemoteTier,  # taken out of ``tiers`` into StoreConfig.remote (it holds copies, not pages)
 }
 
 

@@ -246,7 +246,7 @@ def _env_fields(prefix: str) -> dict[str, tuple[str, type, str, Any]]:
 
     out: dict[str, tuple[str, type, str, Any]] = {}
     for name, hint in _params(StoreConfig).items():
-        if name not in ("layout", "tiers", "remote"):  # the remote tier is not read from the environment yet
+        if name not in ("layout", "tiers", "remote"):  # a remote tier comes in as the last of the tiers (its REMOTE_ variables)
             out[f"{prefix}{name.upper()}"] = ("store", StoreConfig, name, hint)
     for name, hint in _params(PageLayout).items():
         out[f"{prefix}LAYOUT_{name.upper()}"] = ("layout", PageLayout, name, hint)

@@ -250,3 +250,24 @@ def test_the_documented_toml_example_is_a_valid_config():
     cfg = StoreConfig.from_dict(tomllib.loads(example))
     assert [type(t) for t in cfg.tiers] == [DeviceTier, HostTier, DiskTier]
     assert cfg.tiers[2].quota_bytes == 256 << 30 and cfg.eviction_policy == "slru"
+
+
+def test_from_dict_takes_a_remote_tier_out_of_the_tiers(tmp_path):
+    d = {"layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "tokens_per_page": 4, "dtype": "float16"},
+         "tiers": [{"kind": "device", "quota_bytes": "1MiB", "device": "cpu"}, {"kind": "host", "quota_bytes": "1MiB"},
+                   {"kind": "remote", "url": "redis://user:secret@127.0.0.1:6379/0", "ttl_s": 60}]}
+    cfg = StoreConfig.from_dict(d)
+    assert cfg.remote is not None and cfg.remote.ttl_s == 60
+    assert len(cfg.tiers) == 2  # the remote holds copies: never a placement level
+    assert "secret" not in repr(cfg)
+    with pytest.raises(ConfigError, match="needs a HostTier"):
+        StoreConfig.from_dict({**d, "tiers": [d["tiers"][0], d["tiers"][2]]})
+
+
+def test_from_env_builds_a_remote_tier_from_its_variables():
+    env = {"KVSTORE_DEVICE_QUOTA_BYTES": "1MiB", "KVSTORE_DEVICE_DEVICE": "cpu", "KVSTORE_HOST_QUOTA_BYTES": "1MiB",
+           "KVSTORE_REMOTE_URL": "redis://127.0.0.1:6379/0", "KVSTORE_REMOTE_TTL_S": "none",
+           "KVSTORE_REMOTE_TIMEOUT_S": "0.25"}
+    cfg = StoreConfig.from_env(layout=PageLayout(2, 2, 8, 4, torch.float16), environ=env)
+    assert cfg.remote is not None and cfg.remote.ttl_s is None and cfg.remote.timeout_s == 0.25
+    assert len(cfg.tiers) == 2
