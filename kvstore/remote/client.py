@@ -59,8 +59,8 @@ class RemoteClient:
 
     def __init__(
         self, url: RemoteURL, timeout_s: float, stats: "Counter[str]", *, breaker_threshold: int = 3,
-        probe_interval_s: Optional[float] = None, max_connections: int = 32, pipeline_bytes: int = 256 << 10,
-        read_depth: int = 4, write_depth: int = 2,
+        probe_interval_s: Optional[float] = None, max_connections: int = 32, pipeline_bytes: int = 2048 << 10,
+        read_depth: int = 8, write_depth: int = 8,
     ) -> None:
         if _redis is None:
             raise ConfigError(
