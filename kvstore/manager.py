@@ -525,7 +525,11 @@ class KVCacheManager:
         if self._remote is None:
             as_token_array(tokens)  # the same argument checks
             return PrefetchResult(True, 0, 0, 0.0)
-        return await self._remote.fetch(tokens, target, timeout_s)
+        start = time.perf_counter()
+        try:
+            return await self._remote.fetch(tokens, target, timeout_s)
+        finally:
+            self.timings.since("fetch_prefix", start)  # kvstore.metrics: fetch_prefix latency
 
     def create_cache(self, tokens: Optional[Sequence[int]] = None, *, priority: int = 0) -> KVCache:
         """A new SUSPENDED cache; with ``tokens`` it holds the longest committed prefix (whole pages)."""

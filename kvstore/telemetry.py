@@ -6,7 +6,7 @@ page. Names (seconds):
 
 - ``resume`` — ``cache.resume()`` calls that returned (joining a prefetch in flight included);
 - ``prefetch`` — prefetches that ended with a result (``PrefetchResult.seconds``), cancelled ones included;
-- ``fetch_prefix`` — ``mgr.fetch_prefix()`` of a remote tier (observed by the remote tier's code);
+- ``fetch_prefix`` — ``mgr.fetch_prefix()`` of a remote tier (observed by the manager around the fetch);
 - ``room_wait`` — time a resume or resize waited for room held by operations in flight (only calls that waited);
 - ``io_read`` / ``io_write`` — one disk I/O request of a transfer batch, from submission to completion
   (the checksums included), as the executor waits for it.

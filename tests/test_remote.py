@@ -99,6 +99,7 @@ async def test_node_b_reuses_a_prefix_node_a_committed(tmp_path, redis_server):
         # nothing is fetched twice, and B's own commits of those pages are not written again
         again = await b.fetch_prefix(toks)
         assert again.complete and again.pages_moved == 0
+        assert b.timings.histograms["fetch_prefix"].count == 2  # kvstore.metrics: one observation per call
 
 
 async def test_a_longer_prompt_extends_a_remote_prefix_and_skips_what_the_remote_has(tmp_path, redis_server):
