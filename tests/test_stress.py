@@ -35,7 +35,8 @@ CI: a few seeds per variant, about two seconds each. A long run (marked ``slow``
 
     KVSTORE_STRESS_SEEDS=0-199 KVSTORE_STRESS_SECONDS=3 python -m pytest tests/test_stress.py -m slow -q
 
-``KVSTORE_STRESS_PROGRESS=path`` appends one line per finished seed (variant, seed, wall seconds, failures).
+``KVSTORE_STRESS_PROGRESS=path`` appends one line per finished seed (variant, seed, wall seconds, failures), and
+every thread's stack for a seed still running ``SLOW_SEED_S`` after its random phase.
 ``KVSTORE_STRESS_SEEDS``: ``N`` (seeds 0..N-1), ``A-B`` (inclusive) or a comma list; ``KVSTORE_STRESS_SECONDS``:
 seconds of random operations per seed; ``KVSTORE_STRESS_REPORT=path.json`` also writes every failure there;
 ``KVSTORE_STRESS_DEVICE=cuda`` puts the device tier on the GPU.
@@ -1076,6 +1077,22 @@ def _seeds() -> list[int]:
     return list(range(int(spec)))
 
 
+#: With KVSTORE_STRESS_PROGRESS, a seed still running this long after its random phase gets every thread's
+#: stack appended to the progress file (from a timer thread: it works while the event loop is blocked too).
+SLOW_SEED_S = 25.0
+
+
+def _slow_seed_watch(path: str, variant: str, seed: int, after_s: float) -> threading.Timer:
+    def dump() -> None:
+        with open(path, "a") as fh:
+            fh.write(f"{variant} seed={seed} STILL RUNNING after {after_s:.0f}s; thread stacks:\n{thread_stacks()}\n")
+
+    timer = threading.Timer(after_s, dump)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant_env", list(VARIANTS), indirect=True)
 async def test_stress_long(variant_env, tmp_path):
@@ -1086,7 +1103,12 @@ async def test_stress_long(variant_env, tmp_path):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
         t0 = time.perf_counter()
-        s = await run_stress(seed, variant_env, seconds, str(d))
+        watch = _slow_seed_watch(progress, variant_env, seed, seconds + SLOW_SEED_S) if progress else None
+        try:
+            s = await run_stress(seed, variant_env, seconds, str(d))
+        finally:
+            if watch is not None:
+                watch.cancel()
         failures.extend(s.failures)
         if progress:
             with open(progress, "a") as fh:  # survives a run killed from outside
