@@ -203,7 +203,16 @@ class Placement:
                 if level is not None:
                     freed.setdefault(level, []).append(slot)
         for level, slots in freed.items():
-            self.alloc[level].release_many(slots)
+            self._release_slots(level, slots)
+
+    def _release_slots(self, level: CacheLevel, slots: list[int]) -> None:
+        """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
+        alloc = self.alloc[level]
+        if len(slots) >= _MERGE_RELEASES:
+            alloc.release_many(slots)
+        else:
+            for slot in slots:
+                alloc.release(slot)
 
     @staticmethod
     def _orphan(page: Page) -> bool:
@@ -536,25 +545,12 @@ class Placement:
 
     def complete(self, move: Move) -> None:
         """The transfer of ``move`` succeeded: the page is now at its destination."""
-        page, src, dst = move.page, move.src, move.dst
-        if src is not None:
-            if not move.handoff:
-                self.alloc[src].release(move.src_slot)
-            if src < dst:
-                self.counters[_EVICTIONS[src]] += 1
-            if src == CacheLevel.DISK:
-                self._disk_event("del", page, move.src_slot)
-        page.level, page.slot = dst, move.dst_slot
-        if dst == CacheLevel.DISK:
-            self._disk_event("put", page, move.dst_slot)
-        page.move = None
-        move.state = MoveState.DONE
-        self._free_if_orphan(page)
-        self.sync(page)
+        self.complete_many((move,))
 
     def complete_many(self, moves: Sequence[Move]) -> None:
         """:meth:`complete` for every move of ``moves`` (one batch's transfers succeeded), in one pass: source
-        slots are released with one merge per level and the eviction counters updated once."""
+        slots are released per level at the end (:meth:`_release_slots`) and the eviction counters updated
+        once."""
         released: dict[CacheLevel, list[int]] = {}
         evicted: Counter[CacheLevel] = Counter()
         listener = self.disk_listener
@@ -579,12 +575,7 @@ class Placement:
             else:
                 self.sync(page)
         for level, slots in released.items():
-            alloc = self.alloc[level]
-            if len(slots) >= _MERGE_RELEASES:
-                alloc.release_many(slots)
-            else:
-                for slot in slots:
-                    alloc.release(slot)
+            self._release_slots(level, slots)
         for level, n in evicted.items():
             self.counters[_EVICTIONS[level]] += n
 

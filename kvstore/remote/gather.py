@@ -104,8 +104,7 @@ async def _read_staged(
                 bad_offsets = await settle(executor._io.read(extents))
             finally:
                 executor.io_sched.release(nbytes)
-            bad_slots = {off // mgr._disk_file.stride for off in bad_offsets}
-            bad = {i for i, s in enumerate(slots) if s in bad_slots}
+            bad = executor.bad_slot_indices(bad_offsets, slots)
         values = await settle(asyncio.to_thread(_encode_rows, encode, keys, [buf[r] for r in rows]))
         return [None if i in bad else v for i, v in enumerate(values)]
     finally:

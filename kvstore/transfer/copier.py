@@ -131,7 +131,7 @@ class _ZeroCopy:
         if not host.is_pinned():
             return False
         n = len(seg.dst_rows)
-        return n > 0 and n * host.shape[1] / len(coalesce(seg.dst_rows, seg.src_rows)) < ZERO_COPY_BELOW
+        return n > 0 and n * host.shape[1] / batchcopy.runs(seg.dst_rows, seg.src_rows)[2].size < ZERO_COPY_BELOW
 
     def copy(self, seg: Segment) -> None:
         rows = np.stack([np.asarray(seg.dst_rows, dtype=np.int64), np.asarray(seg.src_rows, dtype=np.int64)])
@@ -191,6 +191,17 @@ def _batchable(seg: Segment, pinned: _PinnedCache) -> Optional[str]:
     return None
 
 
+def _batch_copy(batch: batchcopy.BatchCopier, seg: Segment, direction: str, stream: torch.cuda.Stream) -> None:
+    """The segment's rows as one batched driver call per chunk of runs (addresses built with numpy)."""
+    d0, s0, n = batchcopy.runs(seg.dst_rows, seg.src_rows)
+    if n.size == 0:
+        return
+    width = seg.dst.shape[1] * seg.dst.element_size()
+    dst = np.uint64(seg.dst.data_ptr()) + (d0 * seg.dst.stride(0) * seg.dst.element_size()).astype(np.uint64)
+    src = np.uint64(seg.src.data_ptr()) + (s0 * seg.src.stride(0) * seg.src.element_size()).astype(np.uint64)
+    batch.copy(dst, src, (n * width).astype(np.uint64), direction, stream.cuda_stream)
+
+
 class Copier:
     """Runs copy requests without blocking the event loop. ``lane`` is ``"up"`` (to the device) or ``"down"``."""
 
@@ -229,7 +240,7 @@ class Copier:
             dma = []
             for seg in segments:
                 if self._batch is not None and (direction := _batchable(seg, self._pinned)) is not None:
-                    self._batch_copy(seg, direction, stream)
+                    _batch_copy(self._batch, seg, direction, stream)
                 elif self._zero_copy.usable(seg):
                     self._zero_copy.copy(seg)
                 else:
@@ -237,18 +248,6 @@ class Copier:
             _copy_runs(dma, non_blocking=True)
             event: torch.cuda.Event = stream.record_event()
             return event
-
-    def _batch_copy(self, seg: Segment, direction: str, stream: torch.cuda.Stream) -> None:
-        """The segment's rows as one batched driver call per chunk of runs (addresses built with numpy)."""
-        d0, s0, n = batchcopy.runs(seg.dst_rows, seg.src_rows)
-        if n.size == 0:
-            return
-        width = seg.dst.shape[1] * seg.dst.element_size()
-        dst = np.uint64(seg.dst.data_ptr()) + (d0 * seg.dst.stride(0) * seg.dst.element_size()).astype(np.uint64)
-        src = np.uint64(seg.src.data_ptr()) + (s0 * seg.src.stride(0) * seg.src.element_size()).astype(np.uint64)
-        if self._batch is None:  # pragma: no cover - _issue_cuda checks it first
-            raise RuntimeError("batched copies are not loaded")
-        self._batch.copy(dst, src, (n * width).astype(np.uint64), direction, stream.cuda_stream)
 
     def forget_host_memory(self) -> None:
         """Drop cached device views of host memory (after the host arena was reallocated)."""

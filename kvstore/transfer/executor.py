@@ -452,28 +452,30 @@ class TransferExecutor:
         for i, csum in zip(order, sums):
             self.sums[disk_slots[i]] = (moves[i].page.pid, csum)
 
-    def _bad_moves(self, bad_offsets: list[int], moves: list[Move]) -> set[int]:
-        """Indices into ``moves`` of the pages read from the file offsets that failed verification."""
+    def bad_slot_indices(self, bad_offsets: Sequence[int], disk_slots: Sequence[int]) -> set[int]:
+        """Indices into ``disk_slots`` of the slots read from the file offsets that failed verification."""
         if not bad_offsets:
             return set()
         stride = self._disk.stride
         bad_slots = {off // stride for off in bad_offsets}
-        return {i for i, m in enumerate(moves) if m.src_slot in bad_slots}
+        return {i for i, s in enumerate(disk_slots) if s in bad_slots}
+
+    def _bad_moves(self, bad_offsets: list[int], moves: list[Move]) -> set[int]:
+        """Indices into ``moves`` of the pages read from the file offsets that failed verification."""
+        return self.bad_slot_indices(bad_offsets, [m.src_slot for m in moves])
 
     def _mem_extents(
         self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int],
         pids: Optional[Sequence[int]] = None,
     ) -> tuple[list[Extent], list[int]]:
+        if level == D:
+            return self._extents(disk_slots, [self.device.rows] * len(mem_slots), list(mem_slots), pids)
+        host = self._host
         tensors: list[torch.Tensor] = []
         rows: list[int] = []
-        for slot in mem_slots:
-            if level == D:
-                tensors.append(self.device.rows)
-                rows.append(slot)
-            else:
-                c, r = self._host.locate(slot)
-                tensors.append(self._host.chunks[c])
-                rows.append(r)
+        for c, r in map(host.locate, mem_slots):
+            tensors.append(host.chunks[c])
+            rows.append(r)
         return self._extents(disk_slots, tensors, rows, pids)
 
     async def _before_write(self, disk_slots: Sequence[int]) -> None:
