@@ -250,7 +250,8 @@ class DiskCatalog:
             raise _io_error(exc, f"writing {path}") from exc
 
     def _write_info(self) -> None:
-        """Refresh ``kvstore.info`` (tmp file + rename; not synced: it is informational only)."""
+        """Refresh ``kvstore.info`` when it changed (written whole, as kvstore.meta is; informational only:
+        a failure is logged, never raised, and no fault hook sees it)."""
         if self.info is None:
             return
         path = self.directory / "kvstore.info"
@@ -258,13 +259,7 @@ class DiskCatalog:
         try:
             if path.exists() and path.read_text() == text:
                 return
-            tmp = path.with_suffix(".info-tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-            try:
-                _write_all(fd, text.encode(), "info.write", 0, None)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            _replace_durably(path, text.encode())
         except OSError as exc:
             log.debug("kvstore disk tier: could not write %s (%s); inspection shows less", path, exc)
 

@@ -214,7 +214,8 @@ def storage_error(what: str, path: object, exc: OSError) -> StorageIOError:
 _SLOT_FILE = re.compile(r"kvstore-(\d+)-[0-9a-f]{12}\.pages")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (or cannot be told: then True, so its files are kept)."""
     if pid == os.getpid():
         return True
     try:
@@ -234,11 +235,6 @@ def slot_file_pid(name: str) -> Optional[int]:
     return int(m.group(1)) if m is not None else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (or cannot be told: then True, so its files are kept)."""
-    return _pid_alive(pid)
-
-
 def reclaim_stale_slot_files(directory: Path, dry_run: bool = False) -> list[Path]:
     """Remove the non-persistent slot files in ``directory`` that a dead process left behind: named with a
     pid that no longer runs, owned by this user, and not locked (a live owner keeps its file locked).
@@ -249,8 +245,8 @@ def reclaim_stale_slot_files(directory: Path, dry_run: bool = False) -> list[Pat
     except OSError:
         return removed
     for name in names:
-        m = _SLOT_FILE.fullmatch(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        pid = slot_file_pid(name)
+        if pid is None or pid_alive(pid):
             continue
         path = Path(directory) / name
         try:
