@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
-import xxhash
+import numpy as np
 
 from . import resources
 from .errors import ConfigError
 from .persistence import JournalScan, Record, scan_journal
 from .transfer.diskfile import slot_stride
+from .transfer.io_backends import checksum
 
 __all__ = ["TierReport", "SlotFile", "Damage", "VerifyReport", "inspect_dir", "verify_dir", "lock_holders"]
 
@@ -226,7 +227,7 @@ def _read_page(fd: int, rec: Record, stride: int, page_bytes: int) -> Optional[s
         return f"read failed: {exc.strerror}"
     if len(data) != page_bytes:
         return f"short read: {len(data)} of {page_bytes} bytes (the file ends early)"
-    got = xxhash.xxh3_64_intdigest(data)
+    got = checksum(np.frombuffer(data, dtype=np.uint8))  # the engine's page checksum
     if got != rec.checksum:
         return f"checksum mismatch: xxh3-64 {got:016x}, journal says {rec.checksum:016x}"
     return None
