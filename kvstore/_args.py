@@ -1,7 +1,10 @@
-"""Integer arguments: any integral scalar (``int``, numpy integers, 0-d integer torch tensors), never a bool."""
+"""Integer arguments: any integral scalar (``int``, numpy integers, 0-d integer torch tensors), never a bool;
+durations: any finite real number of seconds."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Optional
 
@@ -24,6 +27,15 @@ def integral(value: object) -> Optional[int]:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def seconds(value: object) -> Optional[float]:
+    """``value`` as a float when it is a finite real number (``int``, ``float``, numpy scalars), else None
+    (bools, strings, NaN and infinities included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    out = float(value)
+    return out if math.isfinite(out) else None
 
 
 def describe(value: object) -> str:

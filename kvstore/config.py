@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._args import describe, integral
+from ._args import describe, integral, seconds
 from .errors import ConfigError
 from .sizes import format_size
 from .placement.policies import POLICIES
@@ -205,14 +205,11 @@ class RemoteTier:
         if not isinstance(self.url, str):
             raise ConfigError(f"RemoteTier.url must be a str, got {describe(self.url)}")
         parse_url(self.url)  # ConfigError naming the problem (credentials redacted)
-        if self.ttl_s is not None and (
-            isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or not self.ttl_s > 0
-            or not math.isfinite(self.ttl_s)
-        ):
+        ttl = seconds(self.ttl_s)
+        if self.ttl_s is not None and (ttl is None or ttl <= 0):
             raise ConfigError(f"RemoteTier.ttl_s must be a number of seconds > 0 or None, got {self.ttl_s!r}")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not (
-            0 < self.timeout_s < math.inf
-        ):
+        timeout = seconds(self.timeout_s)
+        if timeout is None or timeout <= 0:
             raise ConfigError(f"RemoteTier.timeout_s must be a number of seconds > 0, got {self.timeout_s!r}")
         _set(self, "max_pending_pages", _positive_int("RemoteTier", "max_pending_pages", self.max_pending_pages))
 

@@ -21,7 +21,7 @@ import torch
 
 from . import resources
 from ._aio import Gate, settle, wait_through
-from ._args import describe, integral
+from ._args import describe, integral, seconds
 from .cache import KVCache, PrefetchTask
 from .config import DeviceTier, DiskTier, HostTier, StoreConfig
 from .errors import (
@@ -368,6 +368,12 @@ class KVCacheManager:
             raise self._missing("transfer executor")
         return self._executor
 
+    @staticmethod
+    def _timeout_arg(timeout_s: object, what: str) -> None:
+        """InvalidArgumentError unless ``timeout_s`` is None or a number of seconds >= 0."""
+        if timeout_s is not None and ((t := seconds(timeout_s)) is None or t < 0):
+            raise InvalidArgumentError(f"{what} timeout_s must be a number of seconds >= 0 or None, got {timeout_s!r}")
+
     def _check_live(self, cache: Optional[KVCache], status: Optional[CacheStatus], what: str) -> None:
         """InvalidStateError unless the manager runs and ``cache`` (if any) is in ``status``."""
         if cache is None or status is None:  # a store-wide operation (no cache, no status)
@@ -500,6 +506,7 @@ class KVCacheManager:
         """Wait until every page queued for the remote tier so far was written or given up (returns after
         ``timeout_s`` at most; the writer goes on). Nothing to wait for without a remote tier."""
         self._check_running()
+        self._timeout_arg(timeout_s, "flush()")
         if self._remote is not None:
             await self._remote.flush(timeout_s)
 
@@ -520,8 +527,7 @@ class KVCacheManager:
         the remote lacks and at ``timeout_s``. Remote failures are misses (``complete=False``)."""
         target = self._level_arg(target, "fetch_prefix(target)")
         self._check_running()
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0):
-            raise InvalidArgumentError(f"fetch_prefix() timeout_s must be a number of seconds >= 0 or None, got {timeout_s!r}")
+        self._timeout_arg(timeout_s, "fetch_prefix()")
         if self._remote is None:
             as_token_array(tokens)  # the same argument checks
             return PrefetchResult(True, 0, 0, 0.0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, RemoteTier, StoreConfig
+from kvstore import CacheLevel, InvalidArgumentError, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, RemoteTier, StoreConfig
 from kvstore.remote.gather import gather_values
 from kvstore.remote import codec
 
@@ -317,6 +317,12 @@ async def test_without_a_remote_tier_the_calls_are_local(make_store):
         assert match.num_tokens == 0 and match.pages_per_level[CacheLevel.REMOTE] == 0
         res = await mgr.fetch_prefix([1, 2, 3, 4])
         assert res.complete and res.pages_moved == 0
+        for bad in (-1, "1", float("nan"), True):  # misuse is refused with or without a remote tier
+            with pytest.raises(InvalidArgumentError, match="timeout_s"):
+                await mgr.flush(timeout_s=bad)
+            with pytest.raises(InvalidArgumentError, match="timeout_s"):
+                await mgr.fetch_prefix([1, 2, 3, 4], timeout_s=bad)
+        await mgr.flush(timeout_s=0.5)
 
 
 async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):

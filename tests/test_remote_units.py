@@ -43,8 +43,9 @@ def test_credentials_never_shown():
     assert "hunter2" not in str(err.value)
 
 
-@pytest.mark.parametrize("kw", [dict(ttl_s=0), dict(ttl_s=-1.0), dict(ttl_s=True), dict(timeout_s=0),
-                                dict(timeout_s=float("inf")), dict(max_pending_pages=0), dict(max_pending_pages=1.5)])
+@pytest.mark.parametrize("kw", [dict(ttl_s=0), dict(ttl_s=-1.0), dict(ttl_s=True), dict(ttl_s=float("nan")),
+                                dict(ttl_s="60"), dict(timeout_s=0), dict(timeout_s=float("inf")),
+                                dict(max_pending_pages=0), dict(max_pending_pages=1.5)])
 def test_remote_tier_fields_validated(kw):
     with pytest.raises(ConfigError):
         RemoteTier("redis://h:1", **kw)
