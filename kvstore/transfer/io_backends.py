@@ -270,8 +270,7 @@ def memory_runs(buffers: Sequence[Any]) -> list[_Run]:
     runs: list[_Run] = []
     end = None
     for i, buf in enumerate(buffers):
-        cuda = _is_cuda(buf)
-        addr = buf.data_ptr() if cuda else buf.ctypes.data
+        cuda, addr = _is_cuda(buf), _address(buf)
         if end is not None and end == (addr, cuda):
             first, n, bufs = runs[-1]
             bufs.append(buf)
