@@ -977,5 +977,12 @@ class KVCacheManager:
         return task
 
     async def _settle_store_tasks(self) -> None:
-        while self._store_tasks:
-            await settle(asyncio.gather(*self._store_tasks, return_exceptions=True))
+        """Wait for every space release in flight (those started meanwhile too). Only tasks not done are
+        awaited: a done task is dropped here even if its done callback has not run yet, so this never
+        turns into a busy loop over finished work."""
+        while True:
+            pending = [t for t in self._store_tasks if not t.done()]
+            self._store_tasks.intersection_update(pending)
+            if not pending:
+                return
+            await settle(asyncio.gather(*pending, return_exceptions=True))
