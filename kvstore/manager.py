@@ -982,6 +982,9 @@ class KVCacheManager:
         turns into a busy loop over finished work."""
         while True:
             pending = [t for t in self._store_tasks if not t.done()]
+            for t in self._store_tasks.difference(pending):
+                if not t.cancelled():
+                    t.exception()  # retrieved (a failed release is logged where it runs)
             self._store_tasks.intersection_update(pending)
             if not pending:
                 return

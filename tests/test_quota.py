@@ -1,5 +1,6 @@
 """set_quota: grow and shrink tiers with data intact; refusals leave the quota unchanged."""
 
+import asyncio
 import os
 
 import pytest
@@ -118,3 +119,19 @@ async def test_relocated_pages_on_shrink_keep_their_data(make_store):
         assert mgr.stats().get("relocations_host", 0) > 0
         for cache, data in caches[3:]:
             await assert_data(mgr, cache, data)
+
+
+async def test_waiting_for_space_releases_skips_finished_ones(make_store):
+    """A release task that is done but still listed (its done callback not run, or lost) is not awaited again:
+    set_quota() and aclose() return at once instead of spinning on finished work (a CUDA stress run spun in
+    this wait for minutes before the fix)."""
+    async with make_store(device=2, host=2, disk=4) as mgr:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        mgr._store_tasks.add(done)  # finished, and no callback will take it out
+        await asyncio.wait_for(mgr.set_quota(H, 3 * PAGE), 5)
+        assert mgr.usage(H).total_pages == 3
+        assert done not in mgr._store_tasks
+        mgr._store_tasks.add(done)
+        await asyncio.wait_for(mgr.aclose(), 5)
+        assert not mgr._store_tasks
