@@ -31,7 +31,9 @@ import contextlib
 import gc
 import inspect
 import json
+import cProfile
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -103,15 +105,22 @@ class Probe:
     cpu_us: dict[str, float] = field(default_factory=dict)  # loop-thread CPU, us per page
     wall_us: dict[str, float] = field(default_factory=dict)  # wall clock, us per page
     lag_ms: dict[str, float] = field(default_factory=dict)  # max ticker lag while the call ran
+    profiler: Optional[cProfile.Profile] = None  # with ``profile``: enabled around the calls of that name
+    profile: Optional[str] = None
 
     async def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` (awaiting what it returns if awaitable) and record it under ``name``."""
         start = len(self.ticker.lags) if self.ticker else 0
+        prof = self.profiler if name == self.profile else None
+        if prof is not None:
+            prof.enable()
         c0, w0 = time.thread_time(), time.perf_counter()
         res = fn()
         if inspect.isawaitable(res):
             res = await res
         c1, w1 = time.thread_time(), time.perf_counter()
+        if prof is not None:
+            prof.disable()
         self.cpu_us[name] = (c1 - c0) / self.pages * 1e6
         self.wall_us[name] = (w1 - w0) / self.pages * 1e6
         if self.ticker is not None:
@@ -185,7 +194,10 @@ def configs(pages: int, disk_dir: str) -> tuple[StoreConfig, StoreConfig]:
     return moves, prefix
 
 
-async def run(pages: int, reps: int, lag_reps: int, gc_freeze: bool) -> tuple[list[Probe], list[Probe]]:
+async def run(
+    pages: int, reps: int, lag_reps: int, gc_freeze: bool, profiler: Optional[cProfile.Profile] = None,
+    profile: Optional[str] = None,
+) -> tuple[list[Probe], list[Probe]]:
     """(timed probes, probes with a ticker), one per repetition; the first timed repetition warms up."""
     timed: list[Probe] = []
     lagged: list[Probe] = []
@@ -202,7 +214,7 @@ async def run(pages: int, reps: int, lag_reps: int, gc_freeze: bool) -> tuple[li
                 gc.freeze()
             for rep in range(reps + 1 + lag_reps):
                 ticker = Ticker() if rep > reps else None
-                probe = Probe(pages, ticker)
+                probe = Probe(pages, ticker, profiler=profiler if ticker is None and rep > 0 else None, profile=profile)
                 if ticker is not None:
                     ticker.start()
                 await moves_cycle(mgr, a, probe)
@@ -265,12 +277,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lag-reps", type=int, default=1, help="repetitions with a 1 ms ticker (max lag over them)")
     p.add_argument("--no-gc-freeze", action="store_true", help="do not freeze the objects alive after set-up")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", metavar="OPERATION", default=None,
+                   help="cProfile this operation (a row name, e.g. 'resume') over the timed repetitions; print the top")
+    p.add_argument("--top", type=int, default=25, help="functions printed with --profile")
     args = p.parse_args(argv)
     if args.pages < 1 or args.reps < 1 or args.lag_reps < 0:
         p.error("--pages and --reps must be >= 1, --lag-reps >= 0")
     t0 = time.perf_counter()
+    profiler = cProfile.Profile() if args.profile else None
     with stubbed_copies():
-        timed, lagged = asyncio.run(run(args.pages, args.reps, args.lag_reps, not args.no_gc_freeze))
+        timed, lagged = asyncio.run(
+            run(args.pages, args.reps, args.lag_reps, not args.no_gc_freeze, profiler, args.profile)
+        )
+    if profiler is not None:
+        print(f"cProfile of {args.profile!r} (wall time, inflated by profiling):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
     rows = summarize(timed, lagged)
     print(f"kvstore bookkeeping, device <-> host copies stubbed out, {args.pages} pages, median of {args.reps} "
           f"(+1 warm-up), ticker pass x{args.lag_reps}, "

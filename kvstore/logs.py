@@ -32,15 +32,16 @@ def describe_plan(plan: "Plan", priority: int) -> str:
     evicted: Counter[str] = Counter()
     new = swaps = 0
     for m in plan.moves:
+        n = len(m.pages)
         if m.src is None:
-            new += 1
+            new += n
             continue
         pair = f"{m.src.label}->{m.dst.label}"
-        moves[pair] += 1
+        moves[pair] += n
         if m.dst > m.src:
-            evicted[pair] += 1
-        swaps += m.swap
-    return (f"plan ({_PRIORITY.get(priority, priority)} priority): {len(plan.moves) - new} moves [{_counts(moves)}], "
+            evicted[pair] += n
+        swaps += n if m.swap else 0
+    return (f"plan ({_PRIORITY.get(priority, priority)} priority): {len(plan) - new} moves [{_counts(moves)}], "
             f"{new} new pages; evicted {sum(evicted.values())} [{_counts(evicted)}]; dropped {plan.dropped}; swaps {swaps}")
 
 

@@ -141,6 +141,7 @@ class KVCacheManager:
                 self._placement, self._device, self._host, self._disk, self._io, self._copier, staging,
                 cfg.batch_bytes, self._stats,
             )
+            self._placement.max_group = self._executor.batch_rows  # a move never spans batches
             if self._catalog is not None:
                 # nothing else can touch placement before start() returns: rebuild it off the loop thread
                 await asyncio.to_thread(self._restore, recovered)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.errors import CapacityError
-from kvstore.placement import Move, MoveState, Page, Placement, Plan, PrefixIndex, SlotAllocator
+from kvstore.placement import MoveState, Page, PageMove, Placement, Plan, PrefixIndex, SlotAllocator
 from kvstore.placement.placement import _Draft
 from kvstore.types import CacheLevel
 
@@ -37,39 +37,53 @@ def make(device: int = 4, host: Optional[int] = 4, disk: Optional[int] = None) -
     return pl
 
 
-def _step(pl: Placement, m: Move, failing: bool) -> bool:
+def complete(pl: Placement, m: PageMove) -> None:
+    """The transfer of one page move succeeded."""
+    pl.complete(m.move, [m.i])
+
+
+def abort(pl: Placement, m: PageMove) -> None:
+    """The transfer of one page move did not happen."""
+    pl.abort(m.move, m.i)
+
+
+def stage(pl: Placement, m: PageMove) -> None:
+    pl.stage(m.move, m.i)
+
+
+def _step(pl: Placement, m: PageMove, failing: bool) -> bool:
     """Settle or advance ``m`` if its dependencies allow it; True if something happened."""
     if m.swap:
         if m.state is MoveState.PENDING:
             if failing:
-                pl.abort(m)  # reading the victim into staging failed
+                abort(pl, m)  # reading the victim into staging failed
             else:
-                pl.stage(m)  # bytes now in staging: the promotion may overwrite the source slot
+                stage(pl, m)  # bytes now in staging: the promotion may overwrite the source slot
             return True
         if m.after.state in SETTLED:
             if m.after.state is MoveState.DONE:
-                pl.complete(m)
+                complete(pl, m)
             else:
-                pl.abort(m)  # the promotion did not happen: the victim goes back to its source slot
+                abort(pl, m)  # the promotion did not happen: the victim goes back to its source slot
             return True
         return False
     if m.after is None or m.after.state in (MoveState.DONE, MoveState.STAGED):
         if failing:
-            pl.abort(m)
+            abort(pl, m)
         else:
-            pl.complete(m)
+            complete(pl, m)
         return True
     if m.after.state is MoveState.ABORTED:
-        pl.abort(m)  # the slot it needed was never vacated
+        abort(pl, m)  # the slot it needed was never vacated
         return True
     return False
 
 
-def run_plan(pl: Placement, plan: Plan, fail: Iterable[Move] = ()) -> None:
+def run_plan(pl: Placement, plan: Plan, fail: Iterable[PageMove] = ()) -> None:
     """Execute ``plan``: settle moves in dependency order (plan order among the ready ones), aborting the
     moves in ``fail`` (and, through ``after``, whatever depended on them). Checks invariants every step."""
     fail = set(fail)
-    pending = list(plan.moves)
+    pending = plan.page_moves()
     while pending:
         for m in pending:
             if _step(pl, m, m in fail):
@@ -108,7 +122,7 @@ class Engine:
         self.pl.unlock_all(pages)
         self.pl.check_invariants()
 
-    def resume(self, pages: Sequence[Page], fail: Iterable[Move] = ()) -> Plan:
+    def resume(self, pages: Sequence[Page], fail: Iterable[PageMove] = ()) -> Plan:
         pl = self.pl
         pl.hold_all(pages)
         locked = False
@@ -126,7 +140,7 @@ class Engine:
                 pl.release_all(pages)
             pl.check_invariants()
 
-    def prefetch(self, pages: Sequence[Page], target: CacheLevel, fail: Iterable[Move] = ()) -> Plan:
+    def prefetch(self, pages: Sequence[Page], target: CacheLevel, fail: Iterable[PageMove] = ()) -> Plan:
         pl = self.pl
         pl.level_index(target)
         held = []
@@ -203,7 +217,7 @@ def test_aborted_new_page_is_freed_and_its_slot_released():
     pl = make(device=2)
     pages, plan = pl.plan_new_pages(1, D, 0)
     pages[0].owners = 1
-    run_plan(pl, plan, fail=plan.moves)
+    run_plan(pl, plan, fail=plan.page_moves())
     assert pages[0].freed and pages[0].pid not in pl.pages
     assert pl.alloc[D].free_count == 2
 
@@ -301,9 +315,9 @@ def test_cascade_demotes_device_to_host_and_host_to_disk_when_host_is_full():
     b = eng.new_suspended(2)  # pushes a to host
     assert [p.level for p in a] == [H, H]
     pages, plan = eng.pl.plan_new_pages(2, D, 0)
-    kinds = [(m.page.pid, m.src, m.dst) for m in plan.moves]
+    kinds = [(m.page.pid, m.src, m.dst) for m in plan.page_moves()]
     assert (a[0].pid, H, K) in kinds and (b[0].pid, D, H) in kinds
-    b0 = next(m for m in plan.moves if m.page is b[0])
+    b0 = next(m for m in plan.page_moves() if m.page is b[0])
     assert b0.after is not None and b0.after.page is a[0]  # b[0] takes the host slot a[0] vacates
     for p in pages:
         p.owners = 1
@@ -337,7 +351,7 @@ def test_device_victim_skips_a_host_level_that_cannot_take_it():
     b = eng.new_suspended(2)
     eng.pl.hold_all(a) # a prefetch holds a's host pages: host has neither free slots nor victims
     pages, plan = eng.pl.plan_new_pages(1, D, 0)
-    assert [(m.page.pid, m.src, m.dst) for m in plan.moves if m.src is not None] == [(b[0].pid, D, K)]
+    assert [(m.page.pid, m.src, m.dst) for m in plan.page_moves() if m.src is not None] == [(b[0].pid, D, K)]
     pages[0].owners = 1
     run_plan(eng.pl, plan)
     assert b[0].level == K and [p.level for p in a] == [H, H]
@@ -445,7 +459,7 @@ def test_moving_pages_are_never_victims():
     assert b[0].move is not None and b[0] not in pl.queues[D]
     second, plan2 = pl.plan_new_pages(1, D, 0)
     second[0].owners = 1
-    assert [m.page for m in plan2.moves if m.src is not None] == [b[1]]
+    assert [m.page for m in plan2.page_moves() if m.src is not None] == [b[1]]
     with pytest.raises(CapacityError):  # the only device pages left are in flight
         pl.plan_new_pages(1, D, 0)
     run_plan(pl, plan1)
@@ -470,12 +484,12 @@ def test_promotion_victims_move_before_the_promotions_that_take_their_slots():
     b = eng.new_suspended(2)
     eng.pl.hold_all(a)
     plan = eng.pl.plan_promotion(a, D, require_all=True)
-    by_page = {m.page.pid: m for m in plan.moves}
+    by_page = {m.page.pid: m for m in plan.page_moves()}
     for p in a:
         mv = by_page[p.pid]
         assert mv.after is not None and mv.after.page in b
         assert mv.dst_slot == mv.after.src_slot
-        assert plan.moves.index(mv.after) < plan.moves.index(mv)
+        assert plan.page_moves().index(mv.after) < plan.page_moves().index(mv)
     run_plan(eng.pl, plan)
 
 
@@ -512,7 +526,7 @@ def test_partial_promotion_promotes_the_first_pages_in_order():
     c = eng.new_active(3)  # a -> host, device full of locked pages
     eng.close(c[:1], active=True)  # one device slot free
     plan = eng.prefetch(a, D)
-    assert [m.page.pid for m in plan.moves] == [a[0].pid]
+    assert [m.page.pid for m in plan.page_moves()] == [a[0].pid]
     assert [p.level for p in a] == [D, H, H]
 
 
@@ -561,7 +575,7 @@ def test_disk_pages_promote_straight_to_the_device_level():
     eng.new_suspended(2)
     b = eng.new_suspended(2)  # a -> disk
     plan = eng.resume(a)
-    assert {(m.src, m.dst) for m in plan.moves if m.page in a} == {(K, D)}
+    assert {(m.src, m.dst) for m in plan.page_moves() if m.page in a} == {(K, D)}
     assert [p.level for p in a] == [D, D] and [p.level for p in b] == [H, H]
 
 
@@ -573,12 +587,12 @@ def test_swap_plans_device_victim_into_the_host_slot_the_promotion_vacates():
     pl = eng.pl
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
-    victim = next(m for m in plan.moves if m.page is b[0])
-    promo = next(m for m in plan.moves if m.page is a[0])
+    victim = next(m for m in plan.page_moves() if m.page is b[0])
+    promo = next(m for m in plan.page_moves() if m.page is a[0])
     assert victim.swap and not promo.swap
     assert (victim.dst, victim.dst_slot) == (H, a[0].slot)
     assert (promo.dst, promo.dst_slot) == (D, b[0].slot)
-    assert victim.after is promo and promo.after is victim and promo.handoff
+    assert victim.after == promo and promo.after == victim and promo.handoff
     pl.check_invariants()
     run_plan(pl, plan)
     pl.release_all([a[0]])
@@ -605,7 +619,7 @@ def test_aborted_swap_promotion_puts_both_pages_back():
     pl = eng.pl
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
-    promo = next(m for m in plan.moves if m.page is a[0])
+    promo = next(m for m in plan.page_moves() if m.page is a[0])
     run_plan(pl, plan, fail=[promo])
     pl.release_all([a[0]])
     pl.check_invariants()
@@ -620,11 +634,11 @@ def test_check_invariants_accepts_a_staged_victim_whose_promotion_aborted():
     pl = eng.pl
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
-    victim = next(m for m in plan.moves if m.swap)
-    promo = next(m for m in plan.moves if not m.swap)
-    pl.stage(victim)
+    victim = next(m for m in plan.page_moves() if m.swap)
+    promo = next(m for m in plan.page_moves() if not m.swap)
+    stage(pl, victim)
     pl.check_invariants()
-    pl.abort(promo)  # the promotion's batch failed; the swap batch has not restored the victim yet
+    abort(pl, promo)  # the promotion's batch failed; the swap batch has not restored the victim yet
     pl.check_invariants()
 
 
@@ -635,10 +649,10 @@ def test_each_swap_promotion_waits_for_the_staged_victim_in_its_device_slot():
     pl = eng.pl
     pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
-    swaps = [m for m in plan.moves if m.swap]
+    swaps = [m for m in plan.page_moves() if m.swap]
     assert len(swaps) == 2
     # a promotion always waits for the victim in its destination slot
-    for m in plan.moves:
+    for m in plan.page_moves():
         if m.page in a:
             assert m.after.swap and m.after.src_slot == m.dst_slot
     run_plan(pl, plan)
@@ -652,12 +666,12 @@ def test_failed_promotion_in_a_multi_page_swap_leaves_every_page_in_one_slot():
     pl = eng.pl
     pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
-    swaps = [m for m in plan.moves if m.swap]
-    promos = {m.page.pid: m for m in plan.moves if not m.swap}
+    swaps = [m for m in plan.page_moves() if m.swap]
+    promos = {m.page.pid: m for m in plan.page_moves() if not m.swap}
     for m in swaps:  # the executor stages every swap batch first
-        pl.stage(m)
-    pl.complete(promos[a[1].pid])  # one promotion lands (its batch ran first) ...
-    pl.abort(promos[a[0].pid])  # ... the other fails / is cancelled
+        stage(pl, m)
+    complete(pl, promos[a[1].pid])  # one promotion lands (its batch ran first) ...
+    abort(pl, promos[a[0].pid])  # ... the other fails / is cancelled
     for m in swaps:  # swap victims settle according to the promotion they wait for
         assert _step(pl, m, failing=False)
     pl.check_invariants()
@@ -677,7 +691,7 @@ def test_aborted_promotion_leaves_page_at_source_and_releases_the_reserved_slot(
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     assert pl.alloc[D].free_count == 1  # the destination is reserved while in flight
-    run_plan(pl, plan, fail=plan.moves)
+    run_plan(pl, plan, fail=plan.page_moves())
     pl.release_all([a[0]])
     assert where(a) == src
     assert pl.alloc[D].free_count == 2
@@ -692,9 +706,9 @@ def test_aborted_victim_aborts_the_promotion_that_needed_its_slot():
     pl = eng.pl
     pl.hold_all(a)
     plan = pl.plan_promotion(a, D, require_all=True)
-    assert not any(m.swap for m in plan.moves)
-    victim0 = next(m for m in plan.moves if m.page is b[0])
-    dependent = next(m for m in plan.moves if m.after is victim0)
+    assert not any(m.swap for m in plan.page_moves())
+    victim0 = next(m for m in plan.page_moves() if m.page is b[0])
+    dependent = next(m for m in plan.page_moves() if m.after == victim0)
     run_plan(pl, plan, fail=[victim0])
     pl.release_all(a)
     pl.check_invariants()
@@ -712,9 +726,9 @@ def test_aborted_cascade_victim_aborts_the_chain_above_it():
     b = eng.new_suspended(2)
     pages, plan = eng.pl.plan_new_pages(1, D, 0)
     pages[0].owners = 1
-    host_victim = next(m for m in plan.moves if m.src == H)
+    host_victim = next(m for m in plan.page_moves() if m.src == H)
     run_plan(eng.pl, plan, fail=[host_victim])
-    assert all(m.state is MoveState.ABORTED for m in plan.moves)
+    assert all(m.state is MoveState.ABORTED for m in plan.page_moves())
     assert pages[0].freed
     assert [p.level for p in a] == [H, H] and [p.level for p in b] == [D, D]
     assert eng.pl.alloc[K].free_count == 8
@@ -747,7 +761,7 @@ def test_orphan_page_is_freed_when_its_move_aborts():
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
     eng.close(a)
-    run_plan(pl, plan, fail=plan.moves)
+    run_plan(pl, plan, fail=plan.page_moves())
     pl.release_all([a[0]])
     pl.check_invariants()
     assert a[0].freed and pl.pages == {}
@@ -761,8 +775,8 @@ def test_plan_shrink_evicts_lru_pages_and_relocates_pages_above_the_limit():
     pl = eng.pl
     plan = pl.plan_shrink(D, 2)
     pl.check_invariants()
-    demoted = {m.page.pid for m in plan.moves if m.dst == H}
-    relocated = {m.page.pid for m in plan.moves if m.src == D and m.dst == D}
+    demoted = {m.page.pid for m in plan.page_moves() if m.dst == H}
+    relocated = {m.page.pid for m in plan.page_moves() if m.src == D and m.dst == D}
     assert demoted == {pages[0].pid, pages[1].pid}
     assert relocated == {pages[2].pid, pages[3].pid}
     run_plan(pl, plan)
@@ -780,7 +794,7 @@ def test_plan_shrink_relocates_into_free_low_slots_without_eviction():
     eng.suspend(pages[2:])
     pl = eng.pl
     plan = pl.plan_shrink(D, 2)
-    assert all(m.src == D and m.dst == D for m in plan.moves) and len(plan) == 2
+    assert all(m.src == D and m.dst == D for m in plan.page_moves()) and len(plan) == 2
     run_plan(pl, plan)
     pl.alloc[D].shrink(2)
     pl.check_invariants()
@@ -796,7 +810,7 @@ def test_plan_shrink_hides_slots_above_the_limit_from_new_allocations():
     run_plan(pl, plan)
     assert pl.alloc[D].free_count == 1
     pages, plan2 = pl.plan_new_pages(1, D, 0)
-    assert plan2.moves[0].dst_slot < 2
+    assert plan2.page_moves()[0].dst_slot < 2
 
 
 def test_plan_shrink_drops_droppable_pages_when_colder_levels_are_full():
@@ -995,8 +1009,8 @@ def test_check_invariants_accepts_new_pages_held_the_way_the_manager_grows_a_cac
         p.owners = 1
         p.holds = 1
     pl.check_invariants()
-    for m in plan.moves:
-        pl.complete(m)
+    for m in plan.page_moves():
+        complete(pl, m)
     pl.holds_to_locks(pages)
     pl.check_invariants()
     assert all(p.level == D and p.locks == 1 and not p.evictable for p in pages)
@@ -1084,7 +1098,7 @@ def test_surely_obtainable_never_promises_what_the_full_draft_cannot_get(caches,
 
 def _moves(plan: Plan) -> list[tuple]:
     return [(m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after.page.pid if m.after else None, m.handoff,
-             m.swap) for m in plan.moves]
+             m.swap) for m in plan.page_moves()]
 
 
 @settings(max_examples=300, deadline=None)
@@ -1116,7 +1130,8 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
         shot = snapshot(pl)
         for pid, state in shot["pages"].items():  # moves are objects: compare what they say
             mv = state[2]
-            shot["pages"][pid] = state[:2] + ((mv.dst, mv.dst_slot) if mv else None,) + state[3:]
+            slot = mv.dst_slots[mv.index(pl.pages[pid])] if mv else None
+            shot["pages"][pid] = state[:2] + ((mv.dst, slot) if mv else None,) + state[3:]
         results.append((new, promoted, shot))
     assert results[0] == results[1]
 
@@ -1132,7 +1147,9 @@ def _drop_scenario() -> "Engine":
 
 
 def _moves(plan: Plan) -> list[tuple]:
-    return [(m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after is not None) for m in plan.moves]
+    """The plan's page moves by page (a draft plans page by page, the fast path a move per kind)."""
+    return sorted(((m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after is not None) for m in plan.page_moves()),
+                  key=lambda t: t[0])
 
 
 def test_a_plan_made_from_its_check_applies_that_draft_instead_of_drafting_again(monkeypatch):
@@ -1186,15 +1203,15 @@ def test_a_promotion_aborted_after_its_swap_victim_was_staged_leaves_the_victim_
     pl = eng.pl
     pl.hold_all([a[0]])
     plan = pl.plan_promotion(a, D, require_all=True)
-    victim = next(m for m in plan.moves if m.page is b[0])
-    promo = next(m for m in plan.moves if m.page is a[0])
-    pl.stage(victim)  # the victim's bytes are in staging
+    victim = next(m for m in plan.page_moves() if m.page is b[0])
+    promo = next(m for m in plan.page_moves() if m.page is a[0])
+    stage(pl, victim)  # the victim's bytes are in staging
     pl.check_invariants()
-    pl.abort(promo)  # e.g. its run was stopped before it copied
-    assert victim.state is MoveState.STAGED and b[0].move is victim  # not cascaded: still its batch's
+    abort(pl, promo)  # e.g. its run was stopped before it copied
+    assert victim.state is MoveState.STAGED and b[0].move is victim.move  # not cascaded: still its batch's
     assert b[0] not in pl.queues[D]  # not evictable: nothing can plan its slot yet
     pl.check_invariants()
-    pl.abort(victim)  # its batch wrote the staged bytes back and settles it
+    abort(pl, victim)  # its batch wrote the staged bytes back and settles it
     assert victim.state is MoveState.ABORTED and b[0].move is None
     pl.release_all([a[0]])
     assert where(a + b) == before

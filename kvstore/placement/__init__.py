@@ -11,7 +11,7 @@ Primitives:
 """
 
 from .eviction import EvictionQueue
-from .page import Move, MoveState, Page, Plan
+from .page import Move, MoveState, Page, PageMove, Plan
 from .placement import Placement, RoomCheck
 from .prefix import PrefixIndex, PrefixHasher
 from .slots import SlotAllocator
@@ -20,6 +20,7 @@ __all__ = [
     "EvictionQueue",
     "Move",
     "MoveState",
+    "PageMove",
     "Page",
     "Placement",
     "Plan",

@@ -46,37 +46,115 @@ class Page:
         return self.owners == 0 and self.indexed
 
 
-@dataclass(eq=False, slots=True)
 class Move:
-    """Move ``page`` from (src, src_slot) to (dst, dst_slot).
+    """Pages ``pages[i]`` moving from (src, ``src_slots[i]``) to (dst, ``dst_slots[i]``): one kind of move for
+    many pages at once, so planning, batching and settling them is a few list operations, not an object
+    per page. Moves planned one page at a time (drafts with cascades, swaps, shrinks) hold one page.
 
-    ``src is None`` marks a new page being placed (no data moves). ``after`` is the move that must
-    vacate ``dst_slot`` first (``successor`` is the reverse link). ``handoff`` is set when a later move of the same plan will take this
-    move's source slot, so completing this move must not free it. ``swap`` marks a victim whose
-    destination is vacated by a promotion of the same plan that in turn may need this move's source
-    slot: its bytes go through a staging buffer (read first, written once ``after`` is done).
+    ``src is None`` marks new pages being placed (no data moves). ``after`` is the move whose page ``i``
+    must vacate ``dst_slots[i]`` first (same length; ``successor`` is the reverse link). ``handoff``: a
+    later move of the same plan takes the source slots, so completing this one must not free them. ``swap``
+    marks a victim whose destination is vacated by a promotion of the same plan that in turn may need this
+    move's source slot: its bytes go through a staging buffer (read first, written once ``after`` is done).
+    Each page has its own ``state``; ``settled`` (set by the transfer layer when the plan is submitted) is
+    done once every page of the move is settled.
     """
 
-    page: Page
-    src: Optional[CacheLevel]
-    src_slot: int
-    dst: CacheLevel
-    dst_slot: int
-    after: Optional["Move"] = None
-    handoff: bool = False
-    swap: bool = False
-    state: MoveState = MoveState.PENDING
-    settled: Any = None  # set by the transfer layer when the plan is submitted: done once the move is settled
-    successor: Optional["Move"] = None  # the move whose ``after`` is this one (it takes this move's source slot)
+    __slots__ = ("pages", "src", "src_slots", "dst", "dst_slots", "after", "handoff", "swap", "state", "settled",
+                 "successor")
 
-    def __post_init__(self) -> None:
-        if self.after is not None:
-            self.after.successor = self
+    def __init__(
+        self,
+        pages: list[Page],
+        src: Optional[CacheLevel],
+        src_slots: list[int],
+        dst: CacheLevel,
+        dst_slots: list[int],
+        after: Optional["Move"] = None,
+        handoff: bool = False,
+        swap: bool = False,
+    ) -> None:
+        self.pages = pages
+        self.src = src
+        self.src_slots = src_slots
+        self.dst = dst
+        self.dst_slots = dst_slots
+        self.after = after
+        self.handoff = handoff
+        self.swap = swap
+        self.state = [MoveState.PENDING] * len(pages)
+        self.settled: Any = None
+        self.successor: Optional[Move] = None
+        if after is not None:
+            after.successor = self
+        for page in pages:
+            page.move = self
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def __repr__(self) -> str:
+        src = self.src.label if self.src is not None else "new"
+        return f"<Move {len(self.pages)} pages {src}->{self.dst.label}>"
+
+    def index(self, page: Page) -> int:
+        """Position of ``page`` in this move (O(pages); for checks and tests)."""
+        for i, p in enumerate(self.pages):
+            if p is page:
+                return i
+        raise ValueError(f"page {page.pid} is not part of this move")
+
+    def pending_at(self, i: int) -> bool:
+        """Page ``i`` is not settled yet (PENDING or STAGED)."""
+        st = self.state[i]
+        return st is MoveState.PENDING or st is MoveState.STAGED
 
     @property
     def pending(self) -> bool:
-        """Not settled yet (PENDING or STAGED)."""
-        return self.state is MoveState.PENDING or self.state is MoveState.STAGED
+        """Some page of it is not settled yet."""
+        return any(st is MoveState.PENDING or st is MoveState.STAGED for st in self.state)
+
+    def view(self, i: int) -> "PageMove":
+        return PageMove(self, i)
+
+
+class PageMove:
+    """Read-only view of page ``i`` of a :class:`Move` (for tests and debugging; the engine uses moves whole)."""
+
+    __slots__ = ("move", "i")
+
+    def __init__(self, move: Move, i: int) -> None:
+        self.move, self.i = move, i
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PageMove) and other.move is self.move and other.i == self.i
+
+    def __hash__(self) -> int:
+        return hash((id(self.move), self.i))
+
+    page = property(lambda self: self.move.pages[self.i])
+    src = property(lambda self: self.move.src)
+    dst = property(lambda self: self.move.dst)
+    src_slot = property(lambda self: self.move.src_slots[self.i])
+    dst_slot = property(lambda self: self.move.dst_slots[self.i])
+    swap = property(lambda self: self.move.swap)
+    handoff = property(lambda self: self.move.handoff)
+    state = property(lambda self: self.move.state[self.i])
+    settled = property(lambda self: self.move.settled)
+
+    @property
+    def after(self) -> Optional["PageMove"]:
+        a = self.move.after
+        return None if a is None else PageMove(a, self.i)
+
+    @property
+    def successor(self) -> Optional["PageMove"]:
+        s = self.move.successor
+        return None if s is None else PageMove(s, self.i)
+
+    @property
+    def pending(self) -> bool:
+        return self.move.pending_at(self.i)
 
 
 @dataclass(eq=False)
@@ -88,4 +166,9 @@ class Plan:
     swaps: list[tuple[Move, Page]] = field(default_factory=list)  # used while planning only
 
     def __len__(self) -> int:
-        return len(self.moves)
+        """Page moves in the plan."""
+        return sum(len(m.pages) for m in self.moves)
+
+    def page_moves(self) -> list[PageMove]:
+        """Every page move, in plan order (for tests and debugging)."""
+        return [PageMove(m, i) for m in self.moves for i in range(len(m.pages))]

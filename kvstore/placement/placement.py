@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
@@ -53,6 +53,16 @@ class RoomCheck:
     def take(self) -> Optional[list[Any]]:
         drafted, self.drafted = self.drafted, None
         return drafted
+
+
+def _by_level(pages: list[Page]) -> dict[Optional[CacheLevel], list[int]]:
+    """Indices of ``pages`` per level, in order (one move per source level)."""
+    if pages and all(p.level is pages[0].level for p in pages):
+        return {pages[0].level: list(range(len(pages)))}
+    out: dict[Optional[CacheLevel], list[int]] = {}
+    for j, p in enumerate(pages):
+        out.setdefault(p.level, []).append(j)
+    return out
 
 
 class _Draft:
@@ -119,6 +129,8 @@ class Placement:
         self.queues = make_queues(policy, self.index, self.levels, sum(slots))
         self.pages: dict[int, Page] = {}
         self.counters: Counter[str] = Counter()
+        #: most pages one :class:`Move` holds (the transfer layer's batch rows: a move never spans batches)
+        self.max_group = 1 << 30
         self._next_pid = 0
         #: Called as ``disk_listener("put" | "del", page, slot)`` when a committed page arrives on or leaves
         #: the disk level (a persistent tier journals it).
@@ -339,18 +351,15 @@ class Placement:
         plan = Plan()
         colder = self._colder(pages, ti)
         drafted = check.take() if check is not None else None
-        rooms: Iterator[tuple[Page, tuple[int, Optional[Move]]]]
         if drafted is None and self._room_is_simple(ti, len(colder)):
-            rooms = zip(colder, self._simple_room(ti, len(colder), plan))
-        else:
-            if drafted is None:
-                drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
-            rooms = ((page, self._realize(grant, ti, plan)) for page, grant in drafted)
-        for page, (slot, after) in rooms:
-            move = Move(page, page.level, page.slot, target, slot, after)
-            page.move = move
+            self._simple_room(ti, colder, plan)
+            return plan
+        if drafted is None:
+            drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
+        for page, grant in drafted:
+            slot, after = self._realize(grant, ti, plan)
+            plan.moves.append(Move([page], page.level, [page.slot], target, [slot], after))
             self.sync(page)
-            plan.moves.append(move)
         for victim_move, promoted in plan.swaps:
             if promoted.move is None:  # its promotion did not fit after all: the slot stays its own
                 raise RuntimeError("swap planned against a page that is not promoted")
@@ -384,18 +393,18 @@ class Placement:
         ``check``: as :meth:`plan_promotion`'s (the :meth:`check_new_pages` of the same ``n`` just before)."""
         li = self.level_index(level)
         plan = Plan()
-        pages = []
         drafted = check.take() if check is not None else None
         if drafted is None and self._room_is_simple(li, n):
-            rooms = self._simple_room(li, n, plan)
-        else:
-            if drafted is None:
-                drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
-            rooms = (self._realize(grant, li, plan) for grant in drafted)
-        for slot, after in rooms:
+            pages = [self._new_page(priority) for _ in range(n)]
+            self._simple_room(li, pages, plan)
+            return pages, plan
+        if drafted is None:
+            drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
+        pages = []
+        for grant in drafted:
+            slot, after = self._realize(grant, li, plan)
             page = self._new_page(priority)
-            page.move = Move(page, None, -1, level, slot, after)
-            plan.moves.append(page.move)
+            plan.moves.append(Move([page], None, [-1], level, [slot], after))
             pages.append(page)
         return pages, plan
 
@@ -420,10 +429,13 @@ class Placement:
         colder = self.levels[i + 1]
         n = min(n, self.alloc[colder].free_count)
         plan = Plan()
-        for victim in list(islice(self.queues[level].candidates(), max(n, 0))):
-            self.queues[level].remove(victim)
-            victim.move = Move(victim, level, victim.slot, colder, self.alloc[colder].allocate(), None)
-            plan.moves.append(victim.move)
+        victims = list(islice(self.queues[level].candidates(), max(n, 0)))
+        if victims:
+            queue = self.queues[level]
+            for victim in victims:
+                queue.remove(victim)
+            dst = self._allocate(colder, len(victims))
+            self._emit(plan, victims, level, [v.slot for v in victims], colder, dst)
         return plan
 
     def plan_shrink(self, level: CacheLevel, new_slots: int) -> Plan:
@@ -463,8 +475,7 @@ class Placement:
                 else:
                     slot, after = alloc.allocate(), None
                 self.queues[level].remove(page)
-                page.move = Move(page, level, page.slot, level, slot, after)
-                plan.moves.append(page.move)
+                plan.moves.append(Move([page], level, [page.slot], level, [slot], after))
             for slot, after in reusable + unused:
                 if after is not None:
                     after.handoff = False  # nobody takes it: free it when the victim leaves
@@ -487,22 +498,66 @@ class Placement:
             need <= self.alloc[self.levels[i + 1]].free_count
         )
 
-    def _simple_room(self, i: int, n: int, plan: Plan) -> Iterator[tuple[int, Optional[Move]]]:
-        """The room of :meth:`_room_is_simple`, lazily: (slot, move that vacates it first) per slot, each
-        victim's move added to ``plan`` as its slot is taken — what realizing a draft would give."""
+    def _allocate(self, level: CacheLevel, n: int) -> list[int]:
+        """The ``n`` lowest free slots of ``level`` (what ``n`` calls of ``allocate()`` would give)."""
+        if n == 1:
+            return [self.alloc[level].allocate()]
+        out: list[int] = []
+        for r in self.alloc[level].allocate_many(n):
+            out.extend(r)
+        return out
+
+    def _emit(
+        self, plan: Plan, pages: list[Page], src: Optional[CacheLevel], src_slots: list[int], dst: CacheLevel,
+        dst_slots: list[int], after: Optional[list[Move]] = None, handoff: bool = False,
+    ) -> list[Move]:
+        """Add moves of ``pages`` to ``plan``, at most :attr:`max_group` pages each; ``after``: the moves that
+        vacate the destination slots, cut the same way (one per move made). Returns the moves made."""
+        step = self.max_group
+        made = []
+        for k, lo in enumerate(range(0, len(pages), step)):
+            hi = lo + step
+            mv = Move(pages[lo:hi], src, src_slots[lo:hi], dst, dst_slots[lo:hi],
+                      after[k] if after is not None else None, handoff)
+            plan.moves.append(mv)
+            made.append(mv)
+        return made
+
+    def _simple_room(self, i: int, pages: list[Page], plan: Plan) -> None:
+        """Place ``pages`` (new ones, or placed pages promoted) at level index ``i`` in the room of
+        :meth:`_room_is_simple`: free slots first, then the slots of the first eviction candidates, demoted
+        into free slots one level colder — slot for slot what realizing a draft would give, as a few moves
+        per source level instead of a move per page."""
         level, alloc = self.levels[i], self.alloc[self.levels[i]]
+        n = len(pages)
         free = min(n, alloc.free_count)
-        victims = list(islice(self.queues[level].candidates(), n - free))
-        for _ in range(free):
-            yield alloc.allocate(), None
-        if victims:
-            colder = self.levels[i + 1]
-            for victim in victims:
-                self.queues[level].remove(victim)
-                move = Move(victim, level, victim.slot, colder, self.alloc[colder].allocate(), None, handoff=True)
-                victim.move = move
-                plan.moves.append(move)
-                yield victim.slot, move
+        queue = self.queues[level]
+        victims = list(islice(queue.candidates(), n - free))
+        slots = self._allocate(level, free) if free else []
+        for by_src, idx in _by_level(pages[:free]).items():
+            moving = [pages[j] for j in idx]
+            self._emit(plan, moving, by_src, [p.slot for p in moving], level, [slots[j] for j in idx])
+        if not victims:
+            self._sync_moving(pages)
+            return
+        colder = self.levels[i + 1]
+        for victim in victims:
+            queue.remove(victim)
+        cslots = self._allocate(colder, len(victims))
+        promoted = pages[free:]
+        for by_src, idx in _by_level(promoted).items():
+            vs = [victims[j] for j in idx]
+            vslots = [v.slot for v in vs]
+            made = self._emit(plan, vs, level, vslots, colder, [cslots[j] for j in idx], handoff=True)
+            moving = [promoted[j] for j in idx]
+            self._emit(plan, moving, by_src, [p.slot for p in moving], level, vslots, after=made)
+        self._sync_moving(pages)
+
+    def _sync_moving(self, pages: list[Page]) -> None:
+        """Pages just given a move are not evictable: out of their queues (placed pages only)."""
+        for page in pages:
+            if page.level is not None:
+                self.queues[page.level].discard(page)
 
     def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
         """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
@@ -531,80 +586,100 @@ class Placement:
             dst_slot, after = swapped.slot, None
         else:
             dst_slot, after = self._realize(via, grant.via_index, plan)
-        move = Move(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
-        victim.move = move
+        move = Move([victim], level, [slot], self.levels[grant.via_index], [dst_slot], after, handoff=True)
         plan.moves.append(move)
         if via.kind == _SWAP and swapped is not None:
             plan.swaps.append((move, swapped))
         return slot, move
 
     # ----------------------------------------------------------------- settling moves
-    def stage(self, move: Move) -> None:
-        """A swap move's bytes are in a staging buffer: its source slot may now be overwritten."""
-        move.state = MoveState.STAGED
+    def stage(self, move: Move, i: int = 0) -> None:
+        """Page ``i`` of a swap move has its bytes in a staging buffer: its source slot may now be overwritten."""
+        move.state[i] = MoveState.STAGED
 
-    def complete(self, move: Move) -> None:
-        """The transfer of ``move`` succeeded: the page is now at its destination."""
-        self.complete_many((move,))
+    def complete(self, move: Move, idx: Optional[Sequence[int]] = None) -> None:
+        """The transfer of ``move`` (its pages ``idx``; None: all) succeeded: the pages are at their destination."""
+        self.complete_many(((move, idx),))
 
-    def complete_many(self, moves: Sequence[Move]) -> None:
-        """:meth:`complete` for every move of ``moves`` (one batch's transfers succeeded), in one pass: source
-        slots are released per level at the end (:meth:`_release_slots`) and the eviction counters updated
-        once."""
+    def complete_many(self, parts: Iterable[tuple[Move, Optional[Sequence[int]]]]) -> None:
+        """:meth:`complete` for every (move, indices) of ``parts`` (one batch's transfers succeeded), in one
+        pass: source slots are released per level at the end (:meth:`_release_slots`) and the eviction
+        counters updated once."""
         released: dict[CacheLevel, list[int]] = {}
         evicted: Counter[CacheLevel] = Counter()
         listener = self.disk_listener
         done = MoveState.DONE
         disk = CacheLevel.DISK
-        for move in moves:
-            page, src, dst = move.page, move.src, move.dst
-            if src is not None:
-                if not move.handoff:
-                    released.setdefault(src, []).append(move.src_slot)
-                if src < dst:
-                    evicted[src] += 1
-                if src is disk and listener is not None and page.indexed:
-                    listener("del", page, move.src_slot)
-            page.level, page.slot = dst, move.dst_slot
-            if dst is disk and listener is not None and page.indexed:
-                listener("put", page, move.dst_slot)
-            page.move = None
-            move.state = done
-            if page.owners == 0 and not page.indexed and not page.freed:
-                self._free(page, release_slot=True)  # an orphan (Placement._orphan)
-            else:
-                self.sync(page)
+        for move, idx in parts:
+            src, dst = move.src, move.dst
+            pages, src_slots, dst_slots, state = move.pages, move.src_slots, move.dst_slots, move.state
+            rng: Iterable[int] = range(len(pages)) if idx is None else idx
+            if src is not None and not move.handoff:
+                rel = released.setdefault(src, [])
+                if idx is None:
+                    rel.extend(src_slots)
+                else:
+                    rel.extend(src_slots[i] for i in idx)
+            notify_src = src is disk and listener is not None
+            notify_dst = dst is disk and listener is not None
+            n = 0
+            for i in rng:
+                page = pages[i]
+                if notify_src and page.indexed:
+                    listener("del", page, src_slots[i])  # type: ignore[misc]  # notify_src: not None
+                page.level, page.slot = dst, dst_slots[i]
+                if notify_dst and page.indexed:
+                    listener("put", page, dst_slots[i])  # type: ignore[misc]
+                page.move = None
+                state[i] = done
+                n += 1
+                if page.owners == 0 and not page.indexed and not page.freed:
+                    self._free(page, release_slot=True)  # an orphan (Placement._orphan)
+                elif page.locks == 0 and page.holds == 0 and not page.freed:  # Page.evictable (sync)
+                    q = self.queues[dst]
+                    if page not in q:
+                        q.push(page)
+            if src is not None and src < dst:
+                evicted[src] += n
         for level, slots in released.items():
             self._release_slots(level, slots)
-        for level, n in evicted.items():
-            self.counters[_EVICTIONS[level]] += n
+        for level, k in evicted.items():
+            self.counters[_EVICTIONS[level]] += k
 
-    def abort(self, move: Move) -> None:
-        """The transfer of ``move`` did not happen: the page stays at its source. A no-op for a settled move.
+    def abort(self, move: Move, i: int = 0) -> None:
+        """The transfer of page ``i`` of ``move`` did not happen: the page stays at its source. A no-op for a
+        settled page.
 
-        The move waiting for this one's source slot (its ``successor``) can no longer happen either: it is
-        aborted in the same step, so no other operation ever sees a slot reserved for a move that cannot run —
-        except a swap victim already STAGED, which its own batch restores from staging and then aborts (until
-        then it keeps its source slot and is not evictable).
+        The move waiting for this one's source slot (page ``i`` of its ``successor``) can no longer happen
+        either: it is aborted in the same step, so no other operation ever sees a slot reserved for a move
+        that cannot run — except a swap victim already STAGED, which its own batch restores from staging and
+        then aborts (until then it keeps its source slot and is not evictable).
         """
-        chain: list[Move] = []
-        while move is not None and move.pending:
-            if chain and move.state is MoveState.STAGED:
-                # a swap victim whose bytes are in a staging buffer: its batch writes them back to its source
-                # slot and settles it; aborting it here would let its slot be planned again before that write
-                break
-            page = move.page
-            if move.after is None or move.after.state is MoveState.DONE:
-                self.alloc[move.dst].release(move.dst_slot)
-            page.move = None
-            move.state = MoveState.ABORTED
-            chain.append(move)
-            if move.successor is None:
-                break
-            move = move.successor
-        for move in chain:  # pages settle once every dependent move let go of its slot
-            page = move.page
-            if move.src is None:
+        self.abort_many(move, (i,))
+
+    def abort_many(self, move: Move, idx: Optional[Sequence[int]] = None) -> None:
+        """:meth:`abort` for pages ``idx`` of ``move`` (None: all)."""
+        rng: Iterable[int] = range(len(move.pages)) if idx is None else idx
+        chain: list[tuple[Move, int]] = []
+        for i in rng:
+            mv: Optional[Move] = move
+            first = True
+            while mv is not None and mv.pending_at(i):
+                if not first and mv.state[i] is MoveState.STAGED:
+                    # a swap victim whose bytes are in a staging buffer: its batch writes them back to its
+                    # source slot and settles it; aborting it here would let its slot be planned again first
+                    break
+                first = False
+                after = mv.after
+                if after is None or after.state[i] is MoveState.DONE:
+                    self.alloc[mv.dst].release(mv.dst_slots[i])
+                mv.pages[i].move = None
+                mv.state[i] = MoveState.ABORTED
+                chain.append((mv, i))
+                mv = mv.successor
+        for mv, i in chain:  # pages settle once every dependent move let go of its slot
+            page = mv.pages[i]
+            if mv.src is None:
                 self._free(page, release_slot=False)  # a new page that was never placed
                 continue
             self._free_if_orphan(page)
@@ -628,11 +703,23 @@ class Placement:
             raise AssertionError(msg)
 
         occupant: dict[tuple[CacheLevel, int], Page] = {}
-        incoming: dict[tuple[CacheLevel, int], Move] = {}
+        incoming: dict[tuple[CacheLevel, int], tuple[Move, int]] = {}
+        positions: dict[int, dict[int, int]] = {}  # id(move) -> {page id: index in the move}
+
+        def index_in(mv: Move, page: Page) -> int:
+            pos = positions.get(id(mv))
+            if pos is None:
+                pos = positions[id(mv)] = {p.pid: j for j, p in enumerate(mv.pages)}
+            j = pos.get(page.pid)
+            if j is None:
+                fail(f"page {page.pid} carries a move that does not hold it")
+            return cast(int, j)
+
         for page in self.pages.values():
             if page.freed:
                 fail(f"freed page {page.pid} is still registered")
             mv = page.move
+            i = index_in(mv, page) if mv is not None else -1
             if page.level is None:
                 if mv is None or mv.src is not None:
                     fail(f"page {page.pid} has no level and is not being placed")
@@ -641,8 +728,8 @@ class Placement:
                     fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
                 where = (page.level, page.slot)
                 # a staged victim whose successor gave up (aborted) still occupies its source slot
-                staged_here = mv is not None and mv.state is MoveState.STAGED and (
-                    mv.successor is None or mv.successor.state is not MoveState.ABORTED
+                staged_here = mv is not None and mv.state[i] is MoveState.STAGED and (
+                    mv.successor is None or mv.successor.state[i] is not MoveState.ABORTED
                 )
                 if staged_here and mv is not None:
                     # its bytes are in staging: the source slot belongs to its successor (reserved by that
@@ -672,20 +759,28 @@ class Placement:
             if page.owners == 0 and not page.indexed and mv is None:
                 fail(f"page {page.pid} is held by no cache and not reusable but was not freed")
             if mv is not None:
-                if mv.state not in (MoveState.PENDING, MoveState.STAGED) or mv.page is not page:
-                    fail(f"page {page.pid} carries a settled or foreign move")
-                if mv.state is MoveState.STAGED and mv.after is not None and mv.after.state is MoveState.ABORTED:
+                if not mv.pending_at(i):
+                    fail(f"page {page.pid} carries a settled move")
+                if len(mv.src_slots) != len(mv.pages) or len(mv.dst_slots) != len(mv.pages) or (
+                    mv.after is not None and len(mv.after.pages) != len(mv.pages)
+                ):
+                    fail(f"move of page {page.pid} has lists of different lengths")
+                if mv.src is not None and (mv.src != page.level or mv.src_slots[i] != page.slot):
+                    fail(f"move of page {page.pid} starts from a slot the page is not in")
+                if mv.state[i] is MoveState.STAGED and mv.after is not None and mv.after.state[i] is MoveState.ABORTED:
                     continue  # a staged victim going back to its source: its destination is not reserved
-                dst = (mv.dst, mv.dst_slot)
+                dst_slot = mv.dst_slots[i]
+                dst = (mv.dst, dst_slot)
                 if dst in incoming:
-                    fail(f"two moves reserve {mv.dst.label} slot {mv.dst_slot}")
-                incoming[dst] = mv
-                if self.alloc[mv.dst].is_free(mv.dst_slot):
-                    fail(f"move of page {page.pid} reserves {mv.dst.label} slot {mv.dst_slot} the allocator calls free")
-        for dst, mv in incoming.items():
+                    fail(f"two moves reserve {mv.dst.label} slot {dst_slot}")
+                incoming[dst] = (mv, i)
+                if self.alloc[mv.dst].is_free(dst_slot):
+                    fail(f"move of page {page.pid} reserves {mv.dst.label} slot {dst_slot} the allocator calls free")
+        for dst, (mv, i) in incoming.items():
             occ = occupant.get(dst)
-            if occ is not None and occ is not mv.page and (mv.after is None or mv.after.page is not occ):
-                fail(f"move of page {mv.page.pid} into {dst[0].label} slot {dst[1]} that page {occ.pid} still holds")
+            mover = mv.pages[i]
+            if occ is not None and occ is not mover and (mv.after is None or mv.after.pages[i] is not occ):
+                fail(f"move of page {mover.pid} into {dst[0].label} slot {dst[1]} that page {occ.pid} still holds")
         for lvl in self.levels:
             alloc = self.alloc[lvl]
             used = {s for (l, s) in occupant if l == lvl and s >= 0} | {s for (l, s) in incoming if l == lvl}

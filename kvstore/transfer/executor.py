@@ -22,7 +22,7 @@ import torch
 
 from .._aio import settle
 from ..errors import CorruptPageError, InvalidStateError, StorageIOError
-from ..placement import Move, MoveState, Placement, Plan
+from ..placement import Move, MoveState, Page, Placement, Plan
 from ..types import CacheLevel
 from .arenas import DeviceArena, HostArena, StagingPool
 from .copier import Copier, Segment
@@ -43,6 +43,7 @@ class _Batch:
     dst: CacheLevel
     swap: bool = False
     moves: list[Move] = field(default_factory=list)
+    rows: int = 0  # pages of ``moves``
     deps: set["_Batch"] = field(default_factory=set)  # batches that must be done first
     read_deps: set["_Batch"] = field(default_factory=set)  # swap batches whose sources must be staged first
     done: Optional[asyncio.Future[None]] = None  # set by submit()
@@ -64,13 +65,60 @@ class RunResult:
 
 
 def _promoted(m: Move) -> bool:
-    """Whether the promotion a swap victim ``m`` waited for (its ``after``) took the victim's slot."""
-    return m.after is not None and m.after.state is MoveState.DONE
+    """Whether the promotion a swap victim ``m`` (one page) waited for (its ``after``) took the victim's slot."""
+    return m.after is not None and m.after.state[0] is MoveState.DONE
 
 
-def _slot_free(m: Move) -> bool:
-    """Whether ``m``'s destination slot is vacated (its previous occupant moved or was staged)."""
-    return m.after is None or m.after.state in (MoveState.DONE, MoveState.STAGED)
+#: what a batch moves: (move, indices of its pages; None for all of them)
+Part = tuple[Move, Optional[list[int]]]
+
+
+def _ready(m: Move) -> tuple[Optional[list[int]], list[int]]:
+    """(pages of ``m`` to transfer now, pending pages whose destination slot was never vacated). The first is
+    None when it is every page (the common case, found without a loop when nothing settled early)."""
+    after, state = m.after, m.state
+    pending = (MoveState.PENDING, MoveState.STAGED)
+    if after is None:
+        if all(st is MoveState.PENDING for st in state):
+            return None, []
+        return [i for i, st in enumerate(state) if st in pending], []
+    vacated = (MoveState.DONE, MoveState.STAGED)
+    ok: list[int] = []
+    stuck: list[int] = []
+    for i, st in enumerate(state):
+        if st in pending:
+            (ok if after.state[i] in vacated else stuck).append(i)
+    return (None if len(ok) == len(state) else ok), stuck
+
+
+def _flat(parts: Sequence[Part]) -> tuple[list[Page], list[int], list[int]]:
+    """The pages, source slots and destination slots of ``parts``, in order."""
+    pages: list[Page] = []
+    src: list[int] = []
+    dst: list[int] = []
+    for m, idx in parts:
+        if idx is None:
+            pages += m.pages
+            src += m.src_slots
+            dst += m.dst_slots
+        else:
+            pages += [m.pages[i] for i in idx]
+            src += [m.src_slots[i] for i in idx]
+            dst += [m.dst_slots[i] for i in idx]
+    return pages, src, dst
+
+
+def _locate(parts: Sequence[Part], flat: set[int]) -> dict[int, list[int]]:
+    """Positions ``flat`` of :func:`_flat`'s lists as {part number: indices into that part's move}."""
+    out: dict[int, list[int]] = {}
+    base = 0
+    for k, (m, idx) in enumerate(parts):
+        n = len(m.pages) if idx is None else len(idx)
+        for j in range(n):
+            if base + j in flat:
+                out.setdefault(k, []).append(j if idx is None else idx[j])
+        base += n
+    return out
 
 
 class _RunState:
@@ -165,40 +213,31 @@ class TransferExecutor:
 
     def _batches(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> list[_Batch]:
         """The plan's moves in batches of one (src, dst, swap) kind, each with its futures; every move's
-        ``settled`` is its batch's ``done``. One pass over the moves, a second only over those that wait
-        for another move (``after``)."""
+        ``settled`` is its batch's ``done``. A move is never split (placement cuts moves at the batch rows);
+        a batch takes moves of its kind until it holds ``batch rows`` pages."""
         open_: dict[tuple[Optional[CacheLevel], CacheLevel, bool], _Batch] = {}
-        room: dict[tuple[Optional[CacheLevel], CacheLevel, bool], int] = {}
         out: list[_Batch] = []
-        waiting: list[tuple[_Batch, Move]] = []
-        b: _Batch  # set on the first move (its key differs from None)
-        # ``room``: moves the open batch of a kind can still take (a kind seen before has an open batch)
-        key: Optional[tuple[Optional[CacheLevel], CacheLevel, bool]] = None
-        left = 0
         for mv in plan.moves:
             k = (mv.src, mv.dst, mv.swap)
-            if k != key or left == 0:
-                if key is not None:
-                    room[key] = left
-                key = k
-                left = room.get(k, 0)
-                if left:
-                    b = open_[k]
-                else:
-                    b = open_[k] = _Batch(mv.src, mv.dst, mv.swap)
-                    b.done = loop.create_future()
-                    b.read_done = loop.create_future() if mv.swap else None
-                    left = self._rows_limit(mv.src, mv.dst, mv.swap)
-                    out.append(b)
+            n = len(mv.pages)
+            limit = self._rows_limit(mv.src, mv.dst, mv.swap)
+            if n > limit:
+                raise RuntimeError(f"a move of {n} pages exceeds a batch of {limit} (Placement.max_group is too big)")
+            b = open_.get(k)
+            if b is None or b.rows + n > limit:
+                b = open_[k] = _Batch(mv.src, mv.dst, mv.swap)
+                b.done = loop.create_future()
+                b.read_done = loop.create_future() if mv.swap else None
+                out.append(b)
             b.moves.append(mv)
+            b.rows += n
             mv.settled = b.done
-            left -= 1
-            if mv.after is not None:
-                waiting.append((b, mv))
-        if waiting:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
-            of = {id(x.done): x for x in out}
-            for b, mv in waiting:
-                dep = of.get(id(mv.after.settled)) if mv.after is not None else None
+        of = {id(x.done): x for x in out}
+        for b in out:  # dependencies, once every move has its batch (a swap's ``after`` comes later)
+            for mv in b.moves:
+                if mv.after is None:
+                    continue
+                dep = of.get(id(mv.after.settled))
                 if dep is None:
                     continue
                 if dep.swap:
@@ -262,8 +301,9 @@ class TransferExecutor:
         read_done = cast("asyncio.Future[None]", b.read_done)
         buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
         try:
+            # a swap move holds one page (swaps are planned page by page)
             rows = list(range(len(b.moves)))
-            src_slots = [m.src_slot for m in b.moves]
+            src_slots = [m.src_slots[0] for m in b.moves]
             try:
                 await self.copier.copy(self._segments_rows(buf, rows, src_l, src_slots, to_buf=True), "down", after)
             except Exception as exc:
@@ -273,21 +313,21 @@ class TransferExecutor:
                 state.result.error = state.result.error or self._wrap(exc, b)
                 return
             for m in b.moves:
-                if m.pending:
+                if m.pending_at(0):
                     self.placement.stage(m)
             read_done.set_result(None)
             await asyncio.wait(b.waits())
             # only moves still staged: one settled meanwhile no longer owns its slots (never write them);
             # a swap move's ``after`` is the promotion that vacates its destination
-            ok = [i for i, m in enumerate(b.moves) if m.pending and _promoted(m)]
-            back = [i for i, m in enumerate(b.moves) if m.pending and not _promoted(m)]
+            ok = [i for i, m in enumerate(b.moves) if m.pending_at(0) and _promoted(m)]
+            back = [i for i, m in enumerate(b.moves) if m.pending_at(0) and not _promoted(m)]
             if ok:
-                dst = [b.moves[i].dst_slot for i in ok]
+                dst = [b.moves[i].dst_slots[0] for i in ok]
                 await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
             if back:
-                src = [b.moves[i].src_slot for i in back]
+                src = [b.moves[i].src_slots[0] for i in back]
                 await self.copier.copy(self._segments_rows(buf, back, src_l, src, to_buf=False), "up", after)
-            self.placement.complete_many([b.moves[i] for i in ok])
+            self.placement.complete_many([(b.moves[i], None) for i in ok])
             for i in back:
                 self.placement.abort(b.moves[i])
             self._count(b, len(ok), state)
@@ -328,57 +368,60 @@ class TransferExecutor:
             if K in (b.src, b.dst) and not state.stop:
                 admitted = len(b.moves) * self.page_bytes
                 await self.io_sched.acquire(admitted, (priority, int(b.dst == K)))
-            ready = []
+            ready: list[Part] = []
             for m in b.moves:
-                if not m.pending:
-                    continue  # aborted with the move it depended on
-                if _slot_free(m):
-                    ready.append(m)
-                else:
-                    self.placement.abort(m)  # the slot it needed was never vacated
+                ok, stuck = _ready(m)  # pages aborted with the move they depended on are skipped
+                if stuck:
+                    self.placement.abort_many(m, stuck)  # the slot they needed was never vacated
+                if ok is None or ok:
+                    ready.append((m, ok))
             if state.stop:
-                for m in ready:
-                    self.placement.abort(m)
+                for m, idx in ready:
+                    self.placement.abort_many(m, idx)
                 return
             bad: set[int] = set()
+            pages, src_slots, dst_slots = _flat(ready)
             try:
-                if ready and b.src is not None:
-                    bad = await self._transfer(b.src, b.dst, ready, after)
+                if pages and b.src is not None:
+                    bad = await self._transfer(b.src, b.dst, pages, src_slots, dst_slots, after)
             except Exception as exc:
-                for m in ready:
-                    self.placement.abort(m)
+                for m, idx in ready:
+                    self.placement.abort_many(m, idx)
                 state.stop = True
                 if state.result.error is None:
                     state.result.error = self._wrap(exc, b)
                 return
             if bad:
-                for i in sorted(bad):
-                    self._corrupt(ready[i], state)
-                ready = [m for i, m in enumerate(ready) if i not in bad]
+                for k, idx in _locate(ready, bad).items():
+                    m = ready[k][0]
+                    for i in idx:
+                        self._corrupt(m, i, state)
+                ready = [(m, [i for i in (range(len(m.pages)) if idx is None else idx) if m.pending_at(i)])
+                         for m, idx in ready]
             self.placement.complete_many(ready)
-            self._count(b, len(ready), state)
+            self._count(b, len(pages) - len(bad), state)
         finally:
             if admitted:
                 self.io_sched.release(admitted)
             done.set_result(None)
 
-    def _corrupt(self, m: Move, state: _RunState) -> None:
+    def _corrupt(self, m: Move, i: int, state: _RunState) -> None:
         """A page read back from disk failed its checksum: never hand its bytes on.
 
         The move is rolled back (the page stays on disk) and the page leaves the prefix index, so no new
         cache reuses it. A page no cache holds is dropped (a miss); for a page a cache holds the operation
         fails with CorruptPageError.
         """
-        page = m.page
+        page, src_slot = m.pages[i], m.src_slots[i]
         self.stats["corrupt_pages"] += 1
-        self.placement.abort(m)
+        self.placement.abort(m, i)
         owned = page.owners > 0
         self.placement.forget_corrupt(page)
-        log.error("page %d failed its checksum reading disk slot %d (%s)", page.pid, m.src_slot,
+        log.error("page %d failed its checksum reading disk slot %d (%s)", page.pid, src_slot,
                   "owned by a cache" if owned else "dropped")
         if owned and state.result.error is None:
             state.result.error = CorruptPageError(
-                f"a page of this cache read back from disk slot {m.src_slot} failed its checksum; its data is "
+                f"a page of this cache read back from disk slot {src_slot} failed its checksum; its data is "
                 "lost (nothing wrong was handed out). Close the cache and create it again: the page left the "
                 "prefix index, so the new cache recomputes it"
             )
@@ -386,7 +429,7 @@ class TransferExecutor:
 
     def _wrap(self, exc: BaseException, b: _Batch) -> BaseException:
         src = cast(CacheLevel, b.src)  # only batches that move bytes fail (placing new pages copies nothing)
-        what = f"moving {len(b.moves)} pages {src.label} -> {b.dst.label}"
+        what = f"moving {b.rows} pages {src.label} -> {b.dst.label}"
         if isinstance(exc, OSError):
             self.stats["io_errors"] += 1
             err = StorageIOError(f"disk I/O failed {what}: {exc}; pages stayed where they were", exc.errno)
@@ -446,11 +489,11 @@ class TransferExecutor:
             last_slot = slot
         return out, order
 
-    def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], moves: list[Move]) -> None:
+    def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], pages: list[Page]) -> None:
         """After a write: remember (page, checksum) per disk slot, to verify the page when it is read back."""
         sums = cast("list[int]", [x for ext in extents for x in ext.sums])  # a write fills in every checksum
         for i, csum in zip(order, sums):
-            self.sums[disk_slots[i]] = (moves[i].page.pid, csum)
+            self.sums[disk_slots[i]] = (pages[i].pid, csum)
 
     def bad_slot_indices(self, bad_offsets: Sequence[int], disk_slots: Sequence[int]) -> set[int]:
         """Indices into ``disk_slots`` of the slots read from the file offsets that failed verification."""
@@ -459,10 +502,6 @@ class TransferExecutor:
         stride = self._disk.stride
         bad_slots = {off // stride for off in bad_offsets}
         return {i for i, s in enumerate(disk_slots) if s in bad_slots}
-
-    def _bad_moves(self, bad_offsets: list[int], moves: list[Move]) -> set[int]:
-        """Indices into ``moves`` of the pages read from the file offsets that failed verification."""
-        return self.bad_slot_indices(bad_offsets, [m.src_slot for m in moves])
 
     def _mem_extents(
         self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int],
@@ -483,33 +522,33 @@ class TransferExecutor:
             await settle(self.before_disk_write(disk_slots))
 
     async def _transfer(
-        self, src: CacheLevel, dst: CacheLevel, moves: list[Move], after: Optional[torch.cuda.Event]
+        self, src: CacheLevel, dst: CacheLevel, pages: list[Page], src_slots: list[int], dst_slots: list[int],
+        after: Optional[torch.cuda.Event],
     ) -> set[int]:
-        """Move the bytes of ``moves``; returns the indices of moves whose page failed its checksum."""
-        src_slots = [m.src_slot for m in moves]
-        dst_slots = [m.dst_slot for m in moves]
+        """Move the bytes of ``pages`` from ``src_slots`` to ``dst_slots``; returns the indices of the pages
+        that failed their checksum."""
         if src != K and dst != K:
             lane = "up" if dst.value < src.value else "down"
             await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
             return set()
-        pids = [m.page.pid for m in moves]
+        pids = [p.pid for p in pages]
         if not self._needs_staging(src, dst):
             if src == K:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
-                return self._bad_moves(await settle(self._io.read(extents)), moves)
+                return self.bad_slot_indices(await settle(self._io.read(extents)), src_slots)
             extents, order = self._mem_extents(src, src_slots, dst_slots)
             await self._before_write(dst_slots)
             await settle(self._io.write(extents))
-            self._record_sums(extents, order, dst_slots, moves)
+            self._record_sums(extents, order, dst_slots, pages)
             return set()
         buf = await self.staging.acquire()
         try:
-            rows = list(range(len(moves)))
-            tensors = [buf] * len(moves)
+            rows = list(range(len(pages)))
+            tensors = [buf] * len(pages)
             bad: set[int] = set()
             if src == K:
                 extents, _ = self._extents(src_slots, tensors, rows, pids)
-                bad = self._bad_moves(await settle(self._io.read(extents)), moves)
+                bad = self.bad_slot_indices(await settle(self._io.read(extents)), src_slots)
             else:
                 await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
             if dst == K:
@@ -518,7 +557,7 @@ class TransferExecutor:
                 extents, order = self._extents(good_slots, tensors, good)
                 await self._before_write(good_slots)
                 await settle(self._io.write(extents))
-                self._record_sums(extents, order, good_slots, [moves[i] for i in good])
+                self._record_sums(extents, order, good_slots, [pages[i] for i in good])
             else:
                 await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)
             return bad
