@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 from .page import Page
 
@@ -32,6 +32,12 @@ class EvictionPolicy(Protocol):
 
     def discard(self, page: Page) -> None:
         """Take ``page`` out if it is queued."""
+
+    def push_many(self, pages: Sequence[Page]) -> None:
+        """:meth:`push` of every page of ``pages``, in order (a page queued already becomes most recent)."""
+
+    def discard_many(self, pages: Sequence[Page]) -> None:
+        """:meth:`discard` of every page of ``pages``."""
 
     def touch(self, page: Page) -> None:
         """``page`` was used: most recently used (re-ordered if its priority changed); no-op if not queued."""
@@ -76,6 +82,35 @@ class EvictionQueue:
     def discard(self, page: Page) -> None:
         if page.pid in self._where:
             self.remove(page)
+
+    def push_many(self, pages: Sequence[Page]) -> None:
+        """:meth:`push` of every page, in order: for pages of one priority none of which is queued (a whole
+        cache becoming evictable), two dict updates instead of a call per page."""
+        if not pages:
+            return
+        where = self._where
+        prio = pages[0].priority
+        if any(p.pid in where or p.priority != prio for p in pages):
+            for p in pages:
+                self.push(p)
+            return
+        bucket = self._buckets.get(prio)
+        if bucket is None:
+            bucket = self._buckets[prio] = OrderedDict()
+        bucket.update([(p.pid, p) for p in pages])
+        where.update(dict.fromkeys([p.pid for p in pages], prio))
+
+    def discard_many(self, pages: Sequence[Page]) -> None:
+        where, buckets = self._where, self._buckets
+        touched = set()
+        for p in pages:
+            prio = where.pop(p.pid, None)
+            if prio is not None:
+                del buckets[prio][p.pid]
+                touched.add(prio)
+        for prio in touched:
+            if not buckets[prio]:
+                del buckets[prio]
 
     def touch(self, page: Page) -> None:
         """Mark ``page`` most recently used (re-bucketed if its priority changed)."""

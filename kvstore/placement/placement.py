@@ -162,18 +162,34 @@ class Placement:
         if page.level is not None and not page.freed:
             self.queues[page.level].touch(page)
 
+    def _by_queue(self, pages: Sequence[Page]) -> dict[CacheLevel, list[Page]]:
+        """The placed, live pages of ``pages`` per level, in order."""
+        out: dict[CacheLevel, list[Page]] = {}
+        for page in pages:
+            level = page.level
+            if level is not None and not page.freed:
+                lst = out.get(level)
+                if lst is None:
+                    lst = out[level] = []
+                lst.append(page)
+        return out
+
     def hold_all(self, pages: Sequence[Page]) -> None:
-        """Keep every page of ``pages`` out of eviction while an operation (resume, prefetch) works on it."""
+        """Keep every page of ``pages`` (distinct) out of eviction while an operation (resume, prefetch)
+        works on it: one bulk queue removal per level."""
         for page in pages:
             page.holds += 1
-            self.sync(page)
+        for level, held in self._by_queue(pages).items():
+            self.queues[level].discard_many(held)
 
     def release_all(self, pages: Sequence[Page]) -> None:
-        """Undo one ``hold_all``: each page that became evictable is queued, most recently used."""
+        """Undo one ``hold_all``: each page that became evictable is queued (or re-queued) most recently used,
+        in order — one bulk queue insertion per level."""
         for page in pages:
             page.holds -= 1
-            self.sync(page)
-            self.touch(page)
+        evictable = [p for p in pages if p.holds == 0 and p.locks == 0 and p.move is None]  # Page.evictable
+        for level, free in self._by_queue(evictable).items():
+            self.queues[level].push_many(free)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
         """Turn one hold of every page into a lock (an ACTIVE cache's pages); every page must be settled on
@@ -187,10 +203,14 @@ class Placement:
             page.locks += 1
 
     def unlock_all(self, pages: Sequence[Page]) -> None:
-        """Drop one lock of every page (a suspend, a shrink, a close): unlocked pages become evictable."""
+        """Drop one lock of every page (distinct; a suspend, a shrink, a close): unlocked pages become
+        evictable, queued in order."""
         for page in pages:
             page.locks -= 1
-            self.sync(page)
+        evictable = [p for p in pages if p.locks == 0 and p.holds == 0 and p.move is None]  # Page.evictable
+        for level, free in self._by_queue(evictable).items():
+            queue = self.queues[level]
+            queue.push_many([p for p in free if p not in queue] if len(queue) else free)
 
     def add_owner(self, page: Page, priority: int) -> None:
         page.owners += 1
@@ -607,6 +627,7 @@ class Placement:
         counters updated once."""
         released: dict[CacheLevel, list[int]] = {}
         evicted: Counter[CacheLevel] = Counter()
+        arrived: dict[CacheLevel, list[Page]] = {}  # pages now evictable, per level, in order
         listener = self.disk_listener
         done = MoveState.DONE
         disk = CacheLevel.DISK
@@ -622,6 +643,7 @@ class Placement:
                     rel.extend(src_slots[i] for i in idx)
             notify_src = src is disk and listener is not None
             notify_dst = dst is disk and listener is not None
+            queued = arrived.setdefault(dst, [])
             n = 0
             for i in rng:
                 page = pages[i]
@@ -636,13 +658,14 @@ class Placement:
                 if page.owners == 0 and not page.indexed and not page.freed:
                     self._free(page, release_slot=True)  # an orphan (Placement._orphan)
                 elif page.locks == 0 and page.holds == 0 and not page.freed:  # Page.evictable (sync)
-                    q = self.queues[dst]
-                    if page not in q:
-                        q.push(page)
+                    queued.append(page)
             if src is not None and src < dst:
                 evicted[src] += n
         for level, slots in released.items():
             self._release_slots(level, slots)
+        for level, pages in arrived.items():
+            if pages:
+                self.queues[level].push_many(pages)  # moving pages were not queued
         for level, k in evicted.items():
             self.counters[_EVICTIONS[level]] += k
 

@@ -151,6 +151,14 @@ class _PrefixAwareQueue:
         if page.pid in self._where:
             self._unplace(page.pid)
 
+    def push_many(self, pages: Sequence[Page]) -> None:
+        for page in pages:
+            self.push(page)
+
+    def discard_many(self, pages: Sequence[Page]) -> None:
+        for page in pages:
+            self.discard(page)
+
     def touch(self, page: Page) -> None:
         if page.pid in self._where:
             self._unplace(page.pid)
