@@ -474,6 +474,12 @@ class TransferExecutor:
         order = sorted(range(len(disk_slots)), key=disk_slots.__getitem__)
         out: list[Extent] = []
         last_slot = None
+        # host rows as numpy views of their tensor's array, made once per tensor (a torch row and its
+        # .numpy() per page cost microseconds); CUDA rows (GDS reads) stay tensors
+        arrays: dict[int, Any] = {}
+        for t in tensors:
+            if id(t) not in arrays:
+                arrays[id(t)] = t if t.is_cuda else t.numpy()
         for i in order:
             slot = disk_slots[i]
             if not (contiguous and last_slot is not None and slot == last_slot + 1):
@@ -482,10 +488,8 @@ class TransferExecutor:
             if pids is not None:
                 record = self.sums.get(slot)
                 expected = record[1] if record is not None and record[0] == pids[i] else _NO_SUM
-            row = tensors[i][rows[i]]
             # CUDA rows: GDS reads only (a backend with ``device_reads`` takes tensors; Extent names the host case)
-            buf: Any = row if row.is_cuda else row.numpy()
-            out[-1].add(buf, expected)
+            out[-1].add(arrays[id(tensors[i])][rows[i]], expected)
             last_slot = slot
         return out, order
 

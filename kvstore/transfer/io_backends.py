@@ -20,7 +20,6 @@ import errno
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -49,7 +48,6 @@ def checksum(buf: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]  # numpy's stubs say ndarray is a buffer only on 3.12+
 
 
-@dataclass
 class Extent:
     """Pages back to back in the file from ``offset``: one buffer per page.
 
@@ -57,13 +55,19 @@ class Extent:
     bytes it wrote; for a read it holds the checksum each page must have (None: not checked).
     """
 
-    offset: int
-    buffers: list[np.ndarray] = field(default_factory=list)
-    sums: list[Optional[int]] = field(default_factory=list)
+    __slots__ = ("offset", "buffers", "sums")
 
-    def __post_init__(self) -> None:
-        if len(self.sums) != len(self.buffers):
-            self.sums = [None] * len(self.buffers)
+    def __init__(
+        self, offset: int, buffers: Optional[list[np.ndarray]] = None, sums: Optional[list[Optional[int]]] = None
+    ) -> None:
+        self.offset = offset
+        self.buffers: list[np.ndarray] = [] if buffers is None else buffers
+        self.sums: list[Optional[int]] = (
+            sums if sums is not None and len(sums) == len(self.buffers) else [None] * len(self.buffers)
+        )
+
+    def __repr__(self) -> str:
+        return f"Extent(offset={self.offset}, buffers={len(self.buffers)})"
 
     @property
     def nbytes(self) -> int:
@@ -80,12 +84,16 @@ def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
     for ext in extents:
         off = ext.offset
         cur = Extent(off)
+        size = 0  # bytes of ``cur`` (kept, not summed again per buffer)
         for buf, expected in zip(ext.buffers, ext.sums):
-            if cur.buffers and (cur.nbytes + buf.nbytes > task_bytes or len(cur.buffers) >= _IOV_MAX):
+            n = buf.nbytes
+            if cur.buffers and (size + n > task_bytes or len(cur.buffers) >= _IOV_MAX):
                 out.append(cur)
                 cur = Extent(off)
+                size = 0
             cur.add(buf, expected)
-            off += buf.nbytes
+            size += n
+            off += n
         if cur.buffers:
             out.append(cur)
     return out
