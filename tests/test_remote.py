@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvstore import CacheLevel, InvalidArgumentError, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, RemoteTier, StoreConfig
-from kvstore.remote.gather import gather_values
+from kvstore.remote.gather import gather_values, make_packer
 from kvstore.remote import codec
 
 from .conftest import LAYOUT, sink_to_disk
@@ -168,7 +168,8 @@ async def test_pages_are_read_from_every_level_byte_exact(tmp_path, redis_server
         toks = tokens_of(3, seed=17)
         data = await commit_prompt(mgr, toks)
         pages, _ = mgr._match(np.asarray(toks))
-        enc = lambda key, buf: codec.encode(mgr._remote.keys.layout_digest, mgr._remote.keys.scope, key, buf)
+        ks = mgr._remote.keys
+        pack = make_packer(ks.layout_digest, ks.scope, [(ks.key(p.key), p.key) for p in pages], 30_000)
         for level in (CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK):
             if level == CacheLevel.DISK:
                 holder = mgr.create_cache(toks)
@@ -179,11 +180,11 @@ async def test_pages_are_read_from_every_level_byte_exact(tmp_path, redis_server
                     await commit_prompt(mgr, tokens_of(4, seed=100 + i), seed=100 + i)
             at = {p.level for p in pages}
             assert at == {level}, (level, at)
-            values, again = await gather_values(mgr, [(p, p.key) for p in pages], enc)
-            assert not again and [lvl for _, _, lvl in values] == [level] * 3
-            for (i, value, _), page in zip(values, pages):
-                body = codec.decode(value, mgr._remote.keys.layout_digest, mgr._remote.keys.scope, page.key,
-                                    LAYOUT.page_bytes)
+            values, again = await gather_values(mgr, [(p, p.key) for p in pages], pack)
+            assert not again and [lvl for *_, lvl in values] == [level] * 3
+            for (i, packed, span, _), page in zip(values, pages):
+                assert packed.keys[span] == ks.key(page.key)
+                body = codec.decode(bytes(packed.value(span)), ks.layout_digest, ks.scope, page.key, LAYOUT.page_bytes)
                 assert body is not None and bytes(body) == data[i].contiguous().view(torch.uint8).numpy().tobytes()
             mgr.check_invariants()
 

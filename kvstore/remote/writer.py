@@ -2,9 +2,11 @@
 
 ``enqueue`` (called by ``commit()``) never blocks and never awaits: beyond ``max_pending_pages`` a page is
 not queued (counted ``remote_write_dropped``). The writer takes batches in commit order, asks the server
-which keys it lacks (pipelined EXISTS), reads only those pages' bytes (:mod:`.gather`, off the loop) and
-writes them with ``SET NX PX ttl`` in one pipeline. A failure drops the batch (counted), never retries
-past the call's deadline. ``flush()`` waits until every page queued before it was written or given up.
+which keys it lacks (pipelined EXISTS), reads only those pages' bytes in groups of one pipeline each
+(:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in one worker-thread hop per group)
+and writes each group while the next is read, a few pipelines in flight. A failure drops the group's pages
+(counted), never retries past the call's deadline. ``flush()`` waits until every page queued before it was
+written or given up.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import TYPE_CHECKING, Optional
 from ..errors import InvalidStateError, KVStoreError
 from ..placement import Page
 from ..types import CacheLevel
-from .client import RemoteClient
-from .gather import Encoder, gather_values
+from . import codec
+from .client import RemoteClient, px_of
+from .gather import gather_values, make_packer
 from .keys import KeySpace
 
 if TYPE_CHECKING:
@@ -29,21 +32,22 @@ log = logging.getLogger("kvstore.remote")
 __all__ = ["RemoteWriter"]
 
 _ATTEMPTS = 3  # a page found moving this many times is given up
+_IN_FLIGHT = 2  # pipelines written at once by one batch while the next group is read
 
 
 class RemoteWriter:
     def __init__(
-        self, mgr: "KVCacheManager", client: RemoteClient, keys: KeySpace, encode: Encoder, ttl_s: Optional[float],
+        self, mgr: "KVCacheManager", client: RemoteClient, keys: KeySpace, ttl_s: Optional[float],
         max_pending: int, batch_pages: int,
     ) -> None:
         self.mgr = mgr
         self.client = client
         self.keys = keys
-        self.encode = encode
-        self.ttl_s = ttl_s
+        self.px = px_of(ttl_s)
         self.max_pending = max_pending
         self.batch_pages = batch_pages
-        self.group_pages = max(1, (1 << 20) // mgr._page_bytes)  # pages read per step (~1 MiB)
+        # pages read and packed per step: one pipeline's worth
+        self.group_pages = max(1, client.pipeline_bytes // (mgr._page_bytes + codec.HEADER + 256))
         self.stats = mgr._stats
         self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
         self._wake = asyncio.Event()
@@ -145,13 +149,15 @@ class RemoteWriter:
         self.stats["remote_write_skipped"] += len(live) - len(todo)
         if not todo:
             return 0
-        # read group k+1 (off the loop) while group k is on the wire
+        # read group k+1 (off the loop) while groups k, k-1 are on the wire
         retried = 0
-        sending: Optional["asyncio.Task[None]"] = None
+        sending: deque["asyncio.Task[None]"] = deque()
         try:
             for start in range(0, len(todo), self.group_pages):
                 group = todo[start : start + self.group_pages]
-                values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], self.encode)
+                names = [(rkeys[i], k) for i, (_, k, _) in group]
+                pack = make_packer(self.keys.layout_digest, self.keys.scope, names, self.px)
+                values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], pack)
                 for j in again:
                     page, key, attempts = group[j][1]
                     if attempts + 1 < _ATTEMPTS:
@@ -159,27 +165,25 @@ class RemoteWriter:
                         retried += 1
                     else:
                         self.stats["remote_write_dropped"] += 1
-                if sending is not None:
-                    await sending
-                    sending = None
-                if values:
-                    items = [(rkeys[group[j][0]], value) for j, value, _ in values]
-                    sending = asyncio.ensure_future(self._send(items, [lvl for _, _, lvl in values]))
-            if sending is not None:
-                await sending
-                sending = None
+                for packed, spans, levels in _by_buffer(values):
+                    while len(sending) >= _IN_FLIGHT:
+                        await sending.popleft()
+                    sending.append(asyncio.ensure_future(self._send(packed, spans, levels)))
+            while sending:
+                await sending.popleft()
         finally:
-            if sending is not None:  # cancelled: the write in flight is given up
-                sending.cancel()
-                await asyncio.gather(sending, return_exceptions=True)
+            for task in sending:  # cancelled: the writes in flight are given up
+                task.cancel()
+            if sending:
+                await asyncio.gather(*sending, return_exceptions=True)
         if retried:
             self._wake.set()
         return retried
 
-    async def _send(self, items: list[tuple[bytes, bytes]], levels: list[CacheLevel]) -> None:
-        written = await self.client.set_nx(items, self.ttl_s)
+    async def _send(self, packed: codec.Packed, spans: list[int], levels: list[CacheLevel]) -> None:
+        written = await self.client.set_packed(packed, spans)
         if written is None:
-            self.stats["remote_write_dropped"] += len(items)
+            self.stats["remote_write_dropped"] += len(spans)
             return
         pb = self.mgr._page_bytes
         for level, ok in zip(levels, written):
@@ -190,3 +194,15 @@ class RemoteWriter:
                 self.stats["remote_write_dropped"] += 1  # refused by the server (counted in remote_errors)
             else:
                 self.stats["remote_write_skipped"] += 1  # written by another node meanwhile
+
+
+def _by_buffer(
+    values: list[tuple[int, codec.Packed, int, CacheLevel]]
+) -> list[tuple[codec.Packed, list[int], list[CacheLevel]]]:
+    """Gathered values grouped by the packed buffer holding them (one per level read), spans in order."""
+    out: dict[int, tuple[codec.Packed, list[int], list[CacheLevel]]] = {}
+    for _, packed, span, level in values:
+        entry = out.setdefault(id(packed), (packed, [], []))
+        entry[1].append(span)
+        entry[2].append(level)
+    return list(out.values())
