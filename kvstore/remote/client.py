@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from ..errors import ConfigError
 from .breaker import Breaker
-from .codec import Packed
+from .codec import HEADER, Packed
 from .url import RemoteURL
 
 log = logging.getLogger("kvstore.remote")
@@ -81,6 +81,21 @@ async def _read_reply(reader: asyncio.StreamReader) -> Any:
     if kind == b"_":  # RESP3 null, should a server answer so
         return None
     raise InvalidResponse(f"unexpected reply type {kind!r}")
+
+
+_SLICE = 256 << 10  # bytes handed to the socket per loop step
+
+
+async def _write(writer: asyncio.StreamWriter, data: Any) -> None:
+    """Write ``data`` in slices of ``_SLICE``, yielding to the loop between them: a send into a loopback or
+    fast socket copies the whole slice in the one call (and a transport buffers what it could not send
+    with one more copy), so a 2 MiB pipeline in one write would stall the loop for that long."""
+    view = memoryview(data).cast("B")
+    for at in range(0, view.nbytes, _SLICE):
+        writer.write(view[at : at + _SLICE])
+        await writer.drain()
+        if at + _SLICE < view.nbytes:
+            await asyncio.sleep(0)
 
 
 def _get_command(key: bytes) -> bytes:
@@ -248,8 +263,7 @@ class RemoteClient:
                 if reader is None or writer is None:
                     raise RedisConnectionError("connection has no stream")
                 for chunk in chunks:
-                    writer.write(chunk)
-                await writer.drain()
+                    await _write(writer, chunk)
                 return [await _read_reply(reader) for _ in range(replies)]
             except (RedisConnectionError, OSError, EOFError) as exc:
                 await self._discard(conn)
@@ -285,8 +299,8 @@ class RemoteClient:
         return [not isinstance(r, BaseException) and bool(r) for r in res]
 
     async def get(self, keys: Sequence[bytes], value_bytes: int = 0) -> Optional[list[Optional[bytes]]]:
-        """The value of each key (None where missing or failed), pipelined GETs (``value_bytes``: the size
-        expected, to keep each pipeline small); None on failure."""
+        """The value of each key (None where missing or failed), pipelined GETs (``value_bytes``: the page
+        bytes expected per value, to keep each pipeline to ``pipeline_bytes`` of them); None on failure."""
         if not keys:
             return []
         if self.wire:
@@ -333,7 +347,7 @@ class RemoteClient:
             return []
         if not self.wire:
             return await self._set_items([(packed.keys[j], packed.value(j)) for j in which], packed.px)
-        size = max(packed.spans[j].end - packed.spans[j].start for j in which)
+        size = max(packed.spans[j].value_end - packed.spans[j].value for j in which) - HEADER
         per = max(1, self.pipeline_bytes // size)
         parts = [which[i : i + per] for i in range(0, len(which), per)]
 

@@ -47,7 +47,7 @@ class RemoteWriter:
         self.max_pending = max_pending
         self.batch_pages = batch_pages
         # pages read and packed per step: one pipeline's worth
-        self.group_pages = max(1, client.pipeline_bytes // (mgr._page_bytes + codec.HEADER + 256))
+        self.group_pages = max(1, client.pipeline_bytes // mgr._page_bytes)
         self.stats = mgr._stats
         self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
         self._wake = asyncio.Event()
