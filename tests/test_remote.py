@@ -340,3 +340,30 @@ async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):
         await mgr.fetch_prefix(tokens_of(1))
     with pytest.raises(InvalidStateError):
         await mgr.flush()
+
+
+async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_path, redis_server, monkeypatch):
+    """Pages go out in groups of one pipeline (``pipeline_bytes`` of page bytes), each group held, read and
+    packed as ready SET commands in one worker-thread call — not one call per page — and all arrive intact."""
+    from kvstore.remote import gather
+
+    calls: list[int] = []
+    real = gather._pack_rows
+    monkeypatch.setattr(gather, "_pack_rows", lambda pack, idx, rows: (calls.append(len(rows)), real(pack, idx, rows))[1])
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        writer = a._remote.writer
+        assert writer.group_pages == max(1, a._remote.client.pipeline_bytes // LAYOUT.page_bytes)
+        toks = tokens_of(8, seed=41)
+        await commit_prompt(a, toks[: 4 * TPP])
+        await a.flush(5)
+        assert calls == [4]
+        writer.group_pages = 3
+        data = await commit_prompt(a, toks, seed=42)  # reuses 4 pages, commits 4 more: groups of 3 + 1
+        await a.flush(5)
+        assert calls == [4, 3, 1]
+        assert a.stats()["pages_device_to_remote"] == 8 and a.stats()["remote_write_dropped"] == 0
+        res = await b.fetch_prefix(toks)
+        assert res.complete and res.pages_moved == 8
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 8 * TPP and same_bytes(got, data)
