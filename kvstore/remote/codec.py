@@ -68,13 +68,16 @@ class Span(NamedTuple):
 class Packed:
     """The SET commands of a group of pages, back to back in one uint8 buffer (one span per page)."""
 
-    __slots__ = ("buf", "keys", "spans", "px")
+    __slots__ = ("buf", "keys", "spans", "px", "base")
 
-    def __init__(self, buf: np.ndarray, keys: list[bytes], spans: list[Span], px: Optional[int]) -> None:
+    def __init__(
+        self, buf: np.ndarray, keys: list[bytes], spans: list[Span], px: Optional[int], base: Optional[np.ndarray] = None
+    ) -> None:
         self.buf = buf
         self.keys = keys  # remote keys, one per span
         self.spans = spans
         self.px = px  # the commands' PX (None: no expiry)
+        self.base = buf if base is None else base  # the whole buffer ``buf`` starts (reusable once sent)
 
     def command(self, j: int) -> memoryview:
         s = self.spans[j]
@@ -91,12 +94,15 @@ def _bulk(arg: bytes) -> bytes:
 
 
 def pack_sets(
-    items: Sequence[tuple[bytes, bytes, "Buffer"]], layout_digest: bytes, scope: bytes, px: Optional[int]
+    items: Sequence[tuple[bytes, bytes, "Buffer"]], layout_digest: bytes, scope: bytes, px: Optional[int],
+    out: Optional[np.ndarray] = None,
 ) -> Packed:
-    """``SET rkey value NX [PX px]`` for each (remote key, page key, page bytes) item, packed into one buffer.
+    """``SET rkey value NX [PX px]`` for each (remote key, page key, page bytes) item, packed into one buffer:
+    the front of ``out`` (a uint8 array) when it is large enough, else a new one.
 
     Runs on a worker thread: the page bytes are copied once, by numpy, and hashed by xxh3, both without
-    the GIL; the Python work per page is a few small byte strings."""
+    the GIL; the Python work per page is a few small byte strings. Reusing ``out`` (memory already touched)
+    spares the page faults of a fresh buffer, which the kernel serves with the GIL-free copy stalled."""
     tail = _bulk(b"NX") + (_bulk(b"PX") + _bulk(b"%d" % px) if px is not None else b"")
     star = b"*6\r\n" if px is not None else b"*4\r\n"
     pieces: list[tuple[bytes, np.ndarray, int]] = []
@@ -107,7 +113,8 @@ def pack_sets(
                          encode_header(layout_digest, scope, page_key, body)))
         pieces.append((head, body, total))
         total += len(head) + body.nbytes + 2 + len(tail)
-    buf = np.empty(total, dtype=np.uint8)
+    base = out if out is not None and out.nbytes >= total else np.empty(total, dtype=np.uint8)
+    buf = base[:total]
     spans: list[Span] = []
     tail_arr = np.frombuffer(b"\r\n" + tail, dtype=np.uint8)
     for head, body, start in pieces:
@@ -117,4 +124,4 @@ def pack_sets(
         end = at + body.nbytes + len(tail_arr)
         buf[at + body.nbytes : end] = tail_arr
         spans.append(Span(start, at - HEADER, at + body.nbytes, end))
-    return Packed(buf, [rkey for rkey, _, _ in items], spans, px)
+    return Packed(buf, [rkey for rkey, _, _ in items], spans, px, base)

@@ -136,9 +136,16 @@ def _pack_rows(pack: Packer, idx: list[int], rows: list[torch.Tensor]) -> codec.
     return pack(idx, [row.numpy() for row in rows])
 
 
-def make_packer(layout_digest: bytes, scope: bytes, names: Sequence[tuple[bytes, bytes]], px: Optional[int]) -> Packer:
+def make_packer(
+    layout_digest: bytes, scope: bytes, names: Sequence[tuple[bytes, bytes]], px: Optional[int],
+    out: Optional[np.ndarray] = None,
+) -> Packer:
     """A packer for the pages whose (remote key, page key) is ``names[i]`` (``i``: index into the pages gathered),
-    written with ``PX px`` (None: no expiry)."""
+    written with ``PX px`` (None: no expiry). Its first call packs into ``out`` if given (a buffer no longer in
+    use); a later one (a group read from two levels) into a new buffer."""
+    spare = [out] if out is not None else []
+
     def pack(idx: list[int], rows: list[np.ndarray]) -> codec.Packed:
-        return codec.pack_sets([(*names[i], row) for i, row in zip(idx, rows, strict=True)], layout_digest, scope, px)
+        items = [(*names[i], row) for i, row in zip(idx, rows, strict=True)]
+        return codec.pack_sets(items, layout_digest, scope, px, spare.pop() if spare else None)
     return pack

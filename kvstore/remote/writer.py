@@ -16,6 +16,8 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
 from ..errors import InvalidStateError, KVStoreError
 from ..placement import Page
 from ..types import CacheLevel
@@ -56,6 +58,7 @@ class RemoteWriter:
         self._waiters: list[tuple[int, "asyncio.Future[None]"]] = []
         self._task: Optional["asyncio.Task[None]"] = None
         self._closing = False
+        self._spare: list[np.ndarray] = []  # pack buffers whose pipelines were sent: reused (no page faults)
 
     @property
     def pending(self) -> int:
@@ -156,7 +159,8 @@ class RemoteWriter:
             for start in range(0, len(todo), self.group_pages):
                 group = todo[start : start + self.group_pages]
                 names = [(rkeys[i], k) for i, (_, k, _) in group]
-                pack = make_packer(self.keys.layout_digest, self.keys.scope, names, self.px)
+                out = self._spare.pop() if self._spare else None
+                pack = make_packer(self.keys.layout_digest, self.keys.scope, names, self.px, out)
                 values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], pack)
                 for j in again:
                     page, key, attempts = group[j][1]
@@ -181,7 +185,11 @@ class RemoteWriter:
         return retried
 
     async def _send(self, packed: codec.Packed, spans: list[int], levels: list[CacheLevel]) -> None:
-        written = await self.client.set_packed(packed, spans)
+        try:
+            written = await self.client.set_packed(packed, spans)
+        finally:  # every write() made has returned: the transport sent or copied those bytes
+            if len(self._spare) <= _IN_FLIGHT and all(b is not packed.base for b in self._spare):
+                self._spare.append(packed.base)
         if written is None:
             self.stats["remote_write_dropped"] += len(spans)
             return
