@@ -367,3 +367,40 @@ async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_pa
         assert res.complete and res.pages_moved == 8
         reused, got = await resume_bytes(b, toks)
         assert reused == 8 * TPP and same_bytes(got, data)
+
+
+async def test_the_writer_reuses_a_pack_buffer_only_once_its_pipeline_was_sent(tmp_path, redis_server, monkeypatch):
+    from kvstore.remote import codec as rcodec
+    from kvstore.remote.client import RemoteClient
+
+    sending: set[int] = set()
+    given: list = []  # the ``out`` buffer each pack call got (None: a new one)
+    real_pack, real_set = rcodec.pack_sets, RemoteClient.set_packed
+
+    def pack_sets(items, lay, scope, px, out=None):
+        assert out is None or id(out) not in sending, "a buffer still on the wire was packed into"
+        given.append(out)
+        return real_pack(items, lay, scope, px, out)
+
+    async def set_packed(self, packed, which):
+        sending.add(id(packed.base))
+        try:
+            await asyncio.sleep(0.005)  # keep it on the wire while the next group is read
+            return await real_set(self, packed, which)
+        finally:
+            sending.discard(id(packed.base))
+
+    monkeypatch.setattr(rcodec, "pack_sets", pack_sets)
+    monkeypatch.setattr(RemoteClient, "set_packed", set_packed)
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        a._remote.writer.group_pages = 1  # one pipeline per page: two in flight while the next is read
+        toks = tokens_of(6, seed=51)
+        data = await commit_prompt(a, toks)
+        await a.flush(5)
+        assert len(given) == 6 and given[0] is None and any(g is not None for g in given)
+        assert a.stats()["pages_device_to_remote"] == 6
+        res = await b.fetch_prefix(toks)  # every value intact: no buffer was overwritten while sent
+        assert res.complete and res.pages_moved == 6
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 6 * TPP and same_bytes(got, data)
