@@ -115,6 +115,7 @@ async def test_packed_sets_and_gets_round_trip_through_a_server(redis_server):
         keys = [k for k, _, _ in items]
         assert await client.set_packed(packed, [0, 1, 3, 4]) == [True] * 4  # two pipelines of <= 2 pages
         assert await client.set_packed(packed, [1, 2]) == [False, True]  # NX: page 1 was there
+        assert await client.exists([keys[0], b"kvs1:test:missing", keys[4]]) == [True, False, True]
         got = await client.get([*keys, b"kvs1:test:missing"], 1000)
         assert got is not None and got[-1] is None
         for (_, page_key, row), value in zip(items, got):

@@ -98,8 +98,9 @@ async def _write(writer: asyncio.StreamWriter, data: Any) -> None:
             await asyncio.sleep(0)
 
 
-def _get_command(key: bytes) -> bytes:
-    return b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)
+def _command(name: bytes, key: bytes) -> bytes:
+    """RESP for ``NAME key``."""
+    return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(key), key)
 
 
 def _runs(packed: Packed, which: Sequence[int]) -> list[memoryview]:
@@ -290,8 +291,12 @@ class RemoteClient:
         """Whether each key is on the server (pipelined EXISTS); None on failure."""
         if not keys:
             return []
-        cmds: list[Callable[[Any], Any]] = [_cmd("exists", k) for k in keys]
-        res = await self._call(self._read, lambda c: self._pipeline(c, cmds), "EXISTS")
+        if self.wire:
+            cmd = b"".join(_command(b"EXISTS", k) for k in keys)
+            res = await self._call(self._read, lambda c: self._exchange(c, [cmd], len(keys)), "EXISTS")
+        else:
+            cmds: list[Callable[[Any], Any]] = [_cmd("exists", k) for k in keys]
+            res = await self._call(self._read, lambda c: self._pipeline(c, cmds), "EXISTS")
         if res is None:
             return None
         if any(isinstance(r, BaseException) for r in res):
@@ -308,7 +313,7 @@ class RemoteClient:
             parts = [keys[i : i + per] for i in range(0, len(keys), per)]
 
             def run(part: Sequence[bytes]) -> Awaitable[list[Any]]:
-                return self._exchange(self._read, [b"".join(map(_get_command, part))], len(part))
+                return self._exchange(self._read, [b"".join(_command(b"GET", k) for k in part)], len(part))
 
             res = await self._call(self._read, lambda c: self._lanes(parts, run, self.depth["GET"]), "GET")
         else:
