@@ -343,9 +343,10 @@ async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):
 
 
 async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_path, redis_server, monkeypatch):
-    """Pages go out in groups of one pipeline (``pipeline_bytes`` of page bytes), each group held, read and
-    packed as ready SET commands in one worker-thread call — not one call per page — and all arrive intact."""
+    """Pages go out in groups of ``GROUP_BYTES`` of page bytes, each group held, read and packed as ready SET
+    commands in one worker-thread call — not one call per page — and all arrive intact."""
     from kvstore.remote import gather
+    from kvstore.remote.writer import GROUP_BYTES
 
     calls: list[int] = []
     real = gather._pack_rows
@@ -353,7 +354,7 @@ async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_pa
     ns = fresh_namespace()
     async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
         writer = a._remote.writer
-        assert writer.group_pages == max(1, a._remote.client.pipeline_bytes // LAYOUT.page_bytes)
+        assert writer.group_pages == max(1, min(GROUP_BYTES, a._remote.client.pipeline_bytes) // LAYOUT.page_bytes)
         toks = tokens_of(8, seed=41)
         await commit_prompt(a, toks[: 4 * TPP])
         await a.flush(5)
@@ -394,7 +395,7 @@ async def test_the_writer_reuses_a_pack_buffer_only_once_its_pipeline_was_sent(t
     monkeypatch.setattr(RemoteClient, "set_packed", set_packed)
     ns = fresh_namespace()
     async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
-        a._remote.writer.group_pages = 1  # one pipeline per page: two in flight while the next is read
+        a._remote.writer.group_pages = 1  # one pipeline per page: one on the wire while the next is packed
         toks = tokens_of(6, seed=51)
         data = await commit_prompt(a, toks)
         await a.flush(5)

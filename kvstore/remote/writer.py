@@ -2,9 +2,9 @@
 
 ``enqueue`` (called by ``commit()``) never blocks and never awaits: beyond ``max_pending_pages`` a page is
 not queued (counted ``remote_write_dropped``). The writer takes batches in commit order, asks the server
-which keys it lacks (pipelined EXISTS), reads only those pages' bytes in groups of one pipeline each
+which keys it lacks (pipelined EXISTS), reads only those pages' bytes in groups of ``GROUP_BYTES``
 (:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in one worker-thread hop per group)
-and writes each group while the next is read, a few pipelines in flight. A failure drops the group's pages
+and writes each group as one pipeline while the next is read. A failure drops the group's pages
 (counted), never retries past the call's deadline. ``flush()`` waits until every page queued before it was
 written or given up.
 """
@@ -34,7 +34,12 @@ log = logging.getLogger("kvstore.remote")
 __all__ = ["RemoteWriter"]
 
 _ATTEMPTS = 3  # a page found moving this many times is given up
-_IN_FLIGHT = 2  # pipelines written at once by one batch while the next group is read
+#: Bytes of pages read, packed and written per step, and the steps' pipelines on the wire while the next
+#: group is read and packed (double buffering). Measured on the 2-core CPU machine (docs/benchmarks.md):
+#: 1 MiB x 1 moves as many bytes as 2 MiB x 2 with half the event-loop lag (less CPU work at once beside the
+#: loop: the packing thread, the sends and the server share the cores).
+GROUP_BYTES = 1 << 20
+_IN_FLIGHT = 1
 
 
 class RemoteWriter:
@@ -48,8 +53,7 @@ class RemoteWriter:
         self.px = px_of(ttl_s)
         self.max_pending = max_pending
         self.batch_pages = batch_pages
-        # pages read and packed per step: one pipeline's worth
-        self.group_pages = max(1, client.pipeline_bytes // mgr._page_bytes)
+        self.group_pages = max(1, min(GROUP_BYTES, client.pipeline_bytes) // mgr._page_bytes)  # per step
         self.stats = mgr._stats
         self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
         self._wake = asyncio.Event()
@@ -152,7 +156,7 @@ class RemoteWriter:
         self.stats["remote_write_skipped"] += len(live) - len(todo)
         if not todo:
             return 0
-        # read group k+1 (off the loop) while groups k, k-1 are on the wire
+        # read and pack group k+1 (off the loop) while group k is on the wire
         retried = 0
         sending: deque["asyncio.Task[None]"] = deque()
         try:
