@@ -405,3 +405,46 @@ async def test_the_writer_reuses_a_pack_buffer_only_once_its_pipeline_was_sent(t
         assert res.complete and res.pages_moved == 6
         reused, got = await resume_bytes(b, toks)
         assert reused == 6 * TPP and same_bytes(got, data)
+
+
+async def test_the_first_group_is_read_while_exists_is_asked_and_pages_the_server_has_are_not_sent(
+    tmp_path, redis_server, monkeypatch
+):
+    from kvstore.remote import gather
+    from kvstore.remote.client import RemoteClient
+
+    events: list = []
+    real_pack, real_exists = gather._pack_rows, RemoteClient.exists
+
+    def pack_rows(pack, idx, rows):
+        events.append(("pack", len(rows)))
+        return real_pack(pack, idx, rows)
+
+    async def exists(self, keys):
+        events.append("exists?")
+        await asyncio.sleep(0.05)  # a slow answer: the first group is read meanwhile
+        try:
+            return await real_exists(self, keys)
+        finally:
+            events.append("exists!")
+
+    monkeypatch.setattr(gather, "_pack_rows", pack_rows)
+    monkeypatch.setattr(RemoteClient, "exists", exists)
+    ns = fresh_namespace()
+    toks = tokens_of(10, seed=61)
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        a_data = await commit_prompt(a, toks[: 8 * TPP])
+        await a.flush(5)
+        assert a.stats()["pages_device_to_remote"] == 8
+        events.clear()
+        b._remote.writer.group_pages = 3
+        data = await commit_prompt(b, toks, seed=62)  # the same 8 pages (other bytes: never sent) + 2 new ones
+        await b.flush(5)
+        assert events == ["exists?", ("pack", 3), "exists!", ("pack", 2)]  # 5 pages read of 10, not 10
+        assert b.stats()["remote_write_skipped"] == 8 and b.stats()["pages_device_to_remote"] == 2
+        assert b.stats()["remote_write_dropped"] == 0
+    async with node(tmp_path, redis_server.url, ns) as c:
+        res = await c.fetch_prefix(toks)
+        assert res.complete and res.pages_moved == 10
+        reused, got = await resume_bytes(c, toks)
+        assert reused == 10 * TPP and same_bytes(got[8:], data[8:]) and same_bytes(got[:8], a_data)  # a's 8 first

@@ -2,9 +2,9 @@
 
 ``enqueue`` (called by ``commit()``) never blocks and never awaits: beyond ``max_pending_pages`` a page is
 not queued (counted ``remote_write_dropped``). The writer takes batches in commit order, asks the server
-which keys it lacks (pipelined EXISTS), reads only those pages' bytes in groups of ``GROUP_BYTES``
-(:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in one worker-thread hop per group)
-and writes each group as one pipeline while the next is read. A failure drops the group's pages
+which keys it lacks (pipelined EXISTS; the first group is read meanwhile), reads only those pages' bytes
+in groups of ``GROUP_BYTES`` (:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in
+one worker-thread hop per group) and writes each group as one pipeline while the next is read. A failure drops the group's pages
 (counted), never retries past the call's deadline. ``flush()`` waits until every page queued before it was
 written or given up.
 """
@@ -148,7 +148,17 @@ class RemoteWriter:
             self.stats["remote_write_dropped"] += len(live)
             return 0
         rkeys = self.keys.keys([k for _, k, _ in live])
-        have = await self.client.exists(rkeys)
+        # the first group is read while EXISTS is on the wire (new pages are the usual case); what the server
+        # has is then neither sent nor read any further
+        head = list(enumerate(live[: self.group_pages]))
+        asking = asyncio.ensure_future(self.client.exists(rkeys))
+        try:
+            early = await self._read(head, rkeys)
+            have = await asking
+        finally:
+            if not asking.done():
+                asking.cancel()
+                await asyncio.gather(asking, return_exceptions=True)
         if have is None:
             self.stats["remote_write_dropped"] += len(live)
             return 0
@@ -156,24 +166,25 @@ class RemoteWriter:
         self.stats["remote_write_skipped"] += len(live) - len(todo)
         if not todo:
             return 0
-        # read and pack group k+1 (off the loop) while group k is on the wire
+        rest = [t for t in todo if t[0] >= len(head)]
         retried = 0
         sending: deque["asyncio.Task[None]"] = deque()
         try:
-            for start in range(0, len(todo), self.group_pages):
-                group = todo[start : start + self.group_pages]
-                names = [(rkeys[i], k) for i, (_, k, _) in group]
-                out = self._spare.pop() if self._spare else None
-                pack = make_packer(self.keys.layout_digest, self.keys.scope, names, self.px, out)
-                values, again = await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], pack)
+            # pack group k+1 (off the loop) while group k is on the wire
+            for n, start in enumerate(range(-len(head), len(rest), self.group_pages)):
+                group = head if n == 0 else rest[start : start + self.group_pages]
+                values, again = early if n == 0 else await self._read(group, rkeys)
                 for j in again:
                     page, key, attempts = group[j][1]
+                    if have[group[j][0]]:
+                        continue  # the server has it
                     if attempts + 1 < _ATTEMPTS:
                         self._queue.append((page, key, attempts + 1))
                         retried += 1
                     else:
                         self.stats["remote_write_dropped"] += 1
-                for packed, spans, levels in _by_buffer(values):
+                wanted = [v for v in values if not have[group[v[0]][0]]]
+                for packed, spans, levels in _by_buffer(wanted):
                     while len(sending) >= _IN_FLIGHT:
                         await sending.popleft()
                     sending.append(asyncio.ensure_future(self._send(packed, spans, levels)))
@@ -187,6 +198,16 @@ class RemoteWriter:
         if retried:
             self._wake.set()
         return retried
+
+    async def _read(
+        self, group: list[tuple[int, tuple[Page, bytes, int]]], rkeys: list[bytes]
+    ) -> tuple[list[tuple[int, codec.Packed, int, CacheLevel]], list[int]]:
+        """The group's pages held, read and packed (one worker hop): :func:`.gather.gather_values` of them."""
+        if not group:
+            return [], []
+        names = [(rkeys[i], k) for i, (_, k, _) in group]
+        pack = make_packer(self.keys.layout_digest, self.keys.scope, names, self.px, self._spare.pop() if self._spare else None)
+        return await gather_values(self.mgr, [(p, k) for _, (p, k, _) in group], pack)
 
     async def _send(self, packed: codec.Packed, spans: list[int], levels: list[CacheLevel]) -> None:
         try:
