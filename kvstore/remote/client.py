@@ -253,29 +253,33 @@ class RemoteClient:
     async def _exchange(self, client: Any, chunks: Sequence[Any], replies: int) -> list[Any]:
         """Write ``chunks`` (ready RESP commands) on one pooled connection of ``client`` and read ``replies``
         replies. A connection that fails is replaced and the exchange tried once more (redis-py's one
-        immediate retry: the commands here are GET and SET NX, safe to repeat); one interrupted (an error,
-        the deadline, a cancellation) is closed before it goes back to the pool: its unread replies are
-        never taken for another call's."""
+        immediate retry: the commands here are EXISTS, GET and SET NX, safe to repeat)."""
         pool = client.connection_pool
-        for attempt in (0, 1):
-            conn = await pool.get_connection()
-            try:
-                reader, writer = getattr(conn, "_reader", None), getattr(conn, "_writer", None)
-                if reader is None or writer is None:
-                    raise RedisConnectionError("connection has no stream")
-                for chunk in chunks:
-                    await _write(writer, chunk)
-                return [await _read_reply(reader) for _ in range(replies)]
-            except (RedisConnectionError, OSError, EOFError) as exc:
-                await self._discard(conn)
-                if attempt:
-                    raise RedisConnectionError(f"{type(exc).__name__} on the connection") from exc
-            except BaseException:
-                await self._discard(conn)
-                raise
-            finally:
-                await pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await self._exchange_once(pool, chunks, replies)
+        except (RedisConnectionError, OSError, EOFError):
+            pass
+        try:
+            return await self._exchange_once(pool, chunks, replies)
+        except (OSError, EOFError) as exc:
+            raise RedisConnectionError(f"{type(exc).__name__} on the connection") from exc
+
+    async def _exchange_once(self, pool: Any, chunks: Sequence[Any], replies: int) -> list[Any]:
+        """One attempt of :meth:`_exchange`. A connection interrupted (an error, the deadline, a cancellation)
+        is closed before it goes back to the pool: its unread replies are never taken for another call's."""
+        conn = await pool.get_connection()
+        try:
+            reader, writer = getattr(conn, "_reader", None), getattr(conn, "_writer", None)
+            if reader is None or writer is None:
+                raise RedisConnectionError("connection has no stream")
+            for chunk in chunks:
+                await _write(writer, chunk)
+            return [await _read_reply(reader) for _ in range(replies)]
+        except BaseException:
+            await self._discard(conn)
+            raise
+        finally:
+            await pool.release(conn)
 
     @staticmethod
     async def _discard(conn: Any) -> None:
