@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvstore import CacheLevel, InvalidArgumentError, DeviceTier, DiskTier, HostTier, KVCacheManager, PageLayout, RemoteTier, StoreConfig
-from kvstore.remote.gather import gather_values
+from kvstore.remote.gather import gather_values, make_packer
 from kvstore.remote import codec
 
 from .conftest import LAYOUT, sink_to_disk
@@ -168,7 +168,8 @@ async def test_pages_are_read_from_every_level_byte_exact(tmp_path, redis_server
         toks = tokens_of(3, seed=17)
         data = await commit_prompt(mgr, toks)
         pages, _ = mgr._match(np.asarray(toks))
-        enc = lambda key, buf: codec.encode(mgr._remote.keys.layout_digest, mgr._remote.keys.scope, key, buf)
+        ks = mgr._remote.keys
+        pack = make_packer(ks.layout_digest, ks.scope, [(ks.key(p.key), p.key) for p in pages], 30_000)
         for level in (CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK):
             if level == CacheLevel.DISK:
                 holder = mgr.create_cache(toks)
@@ -179,11 +180,11 @@ async def test_pages_are_read_from_every_level_byte_exact(tmp_path, redis_server
                     await commit_prompt(mgr, tokens_of(4, seed=100 + i), seed=100 + i)
             at = {p.level for p in pages}
             assert at == {level}, (level, at)
-            values, again = await gather_values(mgr, [(p, p.key) for p in pages], enc)
-            assert not again and [lvl for _, _, lvl in values] == [level] * 3
-            for (i, value, _), page in zip(values, pages):
-                body = codec.decode(value, mgr._remote.keys.layout_digest, mgr._remote.keys.scope, page.key,
-                                    LAYOUT.page_bytes)
+            values, again = await gather_values(mgr, [(p, p.key) for p in pages], pack)
+            assert not again and [lvl for *_, lvl in values] == [level] * 3
+            for (i, packed, span, _), page in zip(values, pages):
+                assert packed.keys[span] == ks.key(page.key)
+                body = codec.decode(bytes(packed.value(span)), ks.layout_digest, ks.scope, page.key, LAYOUT.page_bytes)
                 assert body is not None and bytes(body) == data[i].contiguous().view(torch.uint8).numpy().tobytes()
             mgr.check_invariants()
 
@@ -339,3 +340,111 @@ async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):
         await mgr.fetch_prefix(tokens_of(1))
     with pytest.raises(InvalidStateError):
         await mgr.flush()
+
+
+async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_path, redis_server, monkeypatch):
+    """Pages go out in groups of ``GROUP_BYTES`` of page bytes, each group held, read and packed as ready SET
+    commands in one worker-thread call — not one call per page — and all arrive intact."""
+    from kvstore.remote import gather
+    from kvstore.remote.writer import GROUP_BYTES
+
+    calls: list[int] = []
+    real = gather._pack_rows
+    monkeypatch.setattr(gather, "_pack_rows", lambda pack, idx, rows: (calls.append(len(rows)), real(pack, idx, rows))[1])
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        writer = a._remote.writer
+        assert writer.group_pages == max(1, min(GROUP_BYTES, a._remote.client.pipeline_bytes) // LAYOUT.page_bytes)
+        toks = tokens_of(8, seed=41)
+        await commit_prompt(a, toks[: 4 * TPP])
+        await a.flush(5)
+        assert calls == [4]
+        writer.group_pages = 3
+        data = await commit_prompt(a, toks, seed=42)  # reuses 4 pages, commits 4 more: groups of 3 + 1
+        await a.flush(5)
+        assert calls == [4, 3, 1]
+        assert a.stats()["pages_device_to_remote"] == 8 and a.stats()["remote_write_dropped"] == 0
+        res = await b.fetch_prefix(toks)
+        assert res.complete and res.pages_moved == 8
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 8 * TPP and same_bytes(got, data)
+
+
+async def test_the_writer_reuses_a_pack_buffer_only_once_its_pipeline_was_sent(tmp_path, redis_server, monkeypatch):
+    from kvstore.remote import codec as rcodec
+    from kvstore.remote.client import RemoteClient
+
+    sending: set[int] = set()
+    given: list = []  # the ``out`` buffer each pack call got (None: a new one)
+    real_pack, real_set = rcodec.pack_sets, RemoteClient.set_packed
+
+    def pack_sets(items, lay, scope, px, out=None):
+        assert out is None or id(out) not in sending, "a buffer still on the wire was packed into"
+        given.append(out)
+        return real_pack(items, lay, scope, px, out)
+
+    async def set_packed(self, packed, which):
+        sending.add(id(packed.base))
+        try:
+            await asyncio.sleep(0.005)  # keep it on the wire while the next group is read
+            return await real_set(self, packed, which)
+        finally:
+            sending.discard(id(packed.base))
+
+    monkeypatch.setattr(rcodec, "pack_sets", pack_sets)
+    monkeypatch.setattr(RemoteClient, "set_packed", set_packed)
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        a._remote.writer.group_pages = 1  # one pipeline per page: one on the wire while the next is packed
+        toks = tokens_of(6, seed=51)
+        data = await commit_prompt(a, toks)
+        await a.flush(5)
+        assert len(given) == 6 and given[0] is None and any(g is not None for g in given)
+        assert a.stats()["pages_device_to_remote"] == 6
+        res = await b.fetch_prefix(toks)  # every value intact: no buffer was overwritten while sent
+        assert res.complete and res.pages_moved == 6
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 6 * TPP and same_bytes(got, data)
+
+
+async def test_the_first_group_is_read_while_exists_is_asked_and_pages_the_server_has_are_not_sent(
+    tmp_path, redis_server, monkeypatch
+):
+    from kvstore.remote import gather
+    from kvstore.remote.client import RemoteClient
+
+    events: list = []
+    real_pack, real_exists = gather._pack_rows, RemoteClient.exists
+
+    def pack_rows(pack, idx, rows):
+        events.append(("pack", len(rows)))
+        return real_pack(pack, idx, rows)
+
+    async def exists(self, keys):
+        events.append("exists?")
+        await asyncio.sleep(0.05)  # a slow answer: the first group is read meanwhile
+        try:
+            return await real_exists(self, keys)
+        finally:
+            events.append("exists!")
+
+    monkeypatch.setattr(gather, "_pack_rows", pack_rows)
+    monkeypatch.setattr(RemoteClient, "exists", exists)
+    ns = fresh_namespace()
+    toks = tokens_of(10, seed=61)
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        a_data = await commit_prompt(a, toks[: 8 * TPP])
+        await a.flush(5)
+        assert a.stats()["pages_device_to_remote"] == 8
+        events.clear()
+        b._remote.writer.group_pages = 3
+        data = await commit_prompt(b, toks, seed=62)  # the same 8 pages (other bytes: never sent) + 2 new ones
+        await b.flush(5)
+        assert events == ["exists?", ("pack", 3), "exists!", ("pack", 2)]  # 5 pages read of 10, not 10
+        assert b.stats()["remote_write_skipped"] == 8 and b.stats()["pages_device_to_remote"] == 2
+        assert b.stats()["remote_write_dropped"] == 0
+    async with node(tmp_path, redis_server.url, ns) as c:
+        res = await c.fetch_prefix(toks)
+        assert res.complete and res.pages_moved == 10
+        reused, got = await resume_bytes(c, toks)
+        assert reused == 10 * TPP and same_bytes(got[8:], data[8:]) and same_bytes(got[:8], a_data)  # a's 8 first

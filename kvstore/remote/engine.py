@@ -14,7 +14,6 @@ from ..placement import Page
 from ..types import CacheLevel, PrefetchResult, PrefixMatch
 from .client import RemoteClient
 from .fetch import RemoteReader
-from .gather import make_encoder
 from .keys import KeySpace
 from .url import parse_url
 from .writer import RemoteWriter
@@ -44,8 +43,7 @@ class RemoteEngine:
         self.keys = KeySpace(mgr.config.namespace, mgr.layout.fingerprint())
         self.client = RemoteClient(self.url, tier.timeout_s, mgr._stats)
         self.writer = RemoteWriter(
-            mgr, self.client, self.keys, make_encoder(self.keys.layout_digest, self.keys.scope), tier.ttl_s,
-            tier.max_pending_pages, min(WRITE_BATCH_PAGES, fit, mgr._started_executor.staging.rows),
+            mgr, self.client, self.keys, tier.ttl_s, tier.max_pending_pages, min(WRITE_BATCH_PAGES, fit, mgr._started_executor.staging.rows),
         )
         self.reader = RemoteReader(mgr, self.client, self.keys, min(FETCH_STEP_PAGES, fit))
 

@@ -112,7 +112,7 @@ class RemoteReader:
 
         def get(k: int) -> None:  # the GETs of chunk k, started while chunk k-1 is checked and landed
             if k < len(chunks):
-                gets.append(asyncio.ensure_future(self.client.get(self.keys.keys(chunks[k]), pb + codec.HEADER)))
+                gets.append(asyncio.ensure_future(self.client.get(self.keys.keys(chunks[k]), pb)))
 
         get(0)
         try:
