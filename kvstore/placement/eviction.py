@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Iterator, Protocol, Sequence
 
 from .page import Page
@@ -53,7 +52,7 @@ class EvictionQueue:
     """Pages in eviction order: ascending priority, then least recently used first."""
 
     def __init__(self) -> None:
-        self._buckets: dict[int, OrderedDict[int, Page]] = {}
+        self._buckets: dict[int, dict[int, Page]] = {}  # priority -> pages by pid, oldest first (insertion order)
         self._where: dict[int, int] = {}  # pid -> priority bucket
 
     def __len__(self) -> int:
@@ -68,7 +67,7 @@ class EvictionQueue:
             self.remove(page)
         bucket = self._buckets.get(page.priority)
         if bucket is None:
-            bucket = self._buckets[page.priority] = OrderedDict()
+            bucket = self._buckets[page.priority] = {}
         bucket[page.pid] = page
         self._where[page.pid] = page.priority
 
@@ -96,9 +95,10 @@ class EvictionQueue:
             return
         bucket = self._buckets.get(prio)
         if bucket is None:
-            bucket = self._buckets[prio] = OrderedDict()
-        bucket.update([(p.pid, p) for p in pages])
-        where.update(dict.fromkeys([p.pid for p in pages], prio))
+            bucket = self._buckets[prio] = {}
+        pids = [p.pid for p in pages]
+        bucket.update(zip(pids, pages))
+        where.update(dict.fromkeys(pids, prio))
 
     def discard_many(self, pages: Sequence[Page]) -> None:
         where, buckets = self._where, self._buckets
@@ -120,7 +120,8 @@ class EvictionQueue:
         if prio != page.priority:
             self.push(page)
         else:
-            self._buckets[prio].move_to_end(page.pid)
+            bucket = self._buckets[prio]
+            bucket[page.pid] = bucket.pop(page.pid)  # re-inserted: most recent
 
     def hit(self, page: Page) -> None:
         """A prefix hit is a use like any other for LRU."""

@@ -109,14 +109,6 @@ class Move:
         st = self.state[i]
         return st is MoveState.PENDING or st is MoveState.STAGED
 
-    @property
-    def pending(self) -> bool:
-        """Some page of it is not settled yet."""
-        return any(st is MoveState.PENDING or st is MoveState.STAGED for st in self.state)
-
-    def view(self, i: int) -> "PageMove":
-        return PageMove(self, i)
-
 
 class PageMove:
     """Read-only view of page ``i`` of a :class:`Move` (for tests and debugging; the engine uses moves whole)."""

@@ -226,16 +226,23 @@ class Placement:
     def remove_owners(self, pages: Sequence[Page]) -> None:
         """:meth:`remove_owner` for every page of ``pages`` (a cache closing or shrinking); the slots of the
         pages freed are released with one merge per level."""
-        freed: dict[CacheLevel, list[int]] = {}
+        orphans = []
         for page in pages:
             page.owners -= 1
-            if self._orphan(page):
-                level, slot = page.level, page.slot
-                self._free(page, release_slot=False)
-                if level is not None:
-                    freed.setdefault(level, []).append(slot)
-        for level, slots in freed.items():
-            self._release_slots(level, slots)
+            if page.owners == 0 and not page.indexed and page.move is None and not page.freed:  # _orphan
+                orphans.append(page)
+        if not orphans:
+            return
+        # orphans are not indexed: no journal event (the listener hears of indexed pages only), no index entry;
+        # what _free does per page is one queue removal and one slot release per level here
+        registry = self.pages
+        for level, gone in self._by_queue(orphans).items():
+            self.queues[level].discard_many(gone)
+            self._release_slots(level, [p.slot for p in gone])
+        for page in orphans:
+            page.freed = True
+            page.level, page.slot = None, -1
+            registry.pop(page.pid, None)
 
     def _release_slots(self, level: CacheLevel, slots: list[int]) -> None:
         """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
