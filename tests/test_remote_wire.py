@@ -169,3 +169,26 @@ async def test_a_server_restarted_under_a_pooled_connection_is_retried_once_with
         assert client.stats["remote_errors"] == 0 and not client.breaker.open
     finally:
         await client.close()
+
+
+async def test_a_redis_py_without_connection_streams_falls_back_to_its_pipelines(redis_server, monkeypatch):
+    """The RESP path reads redis-py connections' streams, which are not its public API: where a connection has
+    none, that call is a miss and the client goes on with redis-py's pipelines, with the right answers."""
+    client = RemoteClient(parse_url(redis_server.url), 2.0, Counter())
+    try:
+        redis_server.client().set(b"kvs1:test:there", b"x")
+        pool = client._read.connection_pool
+        real = pool.get_connection
+
+        async def streamless(*args, **kw):
+            conn = await real(*args, **kw)
+            conn._reader = None  # as if this redis-py kept no stream on the connection
+            return conn
+
+        monkeypatch.setattr(pool, "get_connection", streamless)
+        assert await client.exists([b"kvs1:test:there"]) is None  # this call fails: a miss
+        assert not client.wire
+        monkeypatch.setattr(pool, "get_connection", real)
+        assert await client.exists([b"kvs1:test:there", b"kvs1:test:missing"]) == [True, False]
+    finally:
+        await client.close()

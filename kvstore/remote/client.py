@@ -271,6 +271,10 @@ class RemoteClient:
         try:
             reader, writer = getattr(conn, "_reader", None), getattr(conn, "_writer", None)
             if reader is None or writer is None:
+                # a redis-py whose connected connections do not keep these streams (they are not its
+                # public API): this call fails (a miss, a dropped write) and later ones use its pipelines
+                self.wire = False
+                log.warning("kvstore: redis-py connections have no stream to write RESP on; using its pipelines")
                 raise RedisConnectionError("connection has no stream")
             for chunk in chunks:
                 await _write(writer, chunk)
