@@ -79,9 +79,13 @@ class Extent:
 
 
 def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
-    """Cut extents into pieces of at most ``task_bytes`` (whole buffers) and IOV_MAX buffers, for parallel I/O."""
+    """Cut extents into pieces of at most ``task_bytes`` (whole buffers) and IOV_MAX buffers, for parallel I/O.
+    An extent that already fits is its own piece (the same object: checksums filled on it are its own)."""
     out = []
     for ext in extents:
+        if len(ext.buffers) <= _IOV_MAX and (len(ext.buffers) == 1 or ext.nbytes <= task_bytes):
+            out.append(ext)  # fits one piece as it is (a scattered page is an extent of one buffer)
+            continue
         off = ext.offset
         cur = Extent(off)
         size = 0  # bytes of ``cur`` (kept, not summed again per buffer)
