@@ -818,9 +818,10 @@ class KVCacheManager:
     ) -> PrefetchResult:
         """What a prefetch to ``target`` achieved: whether ``pages`` are all there (or hotter) now, and how
         many of ``colder`` (the pages it set out to move) arrived; ``t0``: when it started (None: now)."""
-        idx, ti = self._placement.level_index, self._placement.level_index(target)
-        complete = all(p.level is not None and idx(p.level) <= ti for p in pages)
-        n = sum(1 for p in colder if p.level is not None and idx(p.level) <= ti)
+        pl = self._placement
+        there = set(pl.levels[: pl.level_index(target) + 1])  # the target level and hotter ones
+        complete = all(p.level in there for p in pages)
+        n = sum(1 for p in colder if p.level in there)
         seconds = 0.0 if t0 is None else time.perf_counter() - t0
         return PrefetchResult(complete, n, n * self._page_bytes, seconds, cancelled=cancelled)
 

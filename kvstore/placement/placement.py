@@ -582,9 +582,8 @@ class Placement:
 
     def _sync_moving(self, pages: list[Page]) -> None:
         """Pages just given a move are not evictable: out of their queues (placed pages only)."""
-        for page in pages:
-            if page.level is not None:
-                self.queues[page.level].discard(page)
+        for level, moving in self._by_queue(pages).items():
+            self.queues[level].discard_many(moving)
 
     def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
         """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
