@@ -52,8 +52,9 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 _Prepared = Union[torch.Tensor, list[torch.Tensor], None]
 
 #: Pages planned per synchronous step of a resume or prefetch (bounds event-loop stalls; the next chunk
-#: is planned while the previous one's transfers run).
-PLAN_CHUNK = 128
+#: is planned while the previous one's transfers run). 512: ~1.5 ms of planning per step on the 2-core CPU
+#: machine, and a third less loop CPU per page than 128 (fewer plans, batches and futures per page).
+PLAN_CHUNK = 512
 
 
 def _uncancel(times: int) -> None:
