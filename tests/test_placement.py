@@ -1130,7 +1130,7 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
         shot = snapshot(pl)
         for pid, state in shot["pages"].items():  # moves are objects: compare what they say
             mv = state[2]
-            slot = mv.dst_slots[mv.index(pl.pages[pid])] if mv else None
+            slot = mv.dst_slots[mv.pages.index(pl.pages[pid])] if mv else None
             shot["pages"][pid] = state[:2] + ((mv.dst, slot) if mv else None,) + state[3:]
         results.append((new, promoted, shot))
     assert results[0] == results[1]

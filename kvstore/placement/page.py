@@ -90,19 +90,9 @@ class Move:
         for page in pages:
             page.move = self
 
-    def __len__(self) -> int:
-        return len(self.pages)
-
     def __repr__(self) -> str:
         src = self.src.label if self.src is not None else "new"
         return f"<Move {len(self.pages)} pages {src}->{self.dst.label}>"
-
-    def index(self, page: Page) -> int:
-        """Position of ``page`` in this move (O(pages); for checks and tests)."""
-        for i, p in enumerate(self.pages):
-            if p is page:
-                return i
-        raise ValueError(f"page {page.pid} is not part of this move")
 
     def pending_at(self, i: int) -> bool:
         """Page ``i`` is not settled yet (PENDING or STAGED)."""

@@ -209,8 +209,7 @@ class Placement:
             page.locks -= 1
         evictable = [p for p in pages if p.locks == 0 and p.holds == 0 and p.move is None]  # Page.evictable
         for level, free in self._by_queue(evictable).items():
-            queue = self.queues[level]
-            queue.push_many([p for p in free if p not in queue] if len(queue) else free)
+            self.queues[level].push_many(free)  # they were locked, so none of them is queued
 
     def add_owner(self, page: Page, priority: int) -> None:
         page.owners += 1
@@ -231,18 +230,7 @@ class Placement:
             page.owners -= 1
             if page.owners == 0 and not page.indexed and page.move is None and not page.freed:  # _orphan
                 orphans.append(page)
-        if not orphans:
-            return
-        # orphans are not indexed: no journal event (the listener hears of indexed pages only), no index entry;
-        # what _free does per page is one queue removal and one slot release per level here
-        registry = self.pages
-        for level, gone in self._by_queue(orphans).items():
-            self.queues[level].discard_many(gone)
-            self._release_slots(level, [p.slot for p in gone])
-        for page in orphans:
-            page.freed = True
-            page.level, page.slot = None, -1
-            registry.pop(page.pid, None)
+        self._free_many(orphans, release_slots=True)
 
     def _release_slots(self, level: CacheLevel, slots: list[int]) -> None:
         """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
@@ -278,16 +266,26 @@ class Placement:
         return page
 
     def _free(self, page: Page, release_slot: bool) -> None:
-        if page.level == CacheLevel.DISK:
-            self._disk_event("del", page, page.slot)
-        if page.level is not None:
-            self.queues[page.level].discard(page)
-            if release_slot:
-                self.alloc[page.level].release(page.slot)
-        self.index.remove(page)
-        page.freed = True
-        page.level, page.slot = None, -1
-        self.pages.pop(page.pid, None)
+        self._free_many([page], release_slot)
+
+    def _free_many(self, pages: Sequence[Page], release_slots: bool) -> None:
+        """Forget ``pages`` (distinct, not freed): out of the journal and the prefix index if committed, out
+        of their queues, their slots released (``release_slots``; else a grantee takes them over) — one queue
+        removal and one slot release per level."""
+        for page in pages:
+            if page.indexed:  # an uncommitted page has neither a journal record nor an index entry
+                if page.level == CacheLevel.DISK:
+                    self._disk_event("del", page, page.slot)
+                self.index.remove(page)
+        for level, gone in self._by_queue(pages).items():
+            self.queues[level].discard_many(gone)
+            if release_slots:
+                self._release_slots(level, [p.slot for p in gone])
+        registry = self.pages
+        for page in pages:
+            page.freed = True
+            page.level, page.slot = None, -1
+            registry.pop(page.pid, None)
 
     def forget_corrupt(self, page: Page) -> None:
         """``page``'s bytes are lost: it leaves the prefix index, and is dropped if no cache holds it."""

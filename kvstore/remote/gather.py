@@ -18,7 +18,6 @@ import torch
 
 from .._aio import settle
 from ..placement import Page
-from ..transfer.copier import Segment
 from ..transfer.scheduler import BACKGROUND
 from ..types import CacheLevel
 from . import codec
@@ -112,21 +111,8 @@ async def _read_staged(
     executor = mgr._started_executor
     buf = await executor.staging.acquire()
     try:
-        rows = list(range(len(slots)))
-        bad: set[int] = set()
-        if level == CacheLevel.DEVICE:
-            after = mgr._started_copier.after_current_stream()
-            await mgr._started_copier.copy([Segment(buf, rows, mgr._device_arena.rows, slots)], "down", after)
-        else:
-            nbytes = len(slots) * mgr._page_bytes
-            await executor.io_sched.acquire(nbytes, (BACKGROUND, 0))
-            try:
-                extents, _ = executor._extents(slots, [buf] * len(slots), rows, [p.pid for p in pages])
-                bad_offsets = await settle(executor._io.read(extents))
-            finally:
-                executor.io_sched.release(nbytes)
-            bad = set(executor.bad_slot_indices(bad_offsets, slots))
-        return await settle(asyncio.to_thread(_pack_rows, pack, idx, [buf[r] for r in rows])), bad
+        bad = await executor.read_staged(buf, level, slots, [p.pid for p in pages], BACKGROUND)
+        return await settle(asyncio.to_thread(_pack_rows, pack, idx, [buf[r] for r in range(len(slots))])), bad
     finally:
         executor.staging.give_back(buf)
 

@@ -521,6 +521,26 @@ class TransferExecutor:
             rows.append(r)
         return self._extents(disk_slots, tensors, rows, pids)
 
+    async def read_staged(
+        self, buf: torch.Tensor, level: CacheLevel, slots: list[int], pids: list[int], priority: int = BACKGROUND
+    ) -> set[int]:
+        """Copy the pages at ``slots`` of the device or disk level into rows ``0..`` of staging buffer ``buf``
+        (for a reader outside a plan, such as the remote writer: the caller holds the pages and the buffer);
+        returns the indices of disk pages that failed their checksum (never to be handed on)."""
+        rows = list(range(len(slots)))
+        if level == D:
+            after = self.copier.after_current_stream()
+            await self.copier.copy([Segment(buf, rows, self.device.rows, slots)], "down", after)
+            return set()
+        nbytes = len(slots) * self.page_bytes
+        await self.io_sched.acquire(nbytes, (priority, 0))
+        try:
+            extents, _ = self._extents(slots, [buf] * len(slots), rows, pids)
+            bad_offsets = await settle(self._io.read(extents))
+        finally:
+            self.io_sched.release(nbytes)
+        return self.bad_slot_indices(bad_offsets, slots)
+
     async def _before_write(self, disk_slots: Sequence[int]) -> None:
         if self.before_disk_write is not None:
             await settle(self.before_disk_write(disk_slots))
