@@ -63,6 +63,7 @@ def test_batched_copies_are_the_default_and_can_be_turned_off(monkeypatch):
 
 _STAND_IN_DRIVER = r"""
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 typedef struct { int type; int id; } loc_t;
 typedef struct { int order; loc_t src; loc_t dst; unsigned flags; } attrs_t;
@@ -74,9 +75,17 @@ int cuDevicePrimaryCtxRetain(void **ctx, int d) { *ctx = &ctx_token; return 0; }
 int cuCtxSetCurrent(void *ctx) { return 0; }
 unsigned long long last_stream;
 size_t last_count;
+/* events: how many recorded events no synchronize has waited for yet, at most, when a copy is queued */
+typedef struct { int queued; } event_t;
+int queued_events, most_queued_at_a_copy, synchronized, created;
+int cuEventCreate(event_t **e, unsigned flags) { *e = calloc(1, sizeof(event_t)); created++; return flags == 3 ? 0 : 1; }
+int cuEventRecord(event_t *e, void *stream) { if (!e->queued) queued_events++; e->queued = 1; return 0; }
+int cuEventSynchronize(event_t *e) { if (e->queued) queued_events--; e->queued = 0; synchronized++; return 0; }
+void reset_event_counts(void) { queued_events = most_queued_at_a_copy = synchronized = created = 0; }
 int cuMemcpyBatchAsync_v2(void **dsts, void **srcs, size_t *sizes, size_t count, attrs_t *attrs,
                           size_t *attr_idx, size_t num_attrs, void *stream) {
     if (num_attrs != 1 || attr_idx[0] != 0 || attrs->order != 1) return 1;
+    if (queued_events > most_queued_at_a_copy) most_queued_at_a_copy = queued_events;
     for (size_t i = 0; i < count; i++) memcpy(dsts[i], srcs[i], sizes[i]);
     last_stream = (unsigned long long)stream;
     last_count = count;
@@ -131,3 +140,33 @@ def test_batch_copier_hands_the_driver_full_64_bit_addresses(stand_in_driver, mo
     lib = ctypes.CDLL(stand_in_driver)
     assert ctypes.c_ulonglong.in_dll(lib, "last_stream").value == 0xDEADBEEF12
     assert ctypes.c_size_t.in_dll(lib, "last_count").value == (len(n) % 7 or 7)
+
+
+def test_batch_copier_keeps_at_most_depth_driver_calls_queued_per_stream(stand_in_driver, monkeypatch):
+    """Each driver call is followed by an event; once more than DEPTH are queued the issuing thread waits for
+    the oldest, so the driver's command queue never fills (a full one blocked the H200's event loop's CUDA
+    calls for 100-2000 ms). Events are reused, not created per call."""
+    import ctypes.util
+
+    import numpy as np
+
+    from kvstore.transfer import batchcopy
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: stand_in_driver)
+    monkeypatch.setattr(batchcopy, "CHUNK", 4)
+    monkeypatch.setattr(batchcopy, "DEPTH", 3)
+    lib = ctypes.CDLL(stand_in_driver)
+    lib.reset_event_counts()
+    copier = load(0)
+    assert copier is not None
+    src = np.arange(400, dtype=np.uint8)
+    dst = np.zeros(400, dtype=np.uint8)
+    n_runs = 100  # 25 driver calls of 4 runs of 4 bytes
+    offsets = np.arange(n_runs, dtype=np.uint64) * np.uint64(4)
+    sizes = np.full(n_runs, 4, dtype=np.uint64)
+    copier.copy(np.uint64(dst.ctypes.data) + offsets, np.uint64(src.ctypes.data) + offsets, sizes, "d2h", 7)
+    assert (dst == src).all()
+    value = lambda name: ctypes.c_int.in_dll(lib, name).value  # noqa: E731
+    assert value("most_queued_at_a_copy") == 3  # never more than DEPTH calls ahead of the GPU
+    assert value("synchronized") == 25 - 3  # waited for every call but the last DEPTH
+    assert value("created") == 4  # DEPTH + 1 events, recycled

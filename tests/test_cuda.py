@@ -127,3 +127,21 @@ async def test_cuda_batched_copies_move_scattered_rows_exactly(monkeypatch, word
     finally:
         cp.close()
     assert calls == ["h2d", "d2h", "d2d"]
+
+
+def test_bench_driver_queue_runs_both_queue_modes(capsys):
+    """benchmarks/bench_driver_queue.py end to end on a small size (figures are not checked)."""
+    import importlib.util
+    from pathlib import Path
+
+    from kvstore.transfer import batchcopy
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_driver_queue.py"
+    spec = importlib.util.spec_from_file_location("bench_driver_queue", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    depth = batchcopy.DEPTH
+    mod.main(["--mib", "64", "--pages", "64", "--seconds", "0.2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 KiB")]
+    assert len(rows) == 4 and sum("unbounded" in r for r in rows) == 2
+    assert batchcopy.DEPTH == depth  # restored

@@ -55,8 +55,9 @@ async def commit_prompt(mgr: KVCacheManager, tokens: list[int], seed: int = 1) -
     data = torch.randn((cache.num_pages, *mgr.layout.page_shape), generator=gen).to(mgr.layout.dtype)
     idx = cache.page_indices()
     reused = cache.num_reused_tokens // TPP
-    mgr.device_pool[idx[reused:]] = data[reused:]
-    data[:reused] = mgr.device_pool[idx[:reused]]
+    pool = mgr.device_pool
+    pool[idx[reused:]] = data[reused:].to(pool.device)
+    data[:reused] = pool[idx[:reused]].cpu()
     cache.commit(tokens)
     cache.suspend()
     cache.close()
@@ -68,7 +69,7 @@ async def resume_bytes(mgr: KVCacheManager, tokens: list[int]) -> tuple[int, tor
     cache = mgr.create_cache(tokens)
     try:
         await cache.resume()
-        got = mgr.device_pool[cache.page_indices()].clone()
+        got = mgr.device_pool[cache.page_indices()].cpu()
         cache.suspend()
         return cache.num_reused_tokens, got
     finally:

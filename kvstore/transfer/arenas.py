@@ -76,6 +76,7 @@ class DeviceArena:
         self.page_bytes = math.prod(page_shape) * torch.empty((), dtype=dtype).element_size()
         with allocating(f"the device tier on {device} ({slots} pages)", slots * self.page_bytes):
             self.pool = torch.zeros((slots, *page_shape), dtype=dtype, device=device)
+        self._rows: tuple[Optional[torch.Tensor], torch.Tensor] = (None, self.pool)
 
     @property
     def slots(self) -> int:
@@ -83,8 +84,11 @@ class DeviceArena:
 
     @property
     def rows(self) -> torch.Tensor:
-        """The pool as ``(slots, page_bytes)`` uint8."""
-        return self.pool.view(self.pool.shape[0], -1).view(torch.uint8)
+        """The pool as ``(slots, page_bytes)`` uint8 (one view per pool: making a view of a device tensor is a
+        call into torch the event loop need not repeat per batch)."""
+        if self._rows[0] is not self.pool:  # the pool was replaced (the device tier resized)
+            self._rows = (self.pool, self.pool.view(self.pool.shape[0], -1).view(torch.uint8))
+        return self._rows[1]
 
     def resized(self, slots: int) -> torch.Tensor:
         """A new pool of ``slots`` slots holding the first ``min(old, new)`` slots of the old one."""

@@ -3,8 +3,10 @@
 One request's rows are coalesced into runs with numpy, the runs become three arrays (destination
 addresses, source addresses, sizes), and the CUDA driver queues the whole batch with one call per
 :data:`CHUNK` runs on the issuing stream. The call goes through ``ctypes``, which releases the GIL while the
-driver works, so neither the event loop nor other issue threads wait on it. No kernel runs and nothing
-synchronizes: the copies are DMA transfers in stream order, completed through the caller's event.
+driver works, so neither the event loop nor other issue threads wait on it. No kernel runs: the copies are DMA
+transfers in stream order, completed through the caller's event. The issuing thread keeps at most
+:data:`DEPTH` calls queued per stream (it waits for the oldest, GIL released), so a driver call never blocks
+on a full command queue, where it would stall every other thread's CUDA calls too.
 
 Needs a driver with the batched API (CUDA 12.8+; the 13.x ``_v2`` entry point is preferred).
 :func:`load` returns None when it is missing, and the copier then keeps its per-run copies.
@@ -22,6 +24,7 @@ import ctypes.util
 import logging
 import os
 import threading
+from collections import deque
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -29,7 +32,16 @@ import numpy as np
 log = logging.getLogger("kvstore")
 
 #: Runs per driver call: one call for tens of thousands of small copies queues slower than chunks of this.
-CHUNK = 1024
+CHUNK = 256
+
+#: Driver calls a stream may have queued ahead of the GPU before the issuing thread waits for the oldest.
+#: Without a bound the driver's command queue fills, and the issuing call then blocks inside the driver for
+#: as long as the GPU takes to drain it while other threads' CUDA calls wait on the driver too: the event
+#: loop's event records stalled 100-2000 ms on the H200 (``benchmarks/bench_driver_queue.py``), and the two
+#: copy directions took turns instead of overlapping. 8 x 256 copies keep the copy engines busy (same GB/s).
+DEPTH = 8
+
+_EVENT_FLAGS = 0x1 | 0x2  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING: a waiting issue thread sleeps
 
 _ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
 _LOC_DEVICE, _LOC_HOST = 1, 2  # CU_MEM_LOCATION_TYPE_DEVICE / _HOST
@@ -73,7 +85,7 @@ class BatchCopier:
         self._fn = fn
         self._fail_index = has_fail_index
         self._device = device_index
-        self._ready = threading.local()
+        self._ready = threading.local()  # per issue thread: context bound, queued events per stream
         self._attrs = {  # one attribute set per direction, applied to every copy of a call
             "h2d": self._attributes(_LOC_HOST, 0, _LOC_DEVICE, device_index),
             "d2h": self._attributes(_LOC_DEVICE, device_index, _LOC_HOST, 0),
@@ -97,6 +109,26 @@ class BatchCopier:
             _check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
             _check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self._ready.ok = True
+        self._ready.queued = {}
+        self._ready.spare = []
+
+    def _throttle(self, stream: int) -> None:
+        """Mark the end of one driver call on ``stream``; wait (GIL released) while more than :data:`DEPTH`
+        calls of this thread's stream are still queued on the GPU."""
+        queued: "deque[ctypes.c_void_p]" = self._ready.queued.setdefault(stream, deque())
+        spare: list[ctypes.c_void_p] = self._ready.spare
+        if spare:
+            event = spare.pop()
+        else:
+            event = ctypes.c_void_p()
+            _check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
+        _check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
+        queued.append(event)
+        while len(queued) > DEPTH:
+            oldest = queued.popleft()
+            code = self._lib.cuEventSynchronize(oldest)
+            spare.append(oldest)
+            _check(code, "cuEventSynchronize")
 
     def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, direction: str, stream: int) -> None:
         """Queue ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` for every i (uint64 arrays) on
@@ -116,6 +148,7 @@ class BatchCopier:
                 args.append(ctypes.addressof(fail))
             args.append(stream)
             _check(self._fn(*args), "cuMemcpyBatchAsync")
+            self._throttle(stream)
 
 
 class DriverError(RuntimeError):
@@ -148,8 +181,12 @@ def load(device_index: int) -> Optional[BatchCopier]:
         # every pointer and size declared: an undeclared Python int would be passed as a 32-bit C int
         head = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         fn.argtypes = head + ([ctypes.c_void_p] if has_fail else []) + [ctypes.c_void_p]
-        for f in ("cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent"):
+        for f in ("cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuEventCreate",
+                  "cuEventRecord", "cuEventSynchronize"):
             getattr(lib, f).restype = ctypes.c_int
+        lib.cuEventCreate.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuEventSynchronize.argtypes = [ctypes.c_void_p]
         version = ctypes.c_int()
         lib.cuDriverGetVersion.restype = ctypes.c_int
         if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < 12080:
