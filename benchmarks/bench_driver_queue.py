@@ -1,13 +1,13 @@
-"""bench_driver_queue: why the batched copier bounds the driver calls it keeps queued (needs CUDA).
+"""bench_driver_queue: why the batched copier bounds the copies it keeps queued (needs CUDA).
 
 Copy threads queue scattered host<->device copies through :class:`kvstore.transfer.batchcopy.BatchCopier`
 (``--mib`` per pass, 4 GiB by default, pages in random order) while the main thread, standing in for the event loop, records a CUDA
-event every 0.5 ms and times the call. With the queue unbounded (``--depths`` 0), the driver's command queue
+event every 0.5 ms and times the call. With the queue unbounded (``--bounds`` 0), the driver's command queue
 fills, the copy thread's driver call blocks until the GPU drains it, and the main thread's event record waits
-with it. With the copier's bound (``batchcopy.DEPTH`` calls per stream) it does not. Both directions at once
-show whether the two copy engines overlap.
+with it. With the copier's bound (``batchcopy.QUEUED_COPIES`` copies per stream) it does not. Both directions
+at once show whether the two copy engines overlap.
 
-    python benchmarks/bench_driver_queue.py [--pages 64,2048] [--depths 0,8] [--seconds 2]
+    python benchmarks/bench_driver_queue.py [--pages 64,2048] [--bounds 0,2048] [--seconds 2]
 
 Prints per configuration: GB/s per direction, the ratio to one raw copy of that size measured in the same run, and
 the max / p99 latency of the main thread's event record.
@@ -63,7 +63,7 @@ def main(argv: "list[str] | None" = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=4096, help="bytes per pass and direction, MiB")
     p.add_argument("--pages", default="64,2048", help="page sizes in KiB")
-    p.add_argument("--depths", default=f"0,{batchcopy.DEPTH}", help="queued calls per stream; 0 = unbounded")
+    p.add_argument("--bounds", default=f"0,{batchcopy.QUEUED_COPIES}", help="queued copies per stream; 0 = unbounded")
     p.add_argument("--seconds", type=float, default=2.0)
     args = p.parse_args(argv)
     total = args.mib << 20
@@ -86,20 +86,20 @@ def main(argv: "list[str] | None" = None) -> None:
           f"CHUNK {batchcopy.CHUNK} runs per call, {args.seconds:g} s per row")
     idle = _probe([], 1.0, side)
     print(f"idle: event record max {1e3 * max(idle):.2f} ms, p99 {1e3 * np.percentile(idle, 99):.2f} ms\n")
-    print("| page | directions | queued calls | GB/s | ratio to raw | event record max / p99 ms |")
+    print("| page | directions | queued copies | GB/s | ratio to raw | event record max / p99 ms |")
     print("| ---: | --- | ---: | --- | --- | --- |")
-    default_depth = batchcopy.DEPTH
+    default_bound = batchcopy.QUEUED_COPIES
     try:
         _rows(args, copier, dev, host, side, raw)
     finally:
-        batchcopy.DEPTH = default_depth
+        batchcopy.QUEUED_COPIES = default_bound
 
 
 def _rows(args: argparse.Namespace, copier: batchcopy.BatchCopier, dev: list[torch.Tensor], host: list[torch.Tensor],
           side: torch.cuda.Stream, raw: float) -> None:
     for kib in (int(x) for x in args.pages.split(",")):
-        for depth in (int(x) for x in args.depths.split(",")):
-            batchcopy.DEPTH = depth if depth > 0 else 1 << 30
+        for bound in (int(x) for x in args.bounds.split(",")):
+            batchcopy.QUEUED_COPIES = bound
             for dirs in (("h2d",), ("h2d", "d2h")):
                 outs: list[dict] = [{} for _ in dirs]
                 threads = [threading.Thread(target=_copy_thread, args=(copier, d, kib << 10, args.seconds, o,
@@ -112,7 +112,7 @@ def _rows(args: argparse.Namespace, copier: batchcopy.BatchCopier, dev: list[tor
                     th.join()
                 gbps = " + ".join(f"{o['gbps']:.1f}" for o in outs)
                 ratio = " + ".join(f"{o['gbps'] / raw:.2f}" for o in outs)
-                print(f"| {kib} KiB | {' + '.join(dirs)} | {depth or 'unbounded'} | {gbps} | {ratio} | "
+                print(f"| {kib} KiB | {' + '.join(dirs)} | {bound or 'unbounded'} | {gbps} | {ratio} | "
                       f"{1e3 * max(lat):.2f} / {1e3 * np.percentile(lat, 99):.2f} |", flush=True)
 
 

@@ -140,8 +140,8 @@ def test_bench_driver_queue_runs_both_queue_modes(capsys):
     spec = importlib.util.spec_from_file_location("bench_driver_queue", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    depth = batchcopy.DEPTH
+    bound = batchcopy.QUEUED_COPIES
     mod.main(["--mib", "64", "--pages", "64", "--seconds", "0.2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 KiB")]
     assert len(rows) == 4 and sum("unbounded" in r for r in rows) == 2
-    assert batchcopy.DEPTH == depth  # restored
+    assert batchcopy.QUEUED_COPIES == bound  # restored

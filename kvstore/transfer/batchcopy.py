@@ -5,7 +5,7 @@ addresses, source addresses, sizes), and the CUDA driver queues the whole batch 
 :data:`CHUNK` runs on the issuing stream. The call goes through ``ctypes``, which releases the GIL while the
 driver works, so neither the event loop nor other issue threads wait on it. No kernel runs: the copies are DMA
 transfers in stream order, completed through the caller's event. The issuing thread keeps at most
-:data:`DEPTH` calls queued per stream (it waits for the oldest, GIL released), so a driver call never blocks
+:data:`QUEUED_COPIES` copies queued per stream (it waits for its oldest call, GIL released), so a driver call never blocks
 on a full command queue, where it would stall every other thread's CUDA calls too.
 
 Needs a driver with the batched API (CUDA 12.8+; the 13.x ``_v2`` entry point is preferred).
@@ -34,12 +34,14 @@ log = logging.getLogger("kvstore")
 #: Runs per driver call: one call for tens of thousands of small copies queues slower than chunks of this.
 CHUNK = 256
 
-#: Driver calls a stream may have queued ahead of the GPU before the issuing thread waits for the oldest.
+#: Copies a stream may have queued on the GPU before the issuing thread waits for the oldest of its calls.
 #: Without a bound the driver's command queue fills, and the issuing call then blocks inside the driver for
 #: as long as the GPU takes to drain it while other threads' CUDA calls wait on the driver too: the event
-#: loop's event records stalled 100-2000 ms on the H200 (``benchmarks/bench_driver_queue.py``), and the two
-#: copy directions took turns instead of overlapping. 8 x 256 copies keep the copy engines busy (same GB/s).
-DEPTH = 8
+#: loop's event records stalled 20-2000 ms on the H200 (``benchmarks/bench_driver_queue.py``). A bound in
+#: copies, not calls, keeps small requests (a batch of a few pages is one short call) queued deep enough that
+#: the copy engines never wait for the issuing thread to wake. ``KVSTORE_QUEUED_COPIES`` overrides it
+#: (0: unbounded).
+QUEUED_COPIES = int(os.environ.get("KVSTORE_QUEUED_COPIES", "2048"))
 
 _EVENT_FLAGS = 0x1 | 0x2  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING: a waiting issue thread sleeps
 
@@ -109,13 +111,15 @@ class BatchCopier:
             _check(self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
             _check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self._ready.ok = True
-        self._ready.queued = {}
+        self._ready.queued = {}  # stream -> (event, copies) of its calls not waited for, oldest first
+        self._ready.copies = {}  # stream -> copies of those calls
         self._ready.spare = []
 
-    def _throttle(self, stream: int) -> None:
-        """Mark the end of one driver call on ``stream``; wait (GIL released) while more than :data:`DEPTH`
-        calls of this thread's stream are still queued on the GPU."""
-        queued: "deque[ctypes.c_void_p]" = self._ready.queued.setdefault(stream, deque())
+    def _throttle(self, stream: int, copies: int) -> None:
+        """Mark the end of one driver call of ``copies`` copies on ``stream``; while more than
+        :data:`QUEUED_COPIES` copies of this thread's stream are still queued on the GPU, wait (GIL released) for
+        its oldest call. The newest call is never waited for here."""
+        queued: "deque[tuple[ctypes.c_void_p, int]]" = self._ready.queued.setdefault(stream, deque())
         spare: list[ctypes.c_void_p] = self._ready.spare
         if spare:
             event = spare.pop()
@@ -123,12 +127,15 @@ class BatchCopier:
             event = ctypes.c_void_p()
             _check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
         _check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
-        queued.append(event)
-        while len(queued) > DEPTH:
-            oldest = queued.popleft()
+        queued.append((event, copies))
+        total = self._ready.copies.get(stream, 0) + copies
+        while QUEUED_COPIES > 0 and total > QUEUED_COPIES and len(queued) > 1:
+            oldest, n = queued.popleft()
             code = self._lib.cuEventSynchronize(oldest)
             spare.append(oldest)
+            total -= n
             _check(code, "cuEventSynchronize")
+        self._ready.copies[stream] = total
 
     def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, direction: str, stream: int) -> None:
         """Queue ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` for every i (uint64 arrays) on
@@ -148,7 +155,7 @@ class BatchCopier:
                 args.append(ctypes.addressof(fail))
             args.append(stream)
             _check(self._fn(*args), "cuMemcpyBatchAsync")
-            self._throttle(stream)
+            self._throttle(stream, b - a)
 
 
 class DriverError(RuntimeError):
