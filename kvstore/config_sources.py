@@ -51,6 +51,8 @@ __all__ = ["from_dict", "from_file", "from_env", "env_variables", "RUNTIME_ENV"]
 RUNTIME_ENV: dict[str, str] = {
     "IO_BACKEND": "disk I/O backend: auto (default), kvikio or posix (kvstore.transfer.io_backends)",
     "BATCH_COPIES": "0: no batched driver copies for host<->device (kvstore.transfer.batchcopy); default 1",
+    "QUEUED_COPIES": "copies a copy stream keeps queued on the GPU before its issuing thread waits "
+                     "(kvstore.transfer.batchcopy); 0 unbounded; default 2048",
     "MOONCAKE_TRACE": "path of the Mooncake trace for benchmarks/bench_trace.py",
     "CRASH_TRIALS": "tests: crash trials of tests/test_persistence.py (default 4)",
     "STATEFUL_EXAMPLES": "tests: hypothesis examples of tests/test_stateful.py (default 25)",

@@ -188,14 +188,19 @@ class HostArena:
 
     def group(self, slots: "Sequence[int] | np.ndarray") -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Positions of ``slots`` grouped by chunk: {chunk: (positions in ``slots``, rows in the chunk)}, as
-        int64 arrays (no Python per slot)."""
+        int64 arrays (no Python per slot). Slots of one chunk (the common case) cost two reductions."""
         s = np.asarray(slots, dtype=np.int64)
+        if s.size == 0:
+            return {}
+        c = bisect.bisect_right(self._starts, int(s.min())) - 1
+        first = self._starts[c]
+        if int(s.max()) < first + self.chunks[c].shape[0]:
+            return {c: (np.arange(s.size), s - first)}
         chunk = np.searchsorted(np.asarray(self._starts, dtype=np.int64), s, side="right") - 1
         order = np.argsort(chunk, kind="stable")
-        cs = chunk[order]
-        cuts = np.flatnonzero(np.diff(cs)) + 1
+        cuts = np.flatnonzero(np.diff(chunk[order])) + 1
         out = {}
-        for part in np.split(order, cuts) if order.size else []:
+        for part in np.split(order, cuts):
             c = int(chunk[part[0]])
             out[c] = (part, s[part] - self._starts[c])
         return out

@@ -36,6 +36,11 @@ log = logging.getLogger("kvstore")
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 _NO_SUM = -1  # an expected checksum no page has (xxh3-64 digests are unsigned)
 
+#: Bytes one batch of memory moves (device <-> host) may hold when that is more than ``batch_bytes``: those
+#: batches need no I/O admission or staging, and each batch costs the event loop a task, its futures and a
+#: copy request, so for 2 MiB pages 32 MiB batches were 128 loop wake-ups per 4 GiB each way.
+MEMORY_BATCH_BYTES = 256 << 20
+
 
 @dataclass(eq=False)
 class _Batch:
@@ -171,6 +176,7 @@ class TransferExecutor:
         self.staging = staging
         self.page_bytes = device.page_bytes
         self.batch_rows = max(1, batch_bytes // self.page_bytes)
+        self.memory_batch_rows = max(self.batch_rows, MEMORY_BATCH_BYTES // self.page_bytes)
         self.stats = stats
         self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
         self.sums: dict[int, tuple[int, int]] = {}  # disk slot -> (page id, xxh3-64 of the bytes written there)
@@ -200,6 +206,8 @@ class TransferExecutor:
     def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
         if self._needs_staging(src, dst, swap):
             return min(self.batch_rows, self.staging.rows)
+        if K not in (src, dst):  # memory moves: no I/O admission or staging to bound them
+            return self.memory_batch_rows
         return self.batch_rows
 
     def _needs_staging(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool = False) -> bool:
