@@ -1068,9 +1068,14 @@ _CACHE = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(["active", 
 _POLICY = st.sampled_from(["lru", "lru-leaf", "slru"])
 
 
-def _random_state(caches, policy: str) -> tuple[Engine, list[list[Page]]]:
+#: level configurations for the random states: roomy, and small enough that room cascades down and drops
+_SHAPES = [((D, H, K), (6, 6, 12)), ((D, H, K), (3, 3, 4)), ((D, H), (3, 4))]
+
+
+def _random_state(caches, policy: str, shape: int = 0) -> tuple[Engine, list[list[Page]]]:
     """Caches made, committed, suspended and closed as drawn; those that did not fit are skipped."""
-    eng = Engine(Placement([D, H, K], [6, 6, 12], policy=policy))
+    levels, slots = _SHAPES[shape]
+    eng = Engine(Placement(list(levels), list(slots), policy=policy))
     made = []
     for k, (size, commit, state) in enumerate(caches):
         try:
@@ -1101,21 +1106,23 @@ def _moves(plan: Plan) -> list[tuple]:
              m.swap) for m in plan.page_moves()]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(_CACHE, min_size=1, max_size=8), _POLICY, st.integers(1, 8), st.integers(0, 7),
-       st.sampled_from([D, H]))
-def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which, target):
-    """The no-draft fast path (free slots, victims into free slots one level colder) plans exactly what
-    the full draft plans: same moves, same slots, same state after."""
+       st.sampled_from([D, H]), st.integers(0, len(_SHAPES) - 1))
+def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which, target, shape):
+    """The no-draft fast paths (free slots, victims into free slots one level colder; cascades down the
+    levels that drop the last level's first candidates) plan exactly what the full draft plans: same moves,
+    same slots, same drops, same state after."""
     results = []
     for fast in (True, False):
-        eng, made = _random_state(caches, policy)
+        eng, made = _random_state(caches, policy, shape)
         pl = eng.pl
         if not fast:
             pl._room_is_simple = lambda i, n: False  # force the draft
+            pl._cascade = lambda i, n: None
         try:
             _, plan = pl.plan_new_pages(n, D, 0)
-            new = _moves(plan)
+            new = (_moves(plan), plan.dropped, dict(pl.counters))
         except CapacityError:
             new = "capacity"
         suspended = [c for c in made if not c[0].locks]
@@ -1146,6 +1153,18 @@ def _drop_scenario() -> "Engine":
     return eng
 
 
+def _skip_scenario() -> "Engine":
+    """Room for two device pages needs drops, and the host's first eviction candidate cannot be dropped (a
+    suspended cache's page): the draft passes it over, so only a draft plans this."""
+    eng = Engine(make(device=2, host=3))
+    eng.new_suspended(1)  # x: the host's oldest page once a arrives
+    a = eng.new_suspended(2)  # x -> host
+    eng.commit(a)
+    eng.close(a)
+    eng.new_suspended(2)  # a -> host, after x
+    return eng
+
+
 def _moves(plan: Plan) -> list[tuple]:
     """The plan's page moves by page (a draft plans page by page, the fast path a move per kind)."""
     return sorted(((m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after is not None) for m in plan.page_moves()),
@@ -1156,12 +1175,12 @@ def test_a_plan_made_from_its_check_applies_that_draft_instead_of_drafting_again
     drafts = []
     real = Placement._draft_new_pages
     monkeypatch.setattr(Placement, "_draft_new_pages", lambda self, n, lvl: drafts.append(n) or real(self, n, lvl))
-    fresh = _drop_scenario()
+    fresh = _skip_scenario()
     fresh_pages, fresh_plan = fresh.pl.plan_new_pages(2, D, 0)  # drafts on its own
     assert drafts == [2]
-    eng = _drop_scenario()
+    eng = _skip_scenario()
     room = eng.pl.check_new_pages(2, D)
-    assert not room.chunked  # counts on drops
+    assert not room.chunked and not room.cascade  # counts on drops, past a page it cannot drop
     pages, plan = eng.pl.plan_new_pages(2, D, 0, check=room)
     assert drafts == [2, 2]  # the check's draft only: the plan did not draft again
     assert _moves(plan) == _moves(fresh_plan) and plan.dropped == fresh_plan.dropped == 2
@@ -1169,6 +1188,34 @@ def test_a_plan_made_from_its_check_applies_that_draft_instead_of_drafting_again
     for p in pages:
         p.owners = 1
     run_plan(eng.pl, plan)
+
+
+def test_a_cascade_that_drops_is_planned_without_a_draft_and_in_one_step(monkeypatch):
+    """New pages whose room cascades device -> host with the host's first candidates droppable: the check
+    drafts nothing and is not chunked (a drop's page could be reused between chunks); the plan drafts
+    nothing either, and is what the draft would plan, slot for slot."""
+    drafts = []
+    real = Placement._draft_new_pages
+    monkeypatch.setattr(Placement, "_draft_new_pages", lambda self, n, lvl: drafts.append(n) or real(self, n, lvl))
+    eng = _drop_scenario()
+    room = eng.pl.check_new_pages(2, D)
+    assert room.cascade and not room.chunked and room.take() is None
+    pages, plan = eng.pl.plan_new_pages(2, D, 0, check=room)
+    assert drafts == [] and plan.dropped == 2 and eng.pl.counters["drops"] == 2
+    drafted = _drop_scenario()
+    drafted.pl._cascade = lambda i, n: None
+    d_pages, d_plan = drafted.pl.plan_new_pages(2, D, 0)
+    assert drafts == [2]
+    assert _moves(plan) == _moves(d_plan) and d_plan.dropped == 2
+    new = [m for m in plan.page_moves() if m.src is None]
+    demoted = [m for m in plan.page_moves() if m.src == D]
+    assert len(new) == len(demoted) == 2
+    assert all(m.after is None and m.dst == H for m in demoted)  # into the dropped pages' slots: nothing to wait for
+    assert [m.after.page for m in new] == [m.page for m in demoted]  # each new page waits for its slot's victim
+    for p in pages:
+        p.owners = 1
+    run_plan(eng.pl, plan)
+    eng.pl.check_invariants()
 
 
 def test_a_promotion_planned_from_its_check_matches_a_fresh_plan():

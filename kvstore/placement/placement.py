@@ -42,13 +42,16 @@ class RoomCheck:
     """What a room check found. ``chunked``: the room surely exists (free slots and evictable pages demoted
     into free slots), so the plan may be made in chunks with yields between them. Otherwise ``drafted``
     holds the draft the check made, for the plan made right after it (no await between) to apply instead of
-    drafting again; it is used once."""
+    drafting again; it is used once. ``cascade``: the room is a simple cascade that drops pages of the last
+    level (:meth:`Placement._cascade`), planned without a draft but in one step (a drop's page could be
+    reused between chunks)."""
 
     drafted: Optional[list[Any]] = None  # (page, grant) pairs of a promotion, or the grants of new pages
+    cascade: bool = False
 
     @property
     def chunked(self) -> bool:
-        return self.drafted is None
+        return self.drafted is None and not self.cascade
 
     def take(self) -> Optional[list[Any]]:
         drafted, self.drafted = self.drafted, None
@@ -398,8 +401,11 @@ class Placement:
     def check_new_pages(self, n: int, level: CacheLevel) -> RoomCheck:
         """Raise CapacityError if ``plan_new_pages(n, level, ...)`` would; changes nothing. The result is
         as :meth:`check_promotion`'s."""
-        if self.surely_obtainable(self.level_index(level), n):
+        li = self.level_index(level)
+        if self.surely_obtainable(li, n):
             return RoomCheck()
+        if self._cascade(li, n) is not None:
+            return RoomCheck(cascade=True)
         return RoomCheck(self._draft_new_pages(n, level))
 
     def _draft_new_pages(self, n: int, level: CacheLevel) -> list[_Grant]:
@@ -422,6 +428,11 @@ class Placement:
         if drafted is None and self._room_is_simple(li, n):
             pages = [self._new_page(priority) for _ in range(n)]
             self._simple_room(li, pages, plan)
+            return pages, plan
+        counts = self._cascade(li, n) if drafted is None else None
+        if counts is not None:
+            pages = [self._new_page(priority) for _ in range(n)]
+            self._cascade_room(li, pages, counts, plan)
             return pages, plan
         if drafted is None:
             drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
@@ -577,6 +588,70 @@ class Placement:
             moving = [promoted[j] for j in idx]
             self._emit(plan, moving, by_src, [p.slot for p in moving], level, vslots, after=made)
         self._sync_moving(pages)
+
+    def _cascade(self, i: int, n: int) -> Optional[list[tuple[int, int]]]:
+        """(free slots taken, victims moved) per level from index ``i`` on, when ``n`` slots at level ``i`` come
+        from each level's free slots and then its first eviction candidates, moved one level colder, and the
+        last level's victims are all droppable: exactly what a draft would obtain (no level is skipped, no
+        victim is passed over), found in O(levels + drops). None: not that simple, draft it."""
+        out = []
+        m = n
+        for lvl in self.levels[i:]:
+            free = min(m, self.alloc[lvl].free_count)
+            out.append((free, m - free))
+            m -= free
+            if m == 0:
+                return out
+            if m > len(self.queues[lvl]):
+                return None
+        last = self.levels[-1]
+        if all(v.droppable for v in islice(self.queues[last].candidates(), m)):
+            return out
+        return None
+
+    def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan) -> None:
+        """Place new ``pages`` at level index ``i`` in the room :meth:`_cascade` found, slot for slot what
+        realizing its draft gives: each level's free slots (lowest first), then its victims' slots in eviction
+        order; victims move one level colder the same way, those of the last level are dropped. The moves
+        are a few per level, each cut so that the move vacating its destination slots lines up index for
+        index (``after``)."""
+        levels = self.levels[i:i + len(counts)]
+        victims = [list(islice(self.queues[lvl].candidates(), need)) for lvl, (_, need) in zip(levels, counts)]
+        for lvl, vs in zip(levels, victims):
+            self.queues[lvl].discard_many(vs)
+        dst = [(self._allocate(lvl, free) if free else []) + [v.slot for v in vs]
+               for lvl, (free, _), vs in zip(levels, counts, victims)]
+        below: Optional[list[tuple[int, int, Move]]] = None  # moves of the next level's victims: (lo, hi, move)
+        if victims[-1]:  # the last level: dropped, the slots taken over by the pages arriving there
+            last = levels[-1]
+            self._free_many(victims[-1], release_slots=False)
+            self.counters["drops"] += len(victims[-1])
+            self.counters[_EVICTIONS[last]] += len(victims[-1])
+            plan.dropped += len(victims[-1])
+        for k in range(len(levels) - 2, -1, -1):
+            vs = victims[k]
+            made = []
+            for lo, hi, after in self._aligned(counts[k + 1][0], len(vs), below):
+                mv = Move(vs[lo:hi], levels[k], [v.slot for v in vs[lo:hi]], levels[k + 1], dst[k + 1][lo:hi], after,
+                          handoff=True)
+                plan.moves.append(mv)
+                made.append((lo, hi, mv))
+            below = made
+        for lo, hi, after in self._aligned(counts[0][0], len(pages), below):
+            plan.moves.append(Move(pages[lo:hi], None, [-1] * (hi - lo), levels[0], dst[0][lo:hi], after))
+
+    def _aligned(self, free: int, n: int, below: Optional[list[tuple[int, int, Move]]]
+                 ) -> list[tuple[int, int, Optional[Move]]]:
+        """Ranges of ``n`` pages arriving at a level, the first ``free`` into free slots (cut at
+        :attr:`max_group`, nothing to wait for), the rest into the slots of the level's victims: one range per
+        victims' move of ``below`` (None: the victims were dropped, or there are none)."""
+        step = self.max_group
+        out: list[tuple[int, int, Optional[Move]]] = [(lo, min(lo + step, free), None) for lo in range(0, free, step)]
+        if below is None:
+            out.extend((lo, min(lo + step, n), None) for lo in range(free, n, step))
+        else:
+            out.extend((free + lo, free + hi, mv) for lo, hi, mv in below)
+        return out
 
     def _sync_moving(self, pages: list[Page]) -> None:
         """Pages just given a move are not evictable: out of their queues (placed pages only)."""
