@@ -1218,6 +1218,36 @@ def test_a_cascade_that_drops_is_planned_without_a_draft_and_in_one_step(monkeyp
     eng.pl.check_invariants()
 
 
+def test_a_promotion_from_disk_that_cascades_is_planned_without_a_draft(monkeypatch):
+    """Promoting a disk cache to a full device whose victims cascade into a full host and on to the disk:
+    planned as a few moves per level (no draft), exactly the drafted plan."""
+    drafts = []
+    real = Placement._draft_promotion
+    monkeypatch.setattr(Placement, "_draft_promotion",
+                        lambda self, colder, ti, req: drafts.append(len(colder)) or real(self, colder, ti, req))
+
+    def scenario():
+        eng = Engine(make(device=2, host=2, disk=4))
+        a = eng.new_suspended(2)
+        eng.new_suspended(2)  # a -> host
+        eng.new_suspended(2)  # a -> disk, b -> host: device and host full
+        assert {p.level for p in a} == {K}
+        eng.pl.hold_all(a)
+        return eng, a
+
+    eng, a = scenario()
+    plan = eng.pl.plan_promotion(a, D, require_all=True)
+    assert drafts == []
+    assert len(plan.moves) == 3  # host -> disk, device -> host, disk -> device: one move each
+    drafted, da = scenario()
+    drafted.pl._cascade = lambda i, n: None
+    d_plan = drafted.pl.plan_promotion(da, D, require_all=True)
+    assert drafts == [2] and _moves(plan) == _moves(d_plan)
+    run_plan(eng.pl, plan)
+    assert {p.level for p in a} == {D}
+    eng.pl.check_invariants()
+
+
 def test_a_promotion_planned_from_its_check_matches_a_fresh_plan():
     def scenario():
         eng = Engine(make(device=2, host=2, disk=2))

@@ -362,6 +362,8 @@ class Placement:
         colder = self._colder(pages, ti)
         if self.surely_obtainable(ti, len(colder)):
             return RoomCheck()
+        if self._promotion_cascade(ti, colder) is not None:
+            return RoomCheck(cascade=True)
         return RoomCheck(self._draft_promotion(colder, ti, True))
 
     def plan_promotion(
@@ -381,6 +383,11 @@ class Placement:
         drafted = check.take() if check is not None else None
         if drafted is None and self._room_is_simple(ti, len(colder)):
             self._simple_room(ti, colder, plan)
+            return plan
+        counts = self._promotion_cascade(ti, colder) if drafted is None else None
+        if counts is not None:
+            self._cascade_room(ti, colder, counts, plan, colder[0].level)
+            self._sync_moving(colder)
             return plan
         if drafted is None:
             drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
@@ -609,9 +616,23 @@ class Placement:
             return out
         return None
 
-    def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan) -> None:
-        """Place new ``pages`` at level index ``i`` in the room :meth:`_cascade` found, slot for slot what
-        realizing its draft gives: each level's free slots (lowest first), then its victims' slots in eviction
+    def _promotion_cascade(self, ti: int, colder: list[Page]) -> Optional[list[tuple[int, int]]]:
+        """:meth:`_cascade` for promoting ``colder`` to level index ``ti``, when the draft would treat every page
+        like a new one: all of them on one level, and not on the host level right below the target (there
+        the draft may swap a victim into a promoted page's slot)."""
+        if not colder:
+            return None
+        src = colder[0].level
+        if any(p.level is not src for p in colder):
+            return None
+        if src == CacheLevel.HOST and ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST:
+            return None
+        return self._cascade(ti, len(colder))
+
+    def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan,
+                      src: Optional[CacheLevel] = None) -> None:
+        """Place ``pages`` (new ones; or placed pages of level ``src`` promoted) at level index ``i`` in the room
+        :meth:`_cascade` found, slot for slot what realizing its draft gives: each level's free slots (lowest first), then its victims' slots in eviction
         order; victims move one level colder the same way, those of the last level are dropped. The moves
         are a few per level, each cut so that the move vacating its destination slots lines up index for
         index (``after``)."""
@@ -638,7 +659,8 @@ class Placement:
                 made.append((lo, hi, mv))
             below = made
         for lo, hi, after in self._aligned(counts[0][0], len(pages), below):
-            plan.moves.append(Move(pages[lo:hi], None, [-1] * (hi - lo), levels[0], dst[0][lo:hi], after))
+            src_slots = [-1] * (hi - lo) if src is None else [p.slot for p in pages[lo:hi]]
+            plan.moves.append(Move(pages[lo:hi], src, src_slots, levels[0], dst[0][lo:hi], after))
 
     def _aligned(self, free: int, n: int, below: Optional[list[tuple[int, int, Move]]]
                  ) -> list[tuple[int, int, Optional[Move]]]:
