@@ -238,6 +238,9 @@ def test_pages_contiguous_on_disk_and_in_memory_are_one_buffer():
         (20 * P, [(2, c1[1].ctypes.data)]),
     ]
     assert extents[0].buffers[1].ndim == 1, "a page alone is a 1-D buffer"
+    # row 1 of chunk 0 then row 2 of chunk 1: rows look consecutive, tensors differ
+    extents, _ = ex._mem_extents(CacheLevel.HOST, [1, 6], [0, 1])
+    assert _layout(extents) == [(0, [(1, c0[1].ctypes.data), (1, c1[2].ctypes.data)])]
     # disk order decides: pages given out of order are sorted by slot, order maps back
     extents, order = ex._mem_extents(CacheLevel.HOST, [2, 0, 1], [7, 5, 6])
     assert order == [1, 2, 0] and _layout(extents) == [(5 * P, [(3, c0.ctypes.data)])]
