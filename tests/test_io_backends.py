@@ -3,7 +3,6 @@
 import errno
 import os
 import stat
-
 from types import SimpleNamespace
 
 import numpy as np

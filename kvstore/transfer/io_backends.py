@@ -50,7 +50,7 @@ def checksum(buf: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]  # numpy's stubs say ndarray is a buffer only on 3.12+
 
 
-def page_count(buf: Any) -> int:
+def _page_count(buf: Any) -> int:
     """Pages in an I/O buffer: the rows of a 2-D buffer, else one."""
     return int(buf.shape[0]) if buf.ndim == 2 else 1
 
@@ -75,7 +75,7 @@ class Extent:
     ) -> None:
         self.offset = offset
         self.buffers: list[np.ndarray] = [] if buffers is None else buffers
-        pages = sum(map(page_count, self.buffers))
+        pages = sum(map(_page_count, self.buffers))
         self.sums: list[Optional[int]] = sums if sums is not None and len(sums) == pages else [None] * pages
 
     def __repr__(self) -> str:
@@ -93,7 +93,7 @@ class Extent:
     def add_pages(self, buf: np.ndarray, expected: Optional[Sequence[Optional[int]]] = None) -> None:
         """Append the pages of the 2-D buffer ``buf`` (one per row), with their expected checksums."""
         self.buffers.append(buf)
-        self.sums.extend([None] * page_count(buf) if expected is None else expected)
+        self.sums.extend([None] * _page_count(buf) if expected is None else expected)
 
 
 def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
@@ -110,7 +110,7 @@ def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
         size = 0  # bytes of ``cur`` (kept, not summed again per buffer)
         first = 0  # index in ``ext.sums`` of the next page
         for buf in ext.buffers:
-            k = page_count(buf)
+            k = _page_count(buf)
             page = buf.nbytes // k
             j = 0  # pages of ``buf`` placed
             while j < k:
@@ -193,7 +193,7 @@ def _verify_after_read(ext: Extent, view: Callable[[Any], np.ndarray] = _same) -
     bad: list[int] = []
     off, first = ext.offset, 0
     for buf in ext.buffers:
-        k = page_count(buf)
+        k = _page_count(buf)
         want = ext.sums[first : first + k]
         if any(x is not None for x in want):
             page = buf.nbytes // k
