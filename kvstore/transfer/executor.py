@@ -469,37 +469,57 @@ class TransferExecutor:
         return segs
 
     def _extents(
-        self, disk_slots: Sequence[int], tensors: Sequence[torch.Tensor], rows: Sequence[int],
+        self, disk_slots: Sequence[int], mem: Sequence[tuple[torch.Tensor, np.ndarray, np.ndarray]],
         pids: Optional[Sequence[int]] = None,
     ) -> tuple[list[Extent], list[int]]:
-        """Disk extents for page i at ``disk_slots[i]`` <-> row ``rows[i]`` of ``tensors[i]``, one buffer per
-        page, merged into one extent where the slots are contiguous; and the page indices in buffer order.
+        """Disk extents for page i at ``disk_slots[i]`` <-> its memory row, where ``mem`` is
+        ``[(2-D tensor, positions in disk_slots, rows), ...]`` (as :meth:`_mem` gives); and the page
+        indices in page order of the extents. An extent is a run of contiguous slots; in it, pages that
+        are consecutive rows of one tensor are one 2-D buffer (``rows[r0:r1]``).
 
-        With ``pids`` (a read) every buffer carries the checksum recorded when page ``pids[i]`` was written
+        With ``pids`` (a read) every page carries the checksum recorded when page ``pids[i]`` was written
         to that slot; a slot holding another page's record (or none) can never verify."""
         disk = self._disk
-        contiguous = disk.stride == self.page_bytes
-        order = sorted(range(len(disk_slots)), key=disk_slots.__getitem__)
-        out: list[Extent] = []
-        last_slot = None
+        n = len(disk_slots)
+        slots = np.asarray(disk_slots, dtype=np.int64)
+        which = np.empty(n, dtype=np.int64)  # per page: index of its tensor in ``arrays``
+        row = np.empty(n, dtype=np.int64)
         # host rows as numpy views of their tensor's array, made once per tensor (a torch row and its
         # .numpy() per page cost microseconds); CUDA rows (GDS reads) stay tensors
-        arrays: dict[int, Any] = {}
-        for t in tensors:
-            if id(t) not in arrays:
-                arrays[id(t)] = t if t.is_cuda else t.numpy()
-        for i in order:
-            slot = disk_slots[i]
-            if not (contiguous and last_slot is not None and slot == last_slot + 1):
-                out.append(Extent(disk.offset(slot)))
-            expected = None
-            if pids is not None:
-                record = self.sums.get(slot)
-                expected = record[1] if record is not None and record[0] == pids[i] else _NO_SUM
-            # CUDA rows: GDS reads only (a backend with ``device_reads`` takes tensors; Extent names the host case)
-            out[-1].add(arrays[id(tensors[i])][rows[i]], expected)
-            last_slot = slot
-        return out, order
+        arrays: list[Any] = []
+        for k, (t, pos, rows) in enumerate(mem):
+            which[pos] = k
+            row[pos] = rows
+            arrays.append(t if t.is_cuda else t.numpy())
+        order = np.argsort(slots, kind="stable")
+        slots, which, row = slots[order], which[order], row[order]
+        new_ext = np.ones(n, dtype=bool)  # page starts an extent
+        if disk.stride == self.page_bytes:
+            new_ext[1:] = slots[1:] != slots[:-1] + 1
+        new_buf = new_ext.copy()  # page starts a buffer
+        new_buf[1:] |= (which[1:] != which[:-1]) | (row[1:] != row[:-1] + 1)
+        starts = np.flatnonzero(new_buf)
+        ends = np.append(starts[1:], n).tolist()
+        order_l = order.tolist()
+        expected: Optional[list[Optional[int]]] = None
+        if pids is not None:
+            sums = self.sums
+            expected = []
+            for slot, i in zip(slots.tolist(), order_l):
+                record = sums.get(slot)
+                expected.append(record[1] if record is not None and record[0] == pids[i] else _NO_SUM)
+        out: list[Extent] = []
+        slot_l, which_l, row_l = slots.tolist(), which.tolist(), row.tolist()
+        # CUDA rows: GDS reads only (a backend with ``device_reads`` takes tensors; Extent names the host case)
+        for a, b, first in zip(starts.tolist(), ends, new_ext[starts].tolist()):
+            if first:
+                out.append(Extent(disk.offset(slot_l[a])))
+            arr, r0 = arrays[which_l[a]], row_l[a]
+            if b - a == 1:
+                out[-1].add(arr[r0], None if expected is None else expected[a])
+            else:
+                out[-1].add_pages(arr[r0 : r0 + b - a], None if expected is None else expected[a:b])
+        return out, order_l
 
     def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], pages: list[Page]) -> None:
         """After a write: remember (page, checksum) per disk slot, to verify the page when it is read back."""
@@ -519,15 +539,13 @@ class TransferExecutor:
         self, level: CacheLevel, mem_slots: Sequence[int], disk_slots: Sequence[int],
         pids: Optional[Sequence[int]] = None,
     ) -> tuple[list[Extent], list[int]]:
-        if level == D:
-            return self._extents(disk_slots, [self.device.rows] * len(mem_slots), list(mem_slots), pids)
-        host = self._host
-        tensors: list[torch.Tensor] = []
-        rows: list[int] = []
-        for c, r in map(host.locate, mem_slots):
-            tensors.append(host.chunks[c])
-            rows.append(r)
-        return self._extents(disk_slots, tensors, rows, pids)
+        """:meth:`_extents` for pages at ``mem_slots`` of a memory level."""
+        return self._extents(disk_slots, self._mem(level, np.asarray(mem_slots, dtype=np.int64)), pids)
+
+    @staticmethod
+    def _staged(buf: torch.Tensor, rows: Sequence[int]) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        """Rows ``rows`` of a staging buffer in :meth:`_extents`' form."""
+        return [(buf, np.arange(len(rows)), np.asarray(rows, dtype=np.int64))]
 
     async def read_staged(
         self, buf: torch.Tensor, level: CacheLevel, slots: list[int], pids: list[int], priority: int = BACKGROUND
@@ -543,7 +561,7 @@ class TransferExecutor:
         nbytes = len(slots) * self.page_bytes
         await self.io_sched.acquire(nbytes, (priority, 0))
         try:
-            extents, _ = self._extents(slots, [buf] * len(slots), rows, pids)
+            extents, _ = self._extents(slots, self._staged(buf, rows), pids)
             bad_offsets = await settle(self._io.read(extents))
         finally:
             self.io_sched.release(nbytes)
@@ -576,17 +594,16 @@ class TransferExecutor:
         buf = await self.staging.acquire()
         try:
             rows = list(range(len(pages)))
-            tensors = [buf] * len(pages)
             bad: set[int] = set()
             if src == K:
-                extents, _ = self._extents(src_slots, tensors, rows, pids)
+                extents, _ = self._extents(src_slots, self._staged(buf, rows), pids)
                 bad = self.bad_slot_indices(await settle(self._io.read(extents)), src_slots)
             else:
                 await self.copier.copy([Segment(buf, rows, self.device.rows, src_slots)], "down", after)
             if dst == K:
                 good = [i for i in rows if i not in bad]
                 good_slots = [dst_slots[i] for i in good]
-                extents, order = self._extents(good_slots, tensors, good)
+                extents, order = self._extents(good_slots, self._staged(buf, good))
                 await self._before_write(good_slots)
                 await settle(self._io.write(extents))
                 self._record_sums(extents, order, good_slots, [pages[i] for i in good])

@@ -9,8 +9,10 @@
   thread-pool hand-off per contiguous run (~25 us measured) where ``preadv`` takes 1024 buffers a call.
 
 ``KVSTORE_IO_BACKEND=auto|kvikio|posix`` overrides the choice. An I/O request is a list of
-:class:`Extent` — a file offset and the buffers (numpy views of host memory) that lie back to back
-in the file from there (CUDA tensors too, for a backend with ``device_reads``). Short reads and writes are continued; end of file is an error.
+:class:`Extent` — a file offset and the buffers (numpy views of host memory; CUDA tensors too, for a
+backend with ``device_reads``) that lie back to back in the file from there. A 2-D buffer holds one page
+per row (pages contiguous in memory as well as in the file), any other buffer one page; every page has
+its own checksum. Short reads and writes are continued; end of file is an error.
 """
 
 from __future__ import annotations
@@ -48,11 +50,22 @@ def checksum(buf: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]  # numpy's stubs say ndarray is a buffer only on 3.12+
 
 
-class Extent:
-    """Pages back to back in the file from ``offset``: one buffer per page.
+def _page_count(buf: Any) -> int:
+    """Pages in an I/O buffer: the rows of a 2-D buffer, else one."""
+    return int(buf.shape[0]) if buf.ndim == 2 else 1
 
-    ``sums`` holds one checksum per buffer: for a write the backend fills it with the checksum of the
-    bytes it wrote; for a read it holds the checksum each page must have (None: not checked).
+
+def _pages(buf: Any) -> Any:
+    """The pages of ``buf`` to iterate: its rows if it is 2-D, else ``buf`` alone."""
+    return buf if buf.ndim == 2 else (buf,)
+
+
+class Extent:
+    """Pages back to back in the file from ``offset``, held by ``buffers``: a 2-D buffer holds
+    ``shape[0]`` pages (row j is page j), any other buffer one page.
+
+    ``sums`` holds one checksum per page, in file order: for a write the backend fills it with the
+    checksum of the bytes it wrote; for a read it holds the checksum each page must have (None: not checked).
     """
 
     __slots__ = ("offset", "buffers", "sums")
@@ -62,42 +75,58 @@ class Extent:
     ) -> None:
         self.offset = offset
         self.buffers: list[np.ndarray] = [] if buffers is None else buffers
-        self.sums: list[Optional[int]] = (
-            sums if sums is not None and len(sums) == len(self.buffers) else [None] * len(self.buffers)
-        )
+        pages = sum(map(_page_count, self.buffers))
+        self.sums: list[Optional[int]] = sums if sums is not None and len(sums) == pages else [None] * pages
 
     def __repr__(self) -> str:
-        return f"Extent(offset={self.offset}, buffers={len(self.buffers)})"
+        return f"Extent(offset={self.offset}, buffers={len(self.buffers)}, pages={len(self.sums)})"
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
     def add(self, buf: np.ndarray, expected: Optional[int] = None) -> None:
+        """Append one page."""
         self.buffers.append(buf)
         self.sums.append(expected)
 
+    def add_pages(self, buf: np.ndarray, expected: Optional[Sequence[Optional[int]]] = None) -> None:
+        """Append the pages of the 2-D buffer ``buf`` (one per row), with their expected checksums."""
+        self.buffers.append(buf)
+        self.sums.extend([None] * _page_count(buf) if expected is None else expected)
+
 
 def split_extents(extents: Sequence[Extent], task_bytes: int) -> list[Extent]:
-    """Cut extents into pieces of at most ``task_bytes`` (whole buffers) and IOV_MAX buffers, for parallel I/O.
-    An extent that already fits is its own piece (the same object: checksums filled on it are its own)."""
+    """Cut extents into pieces of at most ``task_bytes`` (whole pages: a 2-D buffer is cut into row slices,
+    views) and IOV_MAX buffers, for parallel I/O. An extent that already fits is its own piece (the same
+    object: checksums filled on it are its own)."""
     out = []
     for ext in extents:
-        if len(ext.buffers) <= _IOV_MAX and (len(ext.buffers) == 1 or ext.nbytes <= task_bytes):
+        if len(ext.buffers) <= _IOV_MAX and (len(ext.sums) == 1 or ext.nbytes <= task_bytes):
             out.append(ext)  # fits one piece as it is (a scattered page is an extent of one buffer)
             continue
         off = ext.offset
         cur = Extent(off)
         size = 0  # bytes of ``cur`` (kept, not summed again per buffer)
-        for buf, expected in zip(ext.buffers, ext.sums):
-            n = buf.nbytes
-            if cur.buffers and (size + n > task_bytes or len(cur.buffers) >= _IOV_MAX):
-                out.append(cur)
-                cur = Extent(off)
-                size = 0
-            cur.add(buf, expected)
-            size += n
-            off += n
+        first = 0  # index in ``ext.sums`` of the next page
+        for buf in ext.buffers:
+            k = _page_count(buf)
+            page = buf.nbytes // k
+            j = 0  # pages of ``buf`` placed
+            while j < k:
+                if cur.buffers and (size + page > task_bytes or len(cur.buffers) >= _IOV_MAX):
+                    out.append(cur)
+                    cur = Extent(off)
+                    size = 0
+                take = min(k - j, max(1, (task_bytes - size) // page))
+                if buf.ndim == 2:
+                    cur.add_pages(buf if take == k else buf[j : j + take], ext.sums[first : first + take])
+                else:
+                    cur.add(buf, ext.sums[first])
+                j += take
+                first += take
+                size += take * page
+                off += take * page
         if cur.buffers:
             out.append(cur)
     return out
@@ -141,24 +170,37 @@ def _full_io(fn: Callable[[int, list[memoryview], int], int], fd: int, buffers: 
 
 def _gather_sums(extents: Sequence[Extent], pieces: Sequence[Extent]) -> None:
     """Copy the checksums computed on the split ``pieces`` back onto the original ``extents``."""
-    sums = [x for piece in pieces for x in piece.sums]
+    sums = [x for piece in pieces for x in piece.sums]  # one per page, in file order
     i = 0
     for ext in extents:
-        ext.sums = sums[i : i + len(ext.buffers)]
-        i += len(ext.buffers)
+        n = len(ext.sums)
+        ext.sums = sums[i : i + n]
+        i += n
 
 
-def _sum_before_write(ext: Extent) -> None:
-    ext.sums = [checksum(b) for b in ext.buffers]
+def _same(buf: Any) -> Any:
+    return buf
 
 
-def _verify_after_read(ext: Extent) -> list[int]:
-    """File offsets of the pages of ``ext`` whose bytes do not have their expected checksum."""
-    bad, off = [], ext.offset
-    for buf, expected in zip(ext.buffers, ext.sums):
-        if expected is not None and checksum(buf) != expected:
-            bad.append(off)
+def _sum_before_write(ext: Extent, view: Callable[[Any], np.ndarray] = _same) -> None:
+    """Fill ``ext.sums`` with the checksum of every page; ``view`` gives a buffer's host bytes."""
+    ext.sums = [checksum(page) for buf in ext.buffers for page in _pages(view(buf))]
+
+
+def _verify_after_read(ext: Extent, view: Callable[[Any], np.ndarray] = _same) -> list[int]:
+    """File offsets of the pages of ``ext`` whose bytes do not have their expected checksum; ``view`` gives a
+    buffer's host bytes (made only for a buffer with a page to check)."""
+    bad: list[int] = []
+    off, first = ext.offset, 0
+    for buf in ext.buffers:
+        k = _page_count(buf)
+        want = ext.sums[first : first + k]
+        if any(x is not None for x in want):
+            page = buf.nbytes // k
+            bad += [off + j * page for j, (row, x) in enumerate(zip(_pages(view(buf)), want))
+                    if x is not None and checksum(row) != x]
         off += buf.nbytes
+        first += k
     return bad
 
 
@@ -294,7 +336,8 @@ def memory_runs(buffers: Sequence[Any]) -> list[_Run]:
 
 
 def _host_view(buf: Any) -> np.ndarray:
-    """Host bytes of ``buf`` for its checksum: a device tensor is copied to host memory first."""
+    """Host bytes of ``buf`` for its checksums: a device tensor is copied to host memory first (whole: one
+    copy for all the pages of a 2-D buffer)."""
     out: np.ndarray = buf.cpu().numpy() if _is_cuda(buf) else buf
     return out
 
@@ -401,19 +444,12 @@ class KvikioBackend(IOBackend):
     def _finish_read(self, task: list[Extent], futs: list[_Started]) -> list[int]:
         """On a worker: wait for one task's reads, then checksum its pages while they are hot."""
         self._wait("read", futs)
-        bad: list[int] = []
-        for ext in task:
-            off = ext.offset
-            for buf, expected in zip(ext.buffers, ext.sums):
-                if expected is not None and checksum(_host_view(buf)) != expected:
-                    bad.append(off)
-                off += buf.nbytes
-        return bad
+        return [off for ext in task for off in _verify_after_read(ext, _host_view)]
 
     def _write_task(self, task: list[Extent]) -> list[int]:
         """On a worker: checksum the pages of one task, write them, wait."""
         for ext in task:
-            ext.sums = [checksum(_host_view(b)) for b in ext.buffers]
+            _sum_before_write(ext, _host_view)
         self._wait("write", self._issue("write", task))
         return []
 
