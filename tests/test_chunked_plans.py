@@ -102,3 +102,27 @@ async def test_two_resumes_competing_for_the_device_both_stay_exact(make_store, 
         await asyncio.gather(a.resume(), b.resume())
         assert read_pages(mgr, a).view(-1).equal(da.view(-1)) and read_pages(mgr, b).view(-1).equal(db.view(-1))
         mgr.check_invariants()
+
+
+async def test_a_batch_holds_at_most_max_batch_pages_whatever_their_size(make_store, monkeypatch):
+    """Tiny pages: batch_bytes alone would put every page of a plan in one batch, settled in one long
+    synchronous step; batches stop at MAX_BATCH_PAGES pages (memory and disk moves alike), and the data is
+    exact."""
+    from kvstore.transfer import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "MAX_BATCH_PAGES", 3)
+    sizes = []
+    real = executor_module.TransferExecutor._batches
+
+    def spy(self, plan, loop):
+        out = real(self, plan, loop)
+        sizes.extend((b.src, b.dst, b.rows) for b in out)
+        return out
+
+    monkeypatch.setattr(executor_module.TransferExecutor, "_batches", spy)
+    async with make_store(device=10, host=10, disk=64) as mgr:
+        cache, data = await new_cache_on_disk(mgr, 10, seed=3)  # demoted device -> host -> disk
+        await assert_data(mgr, cache, data)  # and back
+        moved = [(s, d, n) for s, d, n in sizes if s is not None]
+        assert {(s, d) for s, d, _ in moved} >= {(D, H), (H, K)}
+        assert max(n for _, _, n in sizes) == 3  # full batches of 3, none larger

@@ -41,6 +41,10 @@ _NO_SUM = -1  # an expected checksum no page has (xxh3-64 digests are unsigned)
 #: copy request, so for 2 MiB pages 32 MiB batches were 128 loop wake-ups per 4 GiB each way.
 MEMORY_BATCH_BYTES = 256 << 20
 
+#: Pages one batch may hold whatever their size: a batch settles in one synchronous step of the event loop
+#: (~5 us a page today), so 32 MiB of tiny pages (262 144 of 128 bytes) made steps of ~100 ms.
+MAX_BATCH_PAGES = 1024
+
 
 @dataclass(eq=False)
 class _Batch:
@@ -175,8 +179,8 @@ class TransferExecutor:
         self.copier = copier
         self.staging = staging
         self.page_bytes = device.page_bytes
-        self.batch_rows = max(1, batch_bytes // self.page_bytes)
-        self.memory_batch_rows = max(self.batch_rows, MEMORY_BATCH_BYTES // self.page_bytes)
+        self.batch_rows = max(1, min(batch_bytes // self.page_bytes, MAX_BATCH_PAGES))
+        self.memory_batch_rows = max(self.batch_rows, min(MEMORY_BATCH_BYTES // self.page_bytes, MAX_BATCH_PAGES))
         self.stats = stats
         self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
         self.sums: dict[int, tuple[int, int]] = {}  # disk slot -> (page id, xxh3-64 of the bytes written there)
