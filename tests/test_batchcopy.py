@@ -1,5 +1,6 @@
 """Run coalescing of the batched copier (pure numpy; the driver calls are tested in test_cuda.py)."""
 
+import ctypes
 import random
 
 import pytest
@@ -142,23 +143,30 @@ def test_batch_copier_hands_the_driver_full_64_bit_addresses(stand_in_driver, mo
     assert ctypes.c_size_t.in_dll(lib, "last_count").value == (len(n) % 7 or 7)
 
 
-def test_batch_copier_keeps_at_most_queued_copies_per_stream(stand_in_driver, monkeypatch):
-    """Each driver call is followed by an event; once more than QUEUED_COPIES copies are queued the issuing
-    thread waits for its oldest calls, so the driver's command queue never fills (a full one blocked the H200's
-    event-loop CUDA calls for 20-2000 ms). The newest call is never waited for; events are reused."""
+def _queue_copier(stand_in_driver, monkeypatch, bound: int):
+    """A copier on the stand-in driver, 4 copies per call, ``bound`` queued copies; and the driver library
+    with its event counters reset."""
     import ctypes.util
-
-    import numpy as np
 
     from kvstore.transfer import batchcopy
 
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: stand_in_driver)
     monkeypatch.setattr(batchcopy, "CHUNK", 4)
-    monkeypatch.setattr(batchcopy, "QUEUED_COPIES", 10)
+    monkeypatch.setattr(batchcopy, "QUEUED_COPIES", bound)
     lib = ctypes.CDLL(stand_in_driver)
     lib.reset_event_counts()
     copier = load(0)
     assert copier is not None
+    return copier, lambda name: ctypes.c_int.in_dll(lib, name).value
+
+
+def test_batch_copier_keeps_at_most_queued_copies_per_stream(stand_in_driver, monkeypatch):
+    """Each driver call is followed by an event; once more than QUEUED_COPIES copies are queued the issuing
+    thread waits for its oldest calls, so the driver's command queue never fills (a full one blocked the H200's
+    event-loop CUDA calls for 20-2000 ms). The newest call is never waited for; events are reused."""
+    import numpy as np
+
+    copier, value = _queue_copier(stand_in_driver, monkeypatch, 10)
     src = np.arange(400, dtype=np.uint8)
     dst = np.zeros(400, dtype=np.uint8)
     n_runs = 100  # 25 driver calls of 4 copies of 4 bytes
@@ -166,7 +174,6 @@ def test_batch_copier_keeps_at_most_queued_copies_per_stream(stand_in_driver, mo
     sizes = np.full(n_runs, 4, dtype=np.uint64)
     copier.copy(np.uint64(dst.ctypes.data) + offsets, np.uint64(src.ctypes.data) + offsets, sizes, "d2h", 7)
     assert (dst == src).all()
-    value = lambda name: ctypes.c_int.in_dll(lib, name).value  # noqa: E731
     assert value("most_queued_at_a_copy") == 2  # 2 calls = 8 copies queued when the next is made; never 3 (12)
     assert value("synchronized") == 25 - 2  # waited for every call but the last two
     assert value("created") == 3  # one more than ever queued at once, recycled
@@ -176,20 +183,11 @@ def test_batch_copier_keeps_at_most_queued_copies_per_stream(stand_in_driver, mo
 
 
 def test_an_unbounded_queue_never_waits(stand_in_driver, monkeypatch):
-    import ctypes.util
-
     import numpy as np
 
-    from kvstore.transfer import batchcopy
-
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: stand_in_driver)
-    monkeypatch.setattr(batchcopy, "CHUNK", 4)
-    monkeypatch.setattr(batchcopy, "QUEUED_COPIES", 0)
-    lib = ctypes.CDLL(stand_in_driver)
-    lib.reset_event_counts()
-    copier = load(0)
+    copier, value = _queue_copier(stand_in_driver, monkeypatch, 0)
     buf = np.zeros(400, dtype=np.uint8)
     offsets = np.arange(100, dtype=np.uint64) * np.uint64(4)
     copier.copy(np.uint64(buf.ctypes.data) + offsets, np.uint64(buf.ctypes.data) + offsets,
                 np.full(100, 4, dtype=np.uint64), "d2h", 9)
-    assert ctypes.c_int.in_dll(lib, "synchronized").value == 0
+    assert value("synchronized") == 0
