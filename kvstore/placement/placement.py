@@ -43,8 +43,9 @@ class RoomCheck:
     into free slots), so the plan may be made in chunks with yields between them. Otherwise ``drafted``
     holds the draft the check made, for the plan made right after it (no await between) to apply instead of
     drafting again; it is used once. ``cascade``: the room is a simple cascade that drops pages of the last
-    level (:meth:`Placement._cascade`), planned without a draft but in one step (a drop's page could be
-    reused between chunks)."""
+    level (:meth:`Placement._cascade`), or host pages swapped with device victims (:meth:`Placement._swap_counts`),
+    planned without a draft but in one step (a drop's page could be reused between chunks; a swap is planned
+    in one step like its draft)."""
 
     drafted: Optional[list[Any]] = None  # (page, grant) pairs of a promotion, or the grants of new pages
     cascade: bool = False
