@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kvstore.errors import CapacityError
@@ -680,6 +680,81 @@ def test_failed_promotion_in_a_multi_page_swap_leaves_every_page_in_one_slot():
     assert a[0].level == H and victim_of[a[0].pid].level == D  # the one that did not: both back
 
 
+def _swap_scenario(max_group: int) -> tuple[Engine, list[Page], list[Page]]:
+    """Device 7 (one slot free), host 8 (one free): promoting a (6 pages on the host) takes the free device
+    slot, then 5 device victims (b's): 1 into the free host slot, 4 swapped with a's last pages."""
+    eng = Engine(make(device=7, host=8))
+    eng.pl.max_group = max_group
+    a = eng.new_suspended(6)
+    b = eng.new_suspended(7)  # a -> host
+    c = eng.new_active(1)
+    eng.close(c, active=True)  # one device slot free (b[0] went to the host for c)
+    assert [p.level for p in a] == [H] * 6 and pl_free(eng.pl) == (1, 1)
+    return eng, a, b
+
+
+def pl_free(pl: Placement) -> tuple[int, int]:
+    return pl.alloc[D].free_count, pl.alloc[H].free_count
+
+
+@pytest.mark.parametrize("max_group", [1 << 30, 2])
+def test_swap_promotion_plans_multi_page_moves_equal_to_the_draft(max_group):
+    eng, a, b = _swap_scenario(max_group)
+    pl = eng.pl
+    drafts = []
+    real = pl._draft_promotion
+    pl._draft_promotion = lambda *args: drafts.append(1) or real(*args)
+    pl.hold_all(a)
+    room = pl.check_promotion(a, D)
+    assert not room.chunked and room.cascade  # planned in one step, without a draft
+    plan = pl.plan_promotion(a, D, require_all=True, check=room)
+    assert drafts == []
+    swaps = [m for m in plan.moves if m.swap]
+    assert sum(len(m.pages) for m in swaps) == 4 and all(len(m.pages) <= max_group for m in plan.moves)
+    if max_group > 4:
+        assert len(swaps) == 1 and len(plan.moves) == 5  # fresh, demoted victims, their promotions, swap pair
+    for m in swaps:
+        assert m.after.after is m and m.successor is m.after and m.after.successor is m and m.after.handoff
+        assert len(m.after.pages) == len(m.pages)
+        assert m.dst_slots == m.after.src_slots and m.src_slots == m.after.dst_slots
+    pl.check_invariants()
+
+    drafted, da, _ = _swap_scenario(max_group)
+    drafted.pl._swap_counts = lambda ti, colder: None
+    drafted.pl.hold_all(da)
+    d_plan = drafted.pl.plan_promotion(da, D, require_all=True)
+    assert _page_moves(plan) == _page_moves(d_plan) and _comparable(pl) == _comparable(drafted.pl)
+
+    swapped_slots = sorted(s for m in swaps for s in m.dst_slots)
+    assert swapped_slots == sorted(p.slot for p in a[2:])  # the last 4 promotions vacate the swap slots
+    run_plan(pl, plan)
+    pl.release_all(a)
+    pl.check_invariants()
+    assert all(p.level is D for p in a)
+    assert swapped_slots == sorted(v.slot for m in swaps for v in m.pages) and all(v.level is H for m in swaps
+                                                                                  for v in m.pages)
+    assert pl_free(pl) == (0, 2)
+
+
+def test_failed_pages_of_a_multi_page_swap_put_both_pages_of_each_pair_back():
+    eng, a, b = _swap_scenario(1 << 30)
+    pl = eng.pl
+    before = dict(zip([p.pid for p in a + b], where(a + b)))
+    pl.hold_all(a)
+    plan = pl.plan_promotion(a, D, require_all=True)
+    swap = next(m for m in plan.moves if m.swap)
+    promo = swap.after
+    failing = [PageMove(promo, 1)]  # page 1 of the promotion fails: its victim goes back from staging
+    run_plan(pl, plan, fail=failing)
+    pl.release_all(a)
+    pl.check_invariants()
+    assert promo.state[1] is MoveState.ABORTED and swap.state[1] is MoveState.ABORTED
+    assert [st for k, st in enumerate(swap.state) if k != 1] == [MoveState.DONE] * 3
+    for p in (promo.pages[1], swap.pages[1]):
+        assert (p.level, p.slot) == before[p.pid]
+    assert all(p.level is D for p in a if p is not promo.pages[1])
+
+
 # ---------------------------------------------------------------------------------------------- abort
 def test_aborted_promotion_leaves_page_at_source_and_releases_the_reserved_slot():
     eng = Engine(make(device=2, host=4))
@@ -1069,7 +1144,7 @@ _POLICY = st.sampled_from(["lru", "lru-leaf", "slru"])
 
 
 #: level configurations for the random states: roomy, and small enough that room cascades down and drops
-_SHAPES = [((D, H, K), (6, 6, 12)), ((D, H, K), (3, 3, 4)), ((D, H), (3, 4))]
+_SHAPES = [((D, H, K), (6, 6, 12)), ((D, H, K), (3, 3, 4)), ((D, H), (3, 4)), ((D, H, K), (5, 4, 6)), ((D, H), (5, 5))]
 
 
 def _random_state(caches, policy: str, shape: int = 0) -> tuple[Engine, list[list[Page]]]:
@@ -1101,18 +1176,21 @@ def test_surely_obtainable_never_promises_what_the_full_draft_cannot_get(caches,
         assert len(_Draft(eng.pl).acquire(level_i, n)) == n
 
 
-def _moves(plan: Plan) -> list[tuple]:
-    return [(m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after.page.pid if m.after else None, m.handoff,
-             m.swap) for m in plan.page_moves()]
+def _page_moves(plan: Plan) -> list[tuple]:
+    """Everything each page move says, by page: slots, the pages of ``after`` and ``successor``, the flags."""
+    return sorted(((m.page.pid, m.src, m.src_slot, m.dst, m.dst_slot, m.after.page.pid if m.after else None,
+                    m.successor.page.pid if m.successor else None, m.handoff, m.swap) for m in plan.page_moves()),
+                  key=lambda t: t[0])
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_CACHE, min_size=1, max_size=8), _POLICY, st.integers(1, 8), st.integers(0, 7),
-       st.sampled_from([D, H]), st.integers(0, len(_SHAPES) - 1))
-def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which, target, shape):
+       st.sampled_from([D, H]), st.integers(0, len(_SHAPES) - 1), st.booleans())
+def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which, target, shape, settle):
     """The no-draft fast paths (free slots, victims into free slots one level colder; cascades down the
-    levels that drop the last level's first candidates) plan exactly what the full draft plans: same moves,
-    same slots, same drops, same state after."""
+    levels that drop the last level's first candidates; host pages swapped with device victims) plan exactly
+    what the full draft plans: same moves, same slots, same links, same drops, same state after. ``settle``:
+    the new pages' plan runs before the promotion (full levels of settled pages: swaps)."""
     results = []
     for fast in (True, False):
         eng, made = _random_state(caches, policy, shape)
@@ -1120,9 +1198,12 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
         if not fast:
             pl._room_is_simple = lambda i, n: False  # force the draft
             pl._cascade = lambda i, n: None
+            pl._swap_counts = lambda ti, colder: None
         try:
             _, plan = pl.plan_new_pages(n, D, 0)
-            new = (_moves(plan), plan.dropped, dict(pl.counters))
+            new = (_page_moves(plan), plan.dropped, dict(pl.counters))
+            if settle:
+                run_plan(pl, plan)
         except CapacityError:
             new = "capacity"
         suspended = [c for c in made if not c[0].locks]
@@ -1131,7 +1212,7 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
             pages = suspended[which % len(suspended)]
             pl.hold_all(pages)
             try:
-                promoted = _moves(pl.plan_promotion(pages, target, require_all=False))
+                promoted = _page_moves(pl.plan_promotion(pages, target, require_all=False))
             except CapacityError:
                 promoted = "capacity"
         shot = snapshot(pl)
@@ -1140,6 +1221,48 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
             slot = mv.dst_slots[mv.pages.index(pl.pages[pid])] if mv else None
             shot["pages"][pid] = state[:2] + ((mv.dst, slot) if mv else None,) + state[3:]
         results.append((new, promoted, shot))
+    assert results[0] == results[1]
+
+
+def _comparable(pl: Placement) -> dict:
+    """:func:`snapshot` with each page's move as what it says (destination level and slot), not an object."""
+    shot = snapshot(pl)
+    for pid, state in shot["pages"].items():
+        mv = state[2]
+        slot = mv.dst_slots[mv.pages.index(pl.pages[pid])] if mv else None
+        shot["pages"][pid] = state[:2] + ((mv.dst, slot) if mv else None,) + state[3:]
+    return shot
+
+
+_SWAP_CACHE = st.tuples(st.integers(1, 5), st.booleans(), st.sampled_from(["suspended", "suspended", "closed"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SWAP_CACHE, min_size=2, max_size=10), _POLICY, st.integers(0, 7), st.integers(1, len(_SHAPES) - 1),
+       st.sets(st.integers(0, 15), max_size=3))
+def test_swap_promotions_without_a_draft_equal_the_drafted_plans(caches, policy, which, shape, fail):
+    """Promoting a cache wholly on the host to a full device, with the host full too (the draft swaps device
+    victims into the promoted pages' host slots): the fast path plans exactly the draft's page moves, and its
+    multi-page moves run (some pages failing) to a consistent state."""
+    results = []
+    for fast in (True, False):
+        eng, made = _random_state(caches, policy, shape)
+        pl = eng.pl
+        if not fast:
+            pl._room_is_simple = lambda i, n: False  # force the draft
+            pl._cascade = lambda i, n: None
+            pl._swap_counts = lambda ti, colder: None
+        assume(made)
+        on_host = [c for c in made if all(p.level is H for p in c)] or made
+        pages = on_host[which % len(on_host)]
+        pl.hold_all(pages)
+        plan = pl.plan_promotion(pages, D, require_all=False)
+        results.append((_page_moves(plan), plan.dropped, _comparable(pl)))
+        if fast:
+            moves = plan.page_moves()
+            run_plan(pl, plan, fail=[moves[k] for k in fail if k < len(moves)])
+            pl.release_all(pages)
+            pl.check_invariants()
     assert results[0] == results[1]
 
 

@@ -1,11 +1,13 @@
 """Byte-exact round trips of random page data through device -> host -> disk -> device."""
 
+import asyncio
+
 import pytest
 import torch
 
 from kvstore import CacheLevel, PageLayout
 
-from .conftest import assert_data, levels, new_filled_cache, read_pages
+from .conftest import assert_data, levels, new_filled_cache, read_pages, until
 
 
 @pytest.mark.parametrize(
@@ -69,3 +71,100 @@ async def test_scattered_device_slots_round_trip(make_store):
         big.suspend()
         for cache, d in caches[1::2]:
             await assert_data(mgr, cache, d)
+
+
+def _plans(mgr) -> list:
+    """The promotion plans ``mgr`` makes from now on (appended as made)."""
+    made = []
+    pl = mgr._placement
+    real = pl.plan_promotion
+    pl.plan_promotion = lambda *a, **k: made.append(real(*a, **k)) or made[-1]
+    return made
+
+
+async def test_resume_swaps_many_pages_at_once_and_keeps_data(make_store):
+    # device and host both full: resuming the host-resident cache swaps 8 pages, planned as multi-page moves
+    async with make_store(device=8, host=8, disk=0) as mgr:
+        a, da = await new_filled_cache(mgr, 8, seed=1)
+        b, db = await new_filled_cache(mgr, 8, seed=2)
+        assert levels(a) == {CacheLevel.HOST: 8} and levels(b) == {CacheLevel.DEVICE: 8}
+        plans = _plans(mgr)
+        for _ in range(2):
+            await assert_data(mgr, a, da)
+            mgr.check_invariants()
+            await assert_data(mgr, b, db)
+            mgr.check_invariants()
+        swaps = [m for plan in plans for m in plan.moves if m.swap]
+        assert len(swaps) == 4 and all(len(m.pages) == 8 for m in swaps)  # one 8-page swap move per resume
+        assert mgr.stats()["pages_device_to_host"] >= 4 * 8
+
+
+async def test_failed_promotions_of_a_multi_page_swap_restore_their_victims(make_store):
+    """Batches of 2 pages: the second promotion batch fails, so its swap batch writes its 2 victims back
+    from staging while the other swaps land; every byte of both caches stays exact."""
+    layout = PageLayout(2, 2, 16, 4, torch.float16)
+    async with make_store(device=6, host=6, disk=0, layout=layout, batch_bytes=2 * layout.page_bytes) as mgr:
+        ex = mgr._executor
+        ex.memory_batch_rows = ex.batch_rows  # promotions in batches of 2 too, one per swap move
+        a, da = await new_filled_cache(mgr, 6, seed=1)
+        b, db = await new_filled_cache(mgr, 6, seed=2)
+        assert levels(a) == {CacheLevel.HOST: 6} and levels(b) == {CacheLevel.DEVICE: 6}
+        plans = _plans(mgr)
+        real = ex._transfer
+        calls = []
+
+        async def failing(src, dst, *args):
+            calls.append((src, dst))
+            if (src, dst) == (CacheLevel.HOST, CacheLevel.DEVICE) and calls.count((src, dst)) == 2:
+                raise RuntimeError("injected promotion failure")
+            return await real(src, dst, *args)
+
+        ex._transfer = failing
+        with pytest.raises(RuntimeError, match="injected promotion failure"):
+            await a.resume()
+        ex._transfer = real
+        swaps = [m for m in plans[0].moves if m.swap]
+        assert [len(m.pages) for m in swaps] == [2, 2, 2]
+        states = [st.value for m in swaps for st in m.state]
+        assert states.count("aborted") >= 2 and states.count("done") >= 2  # restored from staging / swapped
+        mgr.check_invariants()
+        assert levels(a)[CacheLevel.HOST] >= 2 and levels(b)[CacheLevel.DEVICE] >= 2
+        await assert_data(mgr, b, db)
+        await assert_data(mgr, a, da)
+        mgr.check_invariants()
+
+
+async def test_resume_cancelled_while_its_swap_victims_are_staged_restores_them(make_store):
+    """The resume is cancelled while its 8-page swap batch copies the victims to staging (held at a gate):
+    the promotion batch, stopped, never runs, so every staged victim is written back to its device slot."""
+    async with make_store(device=8, host=8, disk=0) as mgr:
+        a, da = await new_filled_cache(mgr, 8, seed=1)
+        b, db = await new_filled_cache(mgr, 8, seed=2)
+        plans = _plans(mgr)
+        copier = mgr._executor.copier
+        real = copier.copy
+        gate, entered = asyncio.Event(), asyncio.Event()
+
+        async def gated(segments, lane, after=None):
+            if not entered.is_set():  # the first copy of the plan: the swap batch staging its victims
+                entered.set()
+                await gate.wait()
+            return await real(segments, lane, after)
+
+        copier.copy = gated
+        try:
+            task = asyncio.ensure_future(a.resume())
+            await until(entered.is_set, "the swap batch is staging")
+            task.cancel()
+            await asyncio.sleep(0)
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            copier.copy = real
+        (swap,) = [m for m in plans[0].moves if m.swap]
+        assert len(swap.pages) == 8 and [st.value for st in swap.state] == ["aborted"] * 8
+        assert levels(a) == {CacheLevel.HOST: 8} and levels(b) == {CacheLevel.DEVICE: 8}
+        mgr.check_invariants()
+        await assert_data(mgr, b, db)
+        await assert_data(mgr, a, da)

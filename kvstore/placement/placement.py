@@ -43,8 +43,9 @@ class RoomCheck:
     into free slots), so the plan may be made in chunks with yields between them. Otherwise ``drafted``
     holds the draft the check made, for the plan made right after it (no await between) to apply instead of
     drafting again; it is used once. ``cascade``: the room is a simple cascade that drops pages of the last
-    level (:meth:`Placement._cascade`), planned without a draft but in one step (a drop's page could be
-    reused between chunks)."""
+    level (:meth:`Placement._cascade`), or host pages swapped with device victims (:meth:`Placement._swap_counts`),
+    planned without a draft but in one step (a drop's page could be reused between chunks; a swap is planned
+    in one step like its draft)."""
 
     drafted: Optional[list[Any]] = None  # (page, grant) pairs of a promotion, or the grants of new pages
     cascade: bool = False
@@ -362,7 +363,7 @@ class Placement:
         colder = self._colder(pages, ti)
         if self.surely_obtainable(ti, len(colder)):
             return RoomCheck()
-        if self._promotion_cascade(ti, colder) is not None:
+        if self._promotion_cascade(ti, colder) is not None or self._swap_counts(ti, colder) is not None:
             return RoomCheck(cascade=True)
         return RoomCheck(self._draft_promotion(colder, ti, True))
 
@@ -388,6 +389,10 @@ class Placement:
         if counts is not None:
             self._cascade_room(ti, colder, counts, plan, colder[0].level)
             self._sync_moving(colder)
+            return plan
+        swaps = self._swap_counts(ti, colder) if drafted is None else None
+        if swaps is not None:
+            self._swap_room(ti, colder, swaps, plan)
             return plan
         if drafted is None:
             drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
@@ -628,6 +633,53 @@ class Placement:
         if src == CacheLevel.HOST and ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST:
             return None
         return self._cascade(ti, len(colder))
+
+    def _swap_counts(self, ti: int, colder: list[Page]) -> Optional[tuple[int, int, int]]:
+        """(free slots taken at level index ``ti``, victims demoted into free host slots, victims swapped) when
+        promoting ``colder``, all on the host level right below ``ti``, where the draft would swap: free slots
+        first, then one victim per remaining page from the target's eviction queue, each into a free host
+        slot while the host has one, then into the slot of the page promoted in its place. None: not that
+        case (or too few victims for every page), let the other paths decide."""
+        if not colder or ti + 1 >= len(self.levels) or self.levels[ti + 1] != CacheLevel.HOST:
+            return None
+        if any(p.level is not CacheLevel.HOST for p in colder):
+            return None
+        free = min(len(colder), self.alloc[self.levels[ti]].free_count)
+        need = len(colder) - free
+        if need > len(self.queues[self.levels[ti]]):
+            return None
+        demoted = min(need, self.alloc[CacheLevel.HOST].free_count)
+        return free, demoted, need - demoted
+
+    def _swap_room(self, ti: int, pages: list[Page], counts: tuple[int, int, int], plan: Plan) -> None:
+        """Promote host ``pages`` to level index ``ti`` in the room :meth:`_swap_counts` found, slot for slot
+        what realizing its draft gives: the target's free slots (lowest first), then its victims' slots in
+        eviction order; the first victims move into free host slots (lowest first), the others swap with the
+        page promoted into their slot (victim into that page's host slot through a staging buffer, ``after``
+        linking both ways). Moves are cut at :attr:`max_group`, each promotion's like its victims' move."""
+        target, host = self.levels[ti], CacheLevel.HOST
+        free, demoted, swapped = counts
+        queue = self.queues[target]
+        victims = list(islice(queue.candidates(), demoted + swapped))
+        queue.discard_many(victims)
+        if free:
+            fresh = pages[:free]
+            self._emit(plan, fresh, host, [p.slot for p in fresh], target, self._allocate(target, free))
+        vslots = [v.slot for v in victims]
+        if demoted:
+            made = self._emit(plan, victims[:demoted], target, vslots[:demoted], host, self._allocate(host, demoted),
+                              handoff=True)
+            moving = pages[free:free + demoted]
+            self._emit(plan, moving, host, [p.slot for p in moving], target, vslots[:demoted], after=made)
+        if swapped:
+            moving = pages[free + demoted:]
+            hslots = [p.slot for p in moving]
+            made = self._emit(plan, victims[demoted:], target, vslots[demoted:], host, hslots, handoff=True)
+            promos = self._emit(plan, moving, host, hslots, target, vslots[demoted:], after=made, handoff=True)
+            for victim_move, promo in zip(made, promos):
+                victim_move.after, victim_move.swap = promo, True
+                promo.successor = victim_move
+        self._sync_moving(pages)
 
     def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan,
                       src: Optional[CacheLevel] = None) -> None:

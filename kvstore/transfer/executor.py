@@ -73,9 +73,10 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _promoted(m: Move) -> bool:
-    """Whether the promotion a swap victim ``m`` (one page) waited for (its ``after``) took the victim's slot."""
-    return m.after is not None and m.after.state[0] is MoveState.DONE
+def _promoted(m: Move, i: int) -> bool:
+    """Whether the promotion page ``i`` of swap victim ``m`` waited for (page ``i`` of its ``after``) took the
+    victim's slot."""
+    return m.after is not None and m.after.state[i] is MoveState.DONE
 
 
 #: what a batch moves: (move, indices of its pages; None for all of them)
@@ -128,6 +129,18 @@ def _locate(parts: Sequence[Part], flat: set[int]) -> dict[int, list[int]]:
                 out.setdefault(k, []).append(j if idx is None else idx[j])
         base += n
     return out
+
+
+def _per_move(pairs: Sequence[tuple[Move, int]], rows: Sequence[int]) -> list[tuple[Move, list[int]]]:
+    """Rows ``rows`` of (move, page index) ``pairs`` as (move, its page indices), moves in order."""
+    out: dict[int, tuple[Move, list[int]]] = {}
+    for r in rows:
+        m, i = pairs[r]
+        part = out.get(id(m))
+        if part is None:
+            part = out[id(m)] = (m, [])
+        part[1].append(i)
+    return list(out.values())
 
 
 class _RunState:
@@ -305,43 +318,44 @@ class TransferExecutor:
     async def _run_swap(self, b: _Batch, state: _RunState, after: Optional[torch.cuda.Event]) -> None:
         """A swap batch: stage the sources, let the promotions take the slots, then write the destinations.
 
-        If a promotion this batch waited for did not happen, its page is restored to its source slot.
-        Swaps only move between memory levels, where copies do not fail.
+        Works page by page (one staging row each): a victim page whose promotion did not happen is restored
+        to its source slot. Swaps only move between memory levels, where copies do not fail.
         """
         src_l = cast(CacheLevel, b.src)  # a swap moves placed victims
         done = cast("asyncio.Future[None]", b.done)  # made by submit(), as a swap batch's read_done
         read_done = cast("asyncio.Future[None]", b.read_done)
         buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
         try:
-            # a swap move holds one page (swaps are planned page by page)
-            rows = list(range(len(b.moves)))
-            src_slots = [m.src_slots[0] for m in b.moves]
+            pairs = [(m, i) for m in b.moves for i in range(len(m.pages))]  # staging row r holds pairs[r]
+            src_slots = [m.src_slots[i] for m, i in pairs]
             try:
-                await self.copier.copy(self._segments_rows(buf, rows, src_l, src_slots, to_buf=True), "down", after)
+                await self.copier.copy(
+                    self._segments_rows(buf, list(range(len(pairs))), src_l, src_slots, to_buf=True), "down", after
+                )
             except Exception as exc:
                 for m in b.moves:
-                    self.placement.abort(m)
+                    self.placement.abort_many(m)
                 state.stop = True
                 state.result.error = state.result.error or self._wrap(exc, b)
                 return
-            for m in b.moves:
-                if m.pending_at(0):
-                    self.placement.stage(m)
+            for m, i in pairs:
+                if m.pending_at(i):
+                    self.placement.stage(m, i)
             read_done.set_result(None)
             await asyncio.wait(b.waits())
-            # only moves still staged: one settled meanwhile no longer owns its slots (never write them);
-            # a swap move's ``after`` is the promotion that vacates its destination
-            ok = [i for i, m in enumerate(b.moves) if m.pending_at(0) and _promoted(m)]
-            back = [i for i, m in enumerate(b.moves) if m.pending_at(0) and not _promoted(m)]
+            # only pages still staged: one settled meanwhile no longer owns its slots (never write them);
+            # page i of a swap move's ``after`` is the promotion that vacates its destination
+            ok = [r for r, (m, i) in enumerate(pairs) if m.pending_at(i) and _promoted(m, i)]
+            back = [r for r, (m, i) in enumerate(pairs) if m.pending_at(i) and not _promoted(m, i)]
             if ok:
-                dst = [b.moves[i].dst_slots[0] for i in ok]
+                dst = [pairs[r][0].dst_slots[pairs[r][1]] for r in ok]
                 await self.copier.copy(self._segments_rows(buf, ok, b.dst, dst, to_buf=False), "down", after)
             if back:
-                src = [b.moves[i].src_slots[0] for i in back]
+                src = [src_slots[r] for r in back]
                 await self.copier.copy(self._segments_rows(buf, back, src_l, src, to_buf=False), "up", after)
-            self.placement.complete_many([(b.moves[i], None) for i in ok])
-            for i in back:
-                self.placement.abort(b.moves[i])
+            self.placement.complete_many(_per_move(pairs, ok))
+            for m, idx in _per_move(pairs, back):
+                self.placement.abort_many(m, idx)
             self._count(b, len(ok), state)
         finally:
             self.staging.give_back(buf)
