@@ -191,9 +191,7 @@ class Placement:
         in order — one bulk queue insertion per level."""
         for page in pages:
             page.holds -= 1
-        evictable = [p for p in pages if p.holds == 0 and p.locks == 0 and p.move is None]  # Page.evictable
-        for level, free in self._by_queue(evictable).items():
-            self.queues[level].push_many(free)
+        self._queue_evictable(pages)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
         """Turn one hold of every page into a lock (an ACTIVE cache's pages); every page must be settled on
@@ -211,9 +209,14 @@ class Placement:
         evictable, queued in order."""
         for page in pages:
             page.locks -= 1
+        self._queue_evictable(pages)
+
+    def _queue_evictable(self, pages: Sequence[Page]) -> None:
+        """Queue the pages of ``pages`` that are evictable now as most recently used, in order: one bulk
+        insertion per level (a page queued already moves to the end)."""
         evictable = [p for p in pages if p.locks == 0 and p.holds == 0 and p.move is None]  # Page.evictable
         for level, free in self._by_queue(evictable).items():
-            self.queues[level].push_many(free)  # they were locked, so none of them is queued
+            self.queues[level].push_many(free)
 
     def add_owner(self, page: Page, priority: int) -> None:
         page.owners += 1
@@ -326,7 +329,7 @@ class Placement:
         target = self.levels[ti]
         draft = _Draft(self)
         planned: list[tuple[Page, _Grant]] = []
-        can_swap = ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST
+        can_swap = self._host_below(ti)
         for page in colder:
             got = draft.acquire(ti, 1, swap_with=page if can_swap and page.level == CacheLevel.HOST else None)
             if got:
@@ -628,11 +631,13 @@ class Placement:
         if not colder:
             return None
         src = colder[0].level
-        if any(p.level is not src for p in colder):
-            return None
-        if src == CacheLevel.HOST and ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST:
+        if any(p.level is not src for p in colder) or (src == CacheLevel.HOST and self._host_below(ti)):
             return None
         return self._cascade(ti, len(colder))
+
+    def _host_below(self, ti: int) -> bool:
+        """The host level is right below level index ``ti`` (where a draft swaps host pages promoted to ``ti``)."""
+        return ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST
 
     def _swap_counts(self, ti: int, colder: list[Page]) -> Optional[tuple[int, int, int]]:
         """(free slots taken at level index ``ti``, victims demoted into free host slots, victims swapped) when
@@ -640,9 +645,7 @@ class Placement:
         first, then one victim per remaining page from the target's eviction queue, each into a free host
         slot while the host has one, then into the slot of the page promoted in its place. None: not that
         case (or too few victims for every page), let the other paths decide."""
-        if not colder or ti + 1 >= len(self.levels) or self.levels[ti + 1] != CacheLevel.HOST:
-            return None
-        if any(p.level is not CacheLevel.HOST for p in colder):
+        if not colder or not self._host_below(ti) or any(p.level is not CacheLevel.HOST for p in colder):
             return None
         free = min(len(colder), self.alloc[self.levels[ti]].free_count)
         need = len(colder) - free
@@ -684,10 +687,10 @@ class Placement:
     def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan,
                       src: Optional[CacheLevel] = None) -> None:
         """Place ``pages`` (new ones; or placed pages of level ``src`` promoted) at level index ``i`` in the room
-        :meth:`_cascade` found, slot for slot what realizing its draft gives: each level's free slots (lowest first), then its victims' slots in eviction
-        order; victims move one level colder the same way, those of the last level are dropped. The moves
-        are a few per level, each cut so that the move vacating its destination slots lines up index for
-        index (``after``)."""
+        :meth:`_cascade` found, slot for slot what realizing its draft gives: each level's free slots (lowest
+        first), then its victims' slots in eviction order; victims move one level colder the same way, those
+        of the last level are dropped. The moves are a few per level, each cut so that the move vacating its
+        destination slots lines up index for index (``after``)."""
         levels = self.levels[i:i + len(counts)]
         victims = [list(islice(self.queues[lvl].candidates(), need)) for lvl, (_, need) in zip(levels, counts)]
         for lvl, vs in zip(levels, victims):
