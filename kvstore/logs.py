@@ -32,7 +32,7 @@ def describe_plan(plan: "Plan", priority: int) -> str:
     evicted: Counter[str] = Counter()
     new = swaps = 0
     for m in plan.moves:
-        n = len(m.pages)
+        n = len(m.pids)
         if m.src is None:
             new += n
             continue

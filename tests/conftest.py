@@ -142,3 +142,17 @@ async def until(cond, what: str, limit: float = 5.0) -> None:
 
 
 from .redis_fixtures import own_redis, redis_cluster, redis_server  # noqa: E402,F401  (remote-tier tests)
+
+
+def loose_page(pid: int, level, slot: int, key=None):
+    """A live page handle in a table of its own (for index and policy tests that need no placement)."""
+    from kvstore.placement.page import Page
+    from kvstore.placement.table import PageTable
+
+    table = PageTable(pid + 1)
+    page = Page(table, pid, key)
+    table.live[pid] = True
+    table.level[pid] = int(level)
+    table.slot[pid] = slot
+    table.handles[pid] = page
+    return page

@@ -268,8 +268,7 @@ def test_record_sums_after_a_write_of_multi_page_buffers():
     extents, order = ex._mem_extents(CacheLevel.HOST, [2, 0, 1], [7, 5, 6])
     for e in extents:
         e.sums = [xxhash.xxh3_64_intdigest(row) for b in e.buffers for row in (b if b.ndim == 2 else [b])]
-    pages = [SimpleNamespace(pid=p) for p in (30, 10, 20)]
-    ex._record_sums(extents, order, [7, 5, 6], pages)
+    ex._record_sums(extents, order, [7, 5, 6], [30, 10, 20])
     c0 = ex.host.chunks[0].numpy()
     assert ex.sums == {s: (pid, xxhash.xxh3_64_intdigest(c0[r])) for s, pid, r in [(7, 30, 2), (5, 10, 0), (6, 20, 1)]}
 

@@ -17,6 +17,7 @@ from kvstore.errors import CapacityError
 from kvstore.placement import MoveState, Page, PageMove, Placement, Plan, PrefixIndex, SlotAllocator
 from kvstore.placement.placement import _Draft
 from kvstore.types import CacheLevel
+from .conftest import loose_page
 
 D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 SETTLED = (MoveState.DONE, MoveState.ABORTED)
@@ -974,7 +975,7 @@ def test_slot_allocator_raises_lookup_error_when_full():
 
 # ---------------------------------------------------------------------------------------------- prefix index
 def _keyed(pid: int, key: Optional[bytes]) -> Page:
-    return Page(pid, D, pid, key=key)
+    return loose_page(pid, D, pid, key)
 
 
 def test_prefix_index_add_then_get_returns_the_page():

@@ -6,15 +6,13 @@ import pytest
 from kvstore import CacheLevel, DeviceTier, KVCacheManager, StoreConfig
 from kvstore.placement import Page, PrefixHasher, PrefixIndex
 
-from .conftest import LAYOUT
+from .conftest import LAYOUT, loose_page
 
 TPP = 4
 
 
 def _page(pid: int, key: bytes) -> Page:
-    page = Page(pid, CacheLevel.DEVICE, pid)
-    page.key = key
-    return page
+    return loose_page(pid, CacheLevel.DEVICE, pid, key)
 
 
 def _chain(index: PrefixIndex, keys, first_pid: int = 0, parent=None) -> list[Page]:

@@ -1,14 +1,21 @@
 """Eviction queue of one level: evictable pages, LRU within priority, lower priority evicted first.
 
 :class:`EvictionPolicy` is the interface every per-level queue implements (see
-:mod:`kvstore.placement.policies` for the others); :class:`EvictionQueue` is the LRU baseline.
+:mod:`kvstore.placement.policies` for the others); :class:`EvictionQueue` is the LRU baseline, held in the
+page table's columns: a queued page has a recency ``stamp`` (unique, increasing), and each priority of a
+level keeps an append-only log of (pid, stamp) in queueing order. An entry whose stamp is no longer its
+page's is stale (the page left the queue or was queued again later) and is skipped; logs are compacted
+when stale entries outnumber live ones. Queueing, removing and taking victims are array operations.
 """
 
 from __future__ import annotations
 
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
+
 from .page import Page
+from .table import PageTable, pids_of
 
 
 class EvictionPolicy(Protocol):
@@ -16,7 +23,8 @@ class EvictionPolicy(Protocol):
 
     ``candidates()`` yields pages in the order they should leave, lazily and without changing any state
     (a planning draft stops early and may discard the iterator); the queue must not change while it runs.
-    Every other method is O(1) or O(log n) amortized.
+    ``first(k)`` is the pids of its first ``k`` pages. The ``_pids`` methods take distinct pids of pages
+    at this level.
     """
 
     def __len__(self) -> int: ...
@@ -32,11 +40,11 @@ class EvictionPolicy(Protocol):
     def discard(self, page: Page) -> None:
         """Take ``page`` out if it is queued."""
 
-    def push_many(self, pages: Sequence[Page]) -> None:
-        """:meth:`push` of every page of ``pages``, in order (a page queued already becomes most recent)."""
+    def push_pids(self, pids: np.ndarray) -> None:
+        """:meth:`push` of every page of ``pids``, in order (a page queued already becomes most recent)."""
 
-    def discard_many(self, pages: Sequence[Page]) -> None:
-        """:meth:`discard` of every page of ``pages``."""
+    def discard_pids(self, pids: np.ndarray) -> None:
+        """:meth:`discard` of every page of ``pids``."""
 
     def touch(self, page: Page) -> None:
         """``page`` was used: most recently used (re-ordered if its priority changed); no-op if not queued."""
@@ -47,87 +55,205 @@ class EvictionPolicy(Protocol):
     def candidates(self) -> Iterator[Page]:
         """Pages in eviction order."""
 
+    def first(self, k: int) -> np.ndarray:
+        """The pids of the first ``k`` candidates (fewer if the queue is shorter)."""
 
-class EvictionQueue:
-    """Pages in eviction order: ascending priority, then least recently used first."""
 
-    def __init__(self) -> None:
-        self._buckets: dict[int, dict[int, Page]] = {}  # priority -> pages by pid, oldest first (insertion order)
-        self._where: dict[int, int] = {}  # pid -> priority bucket
+class PagesPolicy:
+    """The ``_pids`` and :meth:`first` methods for a policy that keeps page handles (``push_many`` and
+    ``discard_many`` of pages)."""
 
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, page: Page) -> bool:
-        return page.pid in self._where
-
-    def push(self, page: Page) -> None:
-        """Queue ``page`` as most recently used."""
-        if page.pid in self._where:
-            self.remove(page)
-        bucket = self._buckets.get(page.priority)
-        if bucket is None:
-            bucket = self._buckets[page.priority] = {}
-        bucket[page.pid] = page
-        self._where[page.pid] = page.priority
-
-    def remove(self, page: Page) -> None:
-        prio = self._where.pop(page.pid)
-        bucket = self._buckets[prio]
-        del bucket[page.pid]
-        if not bucket:
-            del self._buckets[prio]
-
-    def discard(self, page: Page) -> None:
-        if page.pid in self._where:
-            self.remove(page)
+    table: PageTable
 
     def push_many(self, pages: Sequence[Page]) -> None:
-        """:meth:`push` of every page, in order: for pages of one priority none of which is queued (a whole
-        cache becoming evictable), two dict updates instead of a call per page."""
-        if not pages:
-            return
-        where = self._where
-        prio = pages[0].priority
-        if any(p.pid in where or p.priority != prio for p in pages):
-            for p in pages:
-                self.push(p)
-            return
-        bucket = self._buckets.get(prio)
-        if bucket is None:
-            bucket = self._buckets[prio] = {}
-        pids = [p.pid for p in pages]
-        bucket.update(zip(pids, pages))
-        where.update(dict.fromkeys(pids, prio))
+        raise NotImplementedError
 
     def discard_many(self, pages: Sequence[Page]) -> None:
-        where, buckets = self._where, self._buckets
-        touched = set()
-        for p in pages:
-            prio = where.pop(p.pid, None)
-            if prio is not None:
-                del buckets[prio][p.pid]
-                touched.add(prio)
-        for prio in touched:
-            if not buckets[prio]:
-                del buckets[prio]
+        raise NotImplementedError
+
+    def candidates(self) -> Iterator[Page]:
+        raise NotImplementedError
+
+    def push_pids(self, pids: np.ndarray) -> None:
+        if pids.size:
+            self.push_many(self.table.pages(pids))
+
+    def discard_pids(self, pids: np.ndarray) -> None:
+        if pids.size:
+            self.discard_many(self.table.pages(pids))
+
+    def first(self, k: int) -> np.ndarray:
+        from itertools import islice
+
+        return pids_of(islice(self.candidates(), max(k, 0)))
+
+
+class _Log:
+    """Queue entries of one priority, oldest first: ``pids[head:n]`` with the stamps they were queued with."""
+
+    __slots__ = ("pids", "stamps", "head", "n")
+
+    def __init__(self) -> None:
+        self.pids = np.zeros(64, dtype=np.int64)
+        self.stamps = np.zeros(64, dtype=np.int64)
+        self.head = 0
+        self.n = 0
+
+    def append(self, pids: np.ndarray, stamps: np.ndarray) -> None:
+        k = pids.size
+        if self.n + k > self.pids.size:
+            live = self.n - self.head
+            size = max(64, 2 * (live + k))
+            new_p = np.zeros(size, dtype=np.int64)
+            new_s = np.zeros(size, dtype=np.int64)
+            new_p[:live] = self.pids[self.head:self.n]
+            new_s[:live] = self.stamps[self.head:self.n]
+            self.pids, self.stamps, self.head, self.n = new_p, new_s, 0, live
+        self.pids[self.n:self.n + k] = pids
+        self.stamps[self.n:self.n + k] = stamps
+        self.n += k
+
+    def compact(self, stamp: np.ndarray) -> int:
+        """Drop stale entries; the live ones left."""
+        p, s = self.pids[self.head:self.n], self.stamps[self.head:self.n]
+        keep = stamp[p] == s
+        live = int(np.count_nonzero(keep))
+        self.pids[:live] = p[keep]
+        self.stamps[:live] = s[keep]
+        self.head, self.n = 0, live
+        return live
+
+
+class EvictionQueue:
+    """Pages of one level in eviction order: ascending priority, then least recently used first."""
+
+    _WINDOW = 256  # entries checked at a time when taking candidates
+
+    def __init__(self, table: PageTable, level: int) -> None:
+        self.table = table
+        self.code = level  # the level's CacheLevel value
+        self._logs: dict[int, _Log] = {}
+        self._len = 0
+        self._entries = 0  # entries in the logs, stale ones included
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, page: Page) -> bool:
+        t = self.table
+        return page._live and t.stamp.item(page.pid) >= 0 and t.level.item(page.pid) == self.code
+
+    def _mine(self, pids: np.ndarray) -> np.ndarray:
+        """The pids of ``pids`` queued here."""
+        t = self.table
+        mine: np.ndarray = pids[(t.stamp[pids] >= 0) & (t.level[pids] == self.code)]
+        return mine
+
+    def push_pids(self, pids: np.ndarray) -> None:
+        """Queue ``pids`` (distinct pages of this level) as the most recently used, in order."""
+        k = pids.size
+        if k == 0:
+            return
+        t = self.table
+        self._len += k - self._mine(pids).size
+        stamps = np.arange(t.clock, t.clock + k, dtype=np.int64)
+        t.clock += k
+        t.stamp[pids] = stamps
+        prio = t.priority[pids]
+        p0 = prio[0]
+        if k == 1 or (prio == p0).all():
+            self._log(int(p0)).append(pids, stamps)
+        else:
+            for p in np.unique(prio).tolist():
+                sel = prio == p
+                self._log(p).append(pids[sel], stamps[sel])
+        self._entries += k
+        if self._entries > 2 * self._len + 4096:
+            self._compact()
+
+    def _log(self, priority: int) -> _Log:
+        log = self._logs.get(priority)
+        if log is None:
+            log = self._logs[priority] = _Log()
+        return log
+
+    def _compact(self) -> None:
+        stamp = self.table.stamp
+        self._entries = 0
+        for prio in list(self._logs):
+            live = self._logs[prio].compact(stamp)
+            if live == 0:
+                del self._logs[prio]
+            self._entries += live
+
+    def discard_pids(self, pids: np.ndarray) -> None:
+        """Take the pages of ``pids`` queued here out."""
+        mine = self._mine(pids)
+        if mine.size:
+            self.table.stamp[mine] = -1
+            self._len -= mine.size
+
+    def push(self, page: Page) -> None:
+        self.push_pids(np.array([page.pid], dtype=np.int64))
+
+    def remove(self, page: Page) -> None:
+        if page not in self:
+            raise KeyError(page.pid)
+        self.discard_pids(np.array([page.pid], dtype=np.int64))
+
+    def discard(self, page: Page) -> None:
+        self.discard_pids(np.array([page.pid], dtype=np.int64))
+
+    def push_many(self, pages: Sequence[Page]) -> None:
+        self.push_pids(pids_of(pages, len(pages)))
+
+    def discard_many(self, pages: Sequence[Page]) -> None:
+        self.discard_pids(pids_of(pages, len(pages)))
 
     def touch(self, page: Page) -> None:
-        """Mark ``page`` most recently used (re-bucketed if its priority changed)."""
-        prio = self._where.get(page.pid)
-        if prio is None:
-            return
-        if prio != page.priority:
+        """Mark ``page`` most recently used (re-ordered if its priority changed); no-op if not queued."""
+        if page in self:
             self.push(page)
-        else:
-            bucket = self._buckets[prio]
-            bucket[page.pid] = bucket.pop(page.pid)  # re-inserted: most recent
 
     def hit(self, page: Page) -> None:
         """A prefix hit is a use like any other for LRU."""
         self.touch(page)
 
+    def _runs(self, window: int = _WINDOW) -> Iterator[np.ndarray]:
+        """Queued pids in eviction order, ``window`` entries checked at a time (a log's leading stale
+        entries are skipped for good)."""
+        stamp = self.table.stamp
+        for prio in sorted(self._logs):
+            log = self._logs[prio]
+            lo = log.head
+            while lo < log.n:
+                hi = min(lo + window, log.n)
+                p = log.pids[lo:hi]
+                live = p[stamp[p] == log.stamps[lo:hi]]
+                if live.size:
+                    yield live
+                elif lo == log.head:
+                    log.head = hi
+                lo = hi
+
     def candidates(self) -> Iterator[Page]:
         """Pages in eviction order. The queue must not change while the iterator is in use."""
-        for prio in sorted(self._buckets):
-            yield from self._buckets[prio].values()
+        handles = self.table.handles
+        for run in self._runs():
+            yield from handles[run].tolist()
+
+    def first(self, k: int) -> np.ndarray:
+        """The pids of the first ``k`` pages in eviction order."""
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        got: list[np.ndarray] = []
+        n = 0
+        for run in self._runs(max(self._WINDOW, k)):
+            got.append(run)
+            n += run.size
+            if n >= k:
+                break
+        if not got:
+            return np.zeros(0, dtype=np.int64)
+        out = got[0] if len(got) == 1 else np.concatenate(got)
+        return out[:k]

@@ -1,4 +1,4 @@
-"""Pages, moves and plans: the records placement hands to transfer."""
+"""Page handles, moves and plans: the records placement hands to transfer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from ..types import CacheLevel
+from .table import LEVEL_OF, NO_LEVEL, PageTable
 
 
 class MoveState(enum.Enum):
@@ -16,39 +19,109 @@ class MoveState(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass(eq=False, slots=True)
 class Page:
-    """One page. ``level``/``slot`` is where its bytes are now (None/-1 for a page not yet placed).
+    """Handle of one page: its attributes read and write its row of the :class:`PageTable`.
 
-    A page is evictable when no ACTIVE cache locks it, no operation holds it and it is not moving;
-    exactly the evictable pages sit in their level's eviction queue.
+    ``level``/``slot`` is where its bytes are now (None/-1 for a page not yet placed, or freed). A page is
+    evictable when no ACTIVE cache locks it, no operation holds it and it is not moving; exactly the
+    evictable pages sit in their level's eviction queue. A freed page's handle is dead: ``freed``, no
+    level, no move (its row may belong to another page by now).
     """
 
-    pid: int
-    level: Optional[CacheLevel]
-    slot: int
-    priority: int = 0
-    owners: int = 0  # caches whose page list contains this page
-    locks: int = 0  # ACTIVE caches holding it (device level only)
-    holds: int = 0  # operations (resume, prefetch) keeping it out of eviction
-    move: Optional["Move"] = None
-    key: Optional[bytes] = None  # chained prefix hash once committed
-    indexed: bool = False  # registered in the prefix index (reusable)
-    freed: bool = False
+    __slots__ = ("pid", "key", "_t", "_live")
+
+    def __init__(self, table: PageTable, pid: int, key: Optional[bytes] = None) -> None:
+        self._t = table
+        self.pid = pid
+        self.key = key  # chained prefix hash once committed
+        self._live = True
+
+    def __repr__(self) -> str:
+        return f"<Page {self.pid} {'freed' if not self._live else self.level}>"
+
+    @property
+    def freed(self) -> bool:
+        return not self._live
+
+    @property
+    def level(self) -> Optional[CacheLevel]:
+        return LEVEL_OF[self._t.level.item(self.pid)] if self._live else None
+
+    @level.setter
+    def level(self, level: Optional[CacheLevel]) -> None:
+        self._t.level[self.pid] = NO_LEVEL if level is None else level
+
+    @property
+    def slot(self) -> int:
+        return self._t.slot.item(self.pid) if self._live else -1
+
+    @slot.setter
+    def slot(self, slot: int) -> None:
+        self._t.slot[self.pid] = slot
+
+    @property
+    def move(self) -> Optional["Move"]:
+        return self._t.move_of(self.pid) if self._live else None
+
+    @property
+    def priority(self) -> int:
+        return self._t.priority.item(self.pid)  # type: ignore[no-any-return]
+
+    @priority.setter
+    def priority(self, priority: int) -> None:
+        self._t.priority[self.pid] = priority
+
+    @property
+    def owners(self) -> int:
+        """Caches whose page list contains this page (and operations that own new pages)."""
+        return self._t.owners.item(self.pid)  # type: ignore[no-any-return]
+
+    @owners.setter
+    def owners(self, n: int) -> None:
+        self._t.owners[self.pid] = n
+
+    @property
+    def locks(self) -> int:
+        """ACTIVE caches holding it (device level only)."""
+        return self._t.locks.item(self.pid)  # type: ignore[no-any-return]
+
+    @locks.setter
+    def locks(self, n: int) -> None:
+        self._t.locks[self.pid] = n
+
+    @property
+    def holds(self) -> int:
+        """Operations (resume, prefetch) keeping it out of eviction."""
+        return self._t.holds.item(self.pid)  # type: ignore[no-any-return]
+
+    @holds.setter
+    def holds(self, n: int) -> None:
+        self._t.holds[self.pid] = n
+
+    @property
+    def indexed(self) -> bool:
+        """Registered in the prefix index (reusable)."""
+        return self._live and self._t.indexed.item(self.pid)
+
+    @indexed.setter
+    def indexed(self, indexed: bool) -> None:
+        if self._live:
+            self._t.indexed[self.pid] = indexed
 
     @property
     def evictable(self) -> bool:
-        return self.locks == 0 and self.holds == 0 and self.move is None and not self.freed
+        t, pid = self._t, self.pid
+        return self._live and t.locks.item(pid) == 0 and t.holds.item(pid) == 0 and t.move.item(pid) < 0
 
     @property
     def droppable(self) -> bool:
         """A committed page no cache holds: it may be dropped from the last level."""
-        return self.owners == 0 and self.indexed
+        return self.indexed and self._t.owners.item(self.pid) == 0
 
 
 class Move:
-    """Pages ``pages[i]`` moving from (src, ``src_slots[i]``) to (dst, ``dst_slots[i]``): one kind of move for
-    many pages at once, so planning, batching and settling them is a few list operations, not an object
+    """Pages ``pids[i]`` moving from (src, ``src_slots[i]``) to (dst, ``dst_slots[i]``): one kind of move for
+    many pages at once, so planning, batching and settling them is a few array operations, not an object
     per page. Moves planned one page at a time (drafts with cascades, swaps, shrinks) hold one page.
 
     ``src is None`` marks new pages being placed (no data moves). ``after`` is the move whose page ``i``
@@ -57,15 +130,17 @@ class Move:
     marks a victim whose destination is vacated by a promotion of the same plan that in turn may need this
     move's source slot: its bytes go through a staging buffer (read first, written once ``after`` is done).
     Each page has its own ``state``; ``settled`` (set by the transfer layer when the plan is submitted) is
-    done once every page of the move is settled.
+    done once every page of the move is settled. ``left``: pages not settled yet (the table forgets the
+    move at 0).
     """
 
-    __slots__ = ("pages", "src", "src_slots", "dst", "dst_slots", "after", "handoff", "swap", "state", "settled",
-                 "successor")
+    __slots__ = ("pids", "src", "src_slots", "dst", "dst_slots", "after", "handoff", "swap", "state", "settled",
+                 "successor", "table", "serial", "left", "_pages")
 
     def __init__(
         self,
-        pages: list[Page],
+        table: PageTable,
+        pids: np.ndarray,
         src: Optional[CacheLevel],
         src_slots: list[int],
         dst: CacheLevel,
@@ -74,7 +149,8 @@ class Move:
         handoff: bool = False,
         swap: bool = False,
     ) -> None:
-        self.pages = pages
+        self.table = table
+        self.pids = pids
         self.src = src
         self.src_slots = src_slots
         self.dst = dst
@@ -82,17 +158,28 @@ class Move:
         self.after = after
         self.handoff = handoff
         self.swap = swap
-        self.state = [MoveState.PENDING] * len(pages)
+        self.state = [MoveState.PENDING] * len(pids)
         self.settled: Any = None
         self.successor: Optional[Move] = None
+        self.left = len(pids)
+        self._pages: Optional[list[Page]] = None
         if after is not None:
             after.successor = self
-        for page in pages:
-            page.move = self
+        self.serial = table.start_move(self, pids)
+
+    @property
+    def pages(self) -> list[Page]:
+        """The handles of the moving pages (made once)."""
+        if self._pages is None:
+            self._pages = self.table.pages(self.pids)
+        return self._pages
+
+    def __len__(self) -> int:
+        return len(self.pids)
 
     def __repr__(self) -> str:
         src = self.src.label if self.src is not None else "new"
-        return f"<Move {len(self.pages)} pages {src}->{self.dst.label}>"
+        return f"<Move {len(self.pids)} pages {src}->{self.dst.label}>"
 
     def pending_at(self, i: int) -> bool:
         """Page ``i`` is not settled yet (PENDING or STAGED)."""
@@ -149,8 +236,8 @@ class Plan:
 
     def __len__(self) -> int:
         """Page moves in the plan."""
-        return sum(len(m.pages) for m in self.moves)
+        return sum(len(m.pids) for m in self.moves)
 
     def page_moves(self) -> list[PageMove]:
         """Every page move, in plan order (for tests and debugging)."""
-        return [PageMove(m, i) for m in self.moves for i in range(len(m.pages))]
+        return [PageMove(m, i) for m in self.moves for i in range(len(m.pids))]

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
+import numpy as np
+
 from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
 from .prefix import PrefixIndex
 from .slots import SlotAllocator
+from .table import LEVEL_OF, PageTable, pids_of
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
@@ -59,14 +61,16 @@ class RoomCheck:
         return drafted
 
 
-def _by_level(pages: list[Page]) -> dict[Optional[CacheLevel], list[int]]:
-    """Indices of ``pages`` per level, in order (one move per source level)."""
-    if pages and all(p.level is pages[0].level for p in pages):
-        return {pages[0].level: list(range(len(pages)))}
-    out: dict[Optional[CacheLevel], list[int]] = {}
-    for j, p in enumerate(pages):
-        out.setdefault(p.level, []).append(j)
-    return out
+def _by_level(table: PageTable, pids: np.ndarray) -> list[tuple[Optional[CacheLevel], Optional[np.ndarray]]]:
+    """(level, indices into ``pids``) per level of ``pids`` in order of first appearance (None: not placed);
+    indices None: all of them (one move per source level)."""
+    if pids.size == 0:
+        return []
+    lv = table.level[pids]
+    if (lv == lv[0]).all():
+        return [(LEVEL_OF[int(lv[0])], None)]
+    codes, first = np.unique(lv, return_index=True)
+    return [(LEVEL_OF[int(codes[k])], np.flatnonzero(lv == codes[k])) for k in np.argsort(first).tolist()]
 
 
 class _Draft:
@@ -128,14 +132,16 @@ class Placement:
     def __init__(self, levels: Sequence[CacheLevel], slots: Sequence[int], policy: str = "lru") -> None:
         self.levels: tuple[CacheLevel, ...] = tuple(levels)
         self._index_of = {lvl: i for i, lvl in enumerate(self.levels)}
+        self._rank = np.full(len(LEVEL_OF), -1, dtype=np.int64)  # level code -> level index (-1: none)
+        for i, lvl in enumerate(self.levels):
+            self._rank[int(lvl)] = i
         self.alloc = {lvl: SlotAllocator(n) for lvl, n in zip(self.levels, slots, strict=True)}
+        self.table = PageTable()
         self.index = PrefixIndex(ghost_capacity=sum(slots))
-        self.queues = make_queues(policy, self.index, self.levels, sum(slots))
-        self.pages: dict[int, Page] = {}
+        self.queues = make_queues(policy, self.table, self.index, self.levels, sum(slots))
         self.counters: Counter[str] = Counter()
         #: most pages one :class:`Move` holds (the transfer layer's batch rows: a move never spans batches)
         self.max_group = 1 << 30
-        self._next_pid = 0
         #: Called as ``disk_listener("put" | "del", page, slot)`` when a committed page arrives on or leaves
         #: the disk level (a persistent tier journals it).
         self.disk_listener: Optional[Callable[[str, Page, int], None]] = None
@@ -144,11 +150,12 @@ class Placement:
     def level_index(self, level: CacheLevel) -> int:
         return self._index_of[level]
 
-    def _new_page(self, priority: int) -> Page:
-        page = Page(self._next_pid, None, -1, priority=priority)
-        self._next_pid += 1
-        self.pages[page.pid] = page
-        return page
+    @property
+    def pages(self) -> dict[int, Page]:
+        """Every live page by pid (built on each call: for checks, tests and recovery, not hot paths)."""
+        t = self.table
+        live = t.live_pids()
+        return dict(zip(live.tolist(), t.pages(live)))
 
     def sync(self, page: Page) -> None:
         """Queue ``page`` (most recently used) iff it is evictable; otherwise take it out of its queue."""
@@ -166,57 +173,59 @@ class Placement:
         if page.level is not None and not page.freed:
             self.queues[page.level].touch(page)
 
-    def _by_queue(self, pages: Sequence[Page]) -> dict[CacheLevel, list[Page]]:
-        """The placed, live pages of ``pages`` per level, in order."""
-        out: dict[CacheLevel, list[Page]] = {}
-        for page in pages:
-            level = page.level
-            if level is not None and not page.freed:
-                lst = out.get(level)
-                if lst is None:
-                    lst = out[level] = []
-                lst.append(page)
-        return out
+    def _per_queue(self, pids: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
+        """(queue, pids) for each level holding some of ``pids`` (placed, live pages), each in order."""
+        for level, idx in _by_level(self.table, pids):
+            if level is not None:
+                yield self.queues[level], (pids if idx is None else pids[idx])
+
+    def _live(self, pages: Sequence[Page]) -> np.ndarray:
+        """The pids of the live pages of ``pages`` (distinct), in order."""
+        pids = pids_of(pages, len(pages))
+        live = self.table.live[pids]
+        return pids if live.all() else pids[live]
 
     def hold_all(self, pages: Sequence[Page]) -> None:
-        """Keep every page of ``pages`` (distinct) out of eviction while an operation (resume, prefetch)
+        """Keep every page of ``pages`` (distinct, live) out of eviction while an operation (resume, prefetch)
         works on it: one bulk queue removal per level."""
-        for page in pages:
-            page.holds += 1
-        for level, held in self._by_queue(pages).items():
-            self.queues[level].discard_many(held)
+        pids = pids_of(pages, len(pages))
+        self.table.holds[pids] += 1
+        for queue, held in self._per_queue(pids):
+            queue.discard_pids(held)
 
     def release_all(self, pages: Sequence[Page]) -> None:
         """Undo one ``hold_all``: each page that became evictable is queued (or re-queued) most recently used,
         in order — one bulk queue insertion per level."""
-        for page in pages:
-            page.holds -= 1
-        self._queue_evictable(pages)
+        pids = pids_of(pages, len(pages))
+        self.table.holds[pids] -= 1
+        self._queue_evictable(pids)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
         """Turn one hold of every page into a lock (an ACTIVE cache's pages); every page must be settled on
         the device level (RuntimeError, nothing changed, otherwise). Neither state is evictable, so no
         queue changes."""
-        for page in pages:
-            if page.level != CacheLevel.DEVICE or page.move is not None:
-                raise RuntimeError(f"locking page {page.pid} that is not settled on the device level")
-        for page in pages:
-            page.holds -= 1
-            page.locks += 1
+        t = self.table
+        pids = pids_of(pages, len(pages))
+        bad = (t.level[pids] != int(CacheLevel.DEVICE)) | (t.move[pids] >= 0) | ~t.live[pids]
+        if bad.any():
+            pid = int(pids[np.argmax(bad)])
+            raise RuntimeError(f"locking page {pid} that is not settled on the device level")
+        t.holds[pids] -= 1
+        t.locks[pids] += 1
 
     def unlock_all(self, pages: Sequence[Page]) -> None:
         """Drop one lock of every page (distinct; a suspend, a shrink, a close): unlocked pages become
         evictable, queued in order."""
-        for page in pages:
-            page.locks -= 1
-        self._queue_evictable(pages)
+        pids = pids_of(pages, len(pages))
+        self.table.locks[pids] -= 1
+        self._queue_evictable(pids)
 
-    def _queue_evictable(self, pages: Sequence[Page]) -> None:
-        """Queue the pages of ``pages`` that are evictable now as most recently used, in order: one bulk
+    def _queue_evictable(self, pids: np.ndarray) -> None:
+        """Queue the pages of ``pids`` that are evictable now as most recently used, in order: one bulk
         insertion per level (a page queued already moves to the end)."""
-        evictable = [p for p in pages if p.locks == 0 and p.holds == 0 and p.move is None]  # Page.evictable
-        for level, free in self._by_queue(evictable).items():
-            self.queues[level].push_many(free)
+        ev = self.table.evictable(pids)
+        for queue, free in self._per_queue(pids if ev.all() else pids[ev]):
+            queue.push_pids(free)
 
     def add_owner(self, page: Page, priority: int) -> None:
         page.owners += 1
@@ -229,15 +238,18 @@ class Placement:
         page.owners -= 1
         self._free_if_orphan(page)
 
+    def _orphans(self, pids: np.ndarray) -> np.ndarray:
+        """The pids of ``pids`` nobody holds, nobody can reuse and that are not moving (to be freed)."""
+        t = self.table
+        out: np.ndarray = pids[(t.owners[pids] == 0) & ~t.indexed[pids] & (t.move[pids] < 0) & t.live[pids]]
+        return out
+
     def remove_owners(self, pages: Sequence[Page]) -> None:
-        """:meth:`remove_owner` for every page of ``pages`` (a cache closing or shrinking); the slots of the
-        pages freed are released with one merge per level."""
-        orphans = []
-        for page in pages:
-            page.owners -= 1
-            if page.owners == 0 and not page.indexed and page.move is None and not page.freed:  # _orphan
-                orphans.append(page)
-        self._free_many(orphans, release_slots=True)
+        """:meth:`remove_owner` for every page of ``pages`` (distinct; a cache closing or shrinking); the
+        slots of the pages freed are released with one merge per level."""
+        pids = pids_of(pages, len(pages))
+        self.table.owners[pids] -= 1
+        self._free_pids(self._orphans(pids), release_slots=True)
 
     def _release_slots(self, level: CacheLevel, slots: list[int]) -> None:
         """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
@@ -264,7 +276,7 @@ class Placement:
     def restore_page(self, level: CacheLevel, slot: int, key: bytes, parent_key: Optional[bytes]) -> Page:
         """A committed page found at ``slot`` of ``level`` by recovery: reusable, held by no cache."""
         self.alloc[level].take(slot)
-        page = self._new_page(0)
+        page = self.table.new_pages(1, 0)[1][0]
         page.level, page.slot, page.key = level, slot, key
         if not self.index.add(page, parent_key):
             self._free(page, release_slot=True)
@@ -276,23 +288,28 @@ class Placement:
         self._free_many([page], release_slot)
 
     def _free_many(self, pages: Sequence[Page], release_slots: bool) -> None:
-        """Forget ``pages`` (distinct, not freed): out of the journal and the prefix index if committed, out
-        of their queues, their slots released (``release_slots``; else a grantee takes them over) — one queue
-        removal and one slot release per level."""
-        for page in pages:
-            if page.indexed:  # an uncommitted page has neither a journal record nor an index entry
-                if page.level == CacheLevel.DISK:
-                    self._disk_event("del", page, page.slot)
-                self.index.remove(page)
-        for level, gone in self._by_queue(pages).items():
-            self.queues[level].discard_many(gone)
+        self._free_pids(pids_of(pages, len(pages)), release_slots)
+
+    def _free_pids(self, pids: np.ndarray, release_slots: bool) -> None:
+        """Forget ``pids`` (distinct, live): out of the journal and the prefix index if committed, out of
+        their queues, their slots released (``release_slots``; else a grantee takes them over) — one queue
+        removal and one slot release per level; their rows are free and their handles dead."""
+        if pids.size == 0:
+            return
+        t = self.table
+        committed = pids[t.indexed[pids]]
+        for page in t.pages(committed):  # an uncommitted page has neither a journal record nor an index entry
+            if page.level == CacheLevel.DISK:
+                self._disk_event("del", page, page.slot)
+            self.index.remove(page)
+        for level, idx in _by_level(t, pids):
+            if level is None:
+                continue
+            gone = pids if idx is None else pids[idx]
+            self.queues[level].discard_pids(gone)
             if release_slots:
-                self._release_slots(level, [p.slot for p in gone])
-        registry = self.pages
-        for page in pages:
-            page.freed = True
-            page.level, page.slot = None, -1
-            registry.pop(page.pid, None)
+                self._release_slots(level, t.slot[gone].tolist())
+        t.free_pages(pids)
 
     def forget_corrupt(self, page: Page) -> None:
         """``page``'s bytes are lost: it leaves the prefix index, and is dropped if no cache holds it."""
@@ -321,9 +338,15 @@ class Placement:
             self.queues[page.level].hit(page)
 
     # ----------------------------------------------------------------- planning
+    def _colder_pids(self, pids: np.ndarray, ti: int) -> np.ndarray:
+        """The pids of ``pids`` a promotion to level index ``ti`` moves: placed, settled and colder."""
+        t = self.table
+        keep = (self._rank[t.level[pids]] > ti) & (t.move[pids] < 0) & t.live[pids]
+        return pids if keep.all() else pids[keep]
+
     def _colder(self, pages: Sequence[Page], ti: int) -> list[Page]:
         """The pages of ``pages`` a promotion to level index ``ti`` moves: placed, settled and colder."""
-        return [p for p in pages if p.level is not None and p.move is None and self._index_of[p.level] > ti]
+        return self.table.pages(self._colder_pids(pids_of(pages, len(pages)), ti))
 
     def _draft_promotion(self, colder: Sequence[Page], ti: int, require_all: bool) -> list[tuple[Page, _Grant]]:
         target = self.levels[ti]
@@ -363,12 +386,12 @@ class Placement:
         (:meth:`surely_obtainable`): nothing but a hold or a plan can take it, so the promotion may be planned
         in chunks. Otherwise (it also counts on drops) plan it in one step, from the returned draft."""
         ti = self.level_index(target)
-        colder = self._colder(pages, ti)
+        colder = self._colder_pids(pids_of(pages, len(pages)), ti)
         if self.surely_obtainable(ti, len(colder)):
             return RoomCheck()
         if self._promotion_cascade(ti, colder) is not None or self._swap_counts(ti, colder) is not None:
             return RoomCheck(cascade=True)
-        return RoomCheck(self._draft_promotion(colder, ti, True))
+        return RoomCheck(self._draft_promotion(self.table.pages(colder), ti, True))
 
     def plan_promotion(
         self, pages: Sequence[Page], target: CacheLevel, *, require_all: bool, check: Optional[RoomCheck] = None
@@ -383,25 +406,25 @@ class Placement:
         """
         ti = self.level_index(target)
         plan = Plan()
-        colder = self._colder(pages, ti)
+        colder = self._colder_pids(pids_of(pages, len(pages)), ti)
         drafted = check.take() if check is not None else None
         if drafted is None and self._room_is_simple(ti, len(colder)):
             self._simple_room(ti, colder, plan)
             return plan
         counts = self._promotion_cascade(ti, colder) if drafted is None else None
         if counts is not None:
-            self._cascade_room(ti, colder, counts, plan, colder[0].level)
+            self._cascade_room(ti, colder, counts, plan, LEVEL_OF[self.table.level.item(colder[0])])
             self._sync_moving(colder)
             return plan
         swaps = self._swap_counts(ti, colder) if drafted is None else None
         if swaps is not None:
             self._swap_room(ti, colder, swaps, plan)
             return plan
-        if drafted is None:
-            drafted = self._draft_promotion(colder, ti, require_all)  # CapacityError here changes nothing
+        if drafted is None:  # CapacityError here changes nothing
+            drafted = self._draft_promotion(self.table.pages(colder), ti, require_all)
         for page, grant in drafted:
             slot, after = self._realize(grant, ti, plan)
-            plan.moves.append(Move([page], page.level, [page.slot], target, [slot], after))
+            plan.moves.append(self._move1(page, page.level, page.slot, target, slot, after))
             self.sync(page)
         for victim_move, promoted in plan.swaps:
             if promoted.move is None:  # its promotion did not fit after all: the slot stays its own
@@ -441,21 +464,21 @@ class Placement:
         plan = Plan()
         drafted = check.take() if check is not None else None
         if drafted is None and self._room_is_simple(li, n):
-            pages = [self._new_page(priority) for _ in range(n)]
-            self._simple_room(li, pages, plan)
+            pids, pages = self.table.new_pages(n, priority)
+            self._simple_room(li, pids, plan)
             return pages, plan
         counts = self._cascade(li, n) if drafted is None else None
         if counts is not None:
-            pages = [self._new_page(priority) for _ in range(n)]
-            self._cascade_room(li, pages, counts, plan)
+            pids, pages = self.table.new_pages(n, priority)
+            self._cascade_room(li, pids, counts, plan)
             return pages, plan
         if drafted is None:
             drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
         pages = []
         for grant in drafted:
             slot, after = self._realize(grant, li, plan)
-            page = self._new_page(priority)
-            plan.moves.append(Move([page], None, [-1], level, [slot], after))
+            page = self.table.new_pages(1, priority)[1][0]
+            plan.moves.append(self._move1(page, None, -1, level, slot, after))
             pages.append(page)
         return pages, plan
 
@@ -480,13 +503,11 @@ class Placement:
         colder = self.levels[i + 1]
         n = min(n, self.alloc[colder].free_count)
         plan = Plan()
-        victims = list(islice(self.queues[level].candidates(), max(n, 0)))
-        if victims:
-            queue = self.queues[level]
-            for victim in victims:
-                queue.remove(victim)
-            dst = self._allocate(colder, len(victims))
-            self._emit(plan, victims, level, [v.slot for v in victims], colder, dst)
+        victims = self.queues[level].first(n)
+        if victims.size:
+            self.queues[level].discard_pids(victims)
+            dst = self._allocate(colder, victims.size)
+            self._emit(plan, victims, level, self.table.slot[victims].tolist(), colder, dst)
         return plan
 
     def plan_shrink(self, level: CacheLevel, new_slots: int) -> Plan:
@@ -495,7 +516,9 @@ class Placement:
         CapacityError and no change if the pages cannot all leave or fit."""
         li = self.level_index(level)
         alloc = self.alloc[level]
-        if any(not p.evictable for p in self.pages.values() if p.level == level):
+        t = self.table
+        here = np.flatnonzero(t.live & (t.level == int(level)))
+        if not t.evictable(here).all():
             raise RuntimeError("plan_shrink needs every page of the level to be evictable")
         excess = alloc.used_count - new_slots
         old_limit = alloc.limit
@@ -526,7 +549,7 @@ class Placement:
                 else:
                     slot, after = alloc.allocate(), None
                 self.queues[level].remove(page)
-                plan.moves.append(Move([page], level, [page.slot], level, [slot], after))
+                plan.moves.append(self._move1(page, level, page.slot, level, slot, after))
             for slot, after in reusable + unused:
                 if after is not None:
                     after.handoff = False  # nobody takes it: free it when the victim leaves
@@ -558,51 +581,65 @@ class Placement:
             out.extend(r)
         return out
 
+    def _move1(self, page: Page, src: Optional[CacheLevel], src_slot: int, dst: CacheLevel, dst_slot: int,
+               after: Optional[Move], handoff: bool = False) -> Move:
+        """A move of one page (drafts, shrinks)."""
+        return Move(self.table, np.array([page.pid], dtype=np.int64), src, [src_slot], dst, [dst_slot], after,
+                    handoff)
+
+    def _slots(self, pids: np.ndarray) -> list[int]:
+        return self.table.slot[pids].tolist()  # type: ignore[no-any-return]
+
     def _emit(
-        self, plan: Plan, pages: list[Page], src: Optional[CacheLevel], src_slots: list[int], dst: CacheLevel,
+        self, plan: Plan, pids: np.ndarray, src: Optional[CacheLevel], src_slots: list[int], dst: CacheLevel,
         dst_slots: list[int], after: Optional[list[Move]] = None, handoff: bool = False,
     ) -> list[Move]:
-        """Add moves of ``pages`` to ``plan``, at most :attr:`max_group` pages each; ``after``: the moves that
+        """Add moves of ``pids`` to ``plan``, at most :attr:`max_group` pages each; ``after``: the moves that
         vacate the destination slots, cut the same way (one per move made). Returns the moves made."""
         step = self.max_group
         made = []
-        for k, lo in enumerate(range(0, len(pages), step)):
+        for k, lo in enumerate(range(0, len(pids), step)):
             hi = lo + step
-            mv = Move(pages[lo:hi], src, src_slots[lo:hi], dst, dst_slots[lo:hi],
+            mv = Move(self.table, pids[lo:hi], src, src_slots[lo:hi], dst, dst_slots[lo:hi],
                       after[k] if after is not None else None, handoff)
             plan.moves.append(mv)
             made.append(mv)
         return made
 
-    def _simple_room(self, i: int, pages: list[Page], plan: Plan) -> None:
-        """Place ``pages`` (new ones, or placed pages promoted) at level index ``i`` in the room of
+    def _src_slots(self, src: Optional[CacheLevel], pids: np.ndarray) -> list[int]:
+        return [-1] * len(pids) if src is None else self._slots(pids)
+
+    def _simple_room(self, i: int, pids: np.ndarray, plan: Plan) -> None:
+        """Place ``pids`` (new pages, or placed pages promoted) at level index ``i`` in the room of
         :meth:`_room_is_simple`: free slots first, then the slots of the first eviction candidates, demoted
         into free slots one level colder — slot for slot what realizing a draft would give, as a few moves
         per source level instead of a move per page."""
         level, alloc = self.levels[i], self.alloc[self.levels[i]]
-        n = len(pages)
+        n = len(pids)
         free = min(n, alloc.free_count)
         queue = self.queues[level]
-        victims = list(islice(queue.candidates(), n - free))
-        slots = self._allocate(level, free) if free else []
-        for by_src, idx in _by_level(pages[:free]).items():
-            moving = [pages[j] for j in idx]
-            self._emit(plan, moving, by_src, [p.slot for p in moving], level, [slots[j] for j in idx])
-        if not victims:
-            self._sync_moving(pages)
+        victims = queue.first(n - free)
+        slots = np.asarray(self._allocate(level, free) if free else [], dtype=np.int64)
+        head = pids[:free]
+        for by_src, idx in _by_level(self.table, head):
+            moving = head if idx is None else head[idx]
+            dst = slots if idx is None else slots[idx]
+            self._emit(plan, moving, by_src, self._src_slots(by_src, moving), level, dst.tolist())
+        if not victims.size:
+            self._sync_moving(pids)
             return
         colder = self.levels[i + 1]
-        for victim in victims:
-            queue.remove(victim)
-        cslots = self._allocate(colder, len(victims))
-        promoted = pages[free:]
-        for by_src, idx in _by_level(promoted).items():
-            vs = [victims[j] for j in idx]
-            vslots = [v.slot for v in vs]
-            made = self._emit(plan, vs, level, vslots, colder, [cslots[j] for j in idx], handoff=True)
-            moving = [promoted[j] for j in idx]
-            self._emit(plan, moving, by_src, [p.slot for p in moving], level, vslots, after=made)
-        self._sync_moving(pages)
+        queue.discard_pids(victims)
+        cslots = np.asarray(self._allocate(colder, victims.size), dtype=np.int64)
+        promoted = pids[free:]
+        for by_src, idx in _by_level(self.table, promoted):
+            vs = victims if idx is None else victims[idx]
+            vslots = self._slots(vs)
+            made = self._emit(plan, vs, level, vslots, colder, (cslots if idx is None else cslots[idx]).tolist(),
+                              handoff=True)
+            moving = promoted if idx is None else promoted[idx]
+            self._emit(plan, moving, by_src, self._src_slots(by_src, moving), level, vslots, after=made)
+        self._sync_moving(pids)
 
     def _cascade(self, i: int, n: int) -> Optional[list[tuple[int, int]]]:
         """(free slots taken, victims moved) per level from index ``i`` on, when ``n`` slots at level ``i`` come
@@ -619,19 +656,21 @@ class Placement:
                 return out
             if m > len(self.queues[lvl]):
                 return None
-        last = self.levels[-1]
-        if all(v.droppable for v in islice(self.queues[last].candidates(), m)):
+        vs = self.queues[self.levels[-1]].first(m)
+        t = self.table
+        if ((t.owners[vs] == 0) & t.indexed[vs]).all():  # Page.droppable
             return out
         return None
 
-    def _promotion_cascade(self, ti: int, colder: list[Page]) -> Optional[list[tuple[int, int]]]:
+    def _promotion_cascade(self, ti: int, colder: np.ndarray) -> Optional[list[tuple[int, int]]]:
         """:meth:`_cascade` for promoting ``colder`` to level index ``ti``, when the draft would treat every page
         like a new one: all of them on one level, and not on the host level right below the target (there
         the draft may swap a victim into a promoted page's slot)."""
-        if not colder:
+        if not colder.size:
             return None
-        src = colder[0].level
-        if any(p.level is not src for p in colder) or (src == CacheLevel.HOST and self._host_below(ti)):
+        lv = self.table.level[colder]
+        src = int(lv[0])
+        if (lv != src).any() or (src == int(CacheLevel.HOST) and self._host_below(ti)):
             return None
         return self._cascade(ti, len(colder))
 
@@ -639,13 +678,13 @@ class Placement:
         """The host level is right below level index ``ti`` (where a draft swaps host pages promoted to ``ti``)."""
         return ti + 1 < len(self.levels) and self.levels[ti + 1] == CacheLevel.HOST
 
-    def _swap_counts(self, ti: int, colder: list[Page]) -> Optional[tuple[int, int, int]]:
+    def _swap_counts(self, ti: int, colder: np.ndarray) -> Optional[tuple[int, int, int]]:
         """(free slots taken at level index ``ti``, victims demoted into free host slots, victims swapped) when
         promoting ``colder``, all on the host level right below ``ti``, where the draft would swap: free slots
         first, then one victim per remaining page from the target's eviction queue, each into a free host
         slot while the host has one, then into the slot of the page promoted in its place. None: not that
         case (or too few victims for every page), let the other paths decide."""
-        if not colder or not self._host_below(ti) or any(p.level is not CacheLevel.HOST for p in colder):
+        if not colder.size or not self._host_below(ti) or (self.table.level[colder] != int(CacheLevel.HOST)).any():
             return None
         free = min(len(colder), self.alloc[self.levels[ti]].free_count)
         need = len(colder) - free
@@ -654,7 +693,7 @@ class Placement:
         demoted = min(need, self.alloc[CacheLevel.HOST].free_count)
         return free, demoted, need - demoted
 
-    def _swap_room(self, ti: int, pages: list[Page], counts: tuple[int, int, int], plan: Plan) -> None:
+    def _swap_room(self, ti: int, pids: np.ndarray, counts: tuple[int, int, int], plan: Plan) -> None:
         """Promote host ``pages`` to level index ``ti`` in the room :meth:`_swap_counts` found, slot for slot
         what realizing its draft gives: the target's free slots (lowest first), then its victims' slots in
         eviction order; the first victims move into free host slots (lowest first), the others swap with the
@@ -663,28 +702,28 @@ class Placement:
         target, host = self.levels[ti], CacheLevel.HOST
         free, demoted, swapped = counts
         queue = self.queues[target]
-        victims = list(islice(queue.candidates(), demoted + swapped))
-        queue.discard_many(victims)
+        victims = queue.first(demoted + swapped)
+        queue.discard_pids(victims)
         if free:
-            fresh = pages[:free]
-            self._emit(plan, fresh, host, [p.slot for p in fresh], target, self._allocate(target, free))
-        vslots = [v.slot for v in victims]
+            fresh = pids[:free]
+            self._emit(plan, fresh, host, self._slots(fresh), target, self._allocate(target, free))
+        vslots = self._slots(victims)
         if demoted:
             made = self._emit(plan, victims[:demoted], target, vslots[:demoted], host, self._allocate(host, demoted),
                               handoff=True)
-            moving = pages[free:free + demoted]
-            self._emit(plan, moving, host, [p.slot for p in moving], target, vslots[:demoted], after=made)
+            moving = pids[free:free + demoted]
+            self._emit(plan, moving, host, self._slots(moving), target, vslots[:demoted], after=made)
         if swapped:
-            moving = pages[free + demoted:]
-            hslots = [p.slot for p in moving]
+            moving = pids[free + demoted:]
+            hslots = self._slots(moving)
             made = self._emit(plan, victims[demoted:], target, vslots[demoted:], host, hslots, handoff=True)
             promos = self._emit(plan, moving, host, hslots, target, vslots[demoted:], after=made, handoff=True)
             for victim_move, promo in zip(made, promos):
                 victim_move.after, victim_move.swap = promo, True
                 promo.successor = victim_move
-        self._sync_moving(pages)
+        self._sync_moving(pids)
 
-    def _cascade_room(self, i: int, pages: list[Page], counts: list[tuple[int, int]], plan: Plan,
+    def _cascade_room(self, i: int, pids: np.ndarray, counts: list[tuple[int, int]], plan: Plan,
                       src: Optional[CacheLevel] = None) -> None:
         """Place ``pages`` (new ones; or placed pages of level ``src`` promoted) at level index ``i`` in the room
         :meth:`_cascade` found, slot for slot what realizing its draft gives: each level's free slots (lowest
@@ -692,30 +731,30 @@ class Placement:
         of the last level are dropped. The moves are a few per level, each cut so that the move vacating its
         destination slots lines up index for index (``after``)."""
         levels = self.levels[i:i + len(counts)]
-        victims = [list(islice(self.queues[lvl].candidates(), need)) for lvl, (_, need) in zip(levels, counts)]
+        victims = [self.queues[lvl].first(need) for lvl, (_, need) in zip(levels, counts)]
         for lvl, vs in zip(levels, victims):
-            self.queues[lvl].discard_many(vs)
-        dst = [(self._allocate(lvl, free) if free else []) + [v.slot for v in vs]
+            self.queues[lvl].discard_pids(vs)
+        dst = [(self._allocate(lvl, free) if free else []) + self._slots(vs)
                for lvl, (free, _), vs in zip(levels, counts, victims)]
         below: Optional[list[tuple[int, int, Move]]] = None  # moves of the next level's victims: (lo, hi, move)
-        if victims[-1]:  # the last level: dropped, the slots taken over by the pages arriving there
-            last = levels[-1]
-            self._free_many(victims[-1], release_slots=False)
-            self.counters["drops"] += len(victims[-1])
-            self.counters[_EVICTIONS[last]] += len(victims[-1])
-            plan.dropped += len(victims[-1])
+        if victims[-1].size:  # the last level: dropped, the slots taken over by the pages arriving there
+            last, gone = levels[-1], victims[-1].size
+            self._free_pids(victims[-1], release_slots=False)
+            self.counters["drops"] += gone
+            self.counters[_EVICTIONS[last]] += gone
+            plan.dropped += gone
         for k in range(len(levels) - 2, -1, -1):
             vs = victims[k]
             made = []
             for lo, hi, after in self._aligned(counts[k + 1][0], len(vs), below):
-                mv = Move(vs[lo:hi], levels[k], [v.slot for v in vs[lo:hi]], levels[k + 1], dst[k + 1][lo:hi], after,
-                          handoff=True)
+                mv = Move(self.table, vs[lo:hi], levels[k], self._slots(vs[lo:hi]), levels[k + 1], dst[k + 1][lo:hi],
+                          after, handoff=True)
                 plan.moves.append(mv)
                 made.append((lo, hi, mv))
             below = made
-        for lo, hi, after in self._aligned(counts[0][0], len(pages), below):
-            src_slots = [-1] * (hi - lo) if src is None else [p.slot for p in pages[lo:hi]]
-            plan.moves.append(Move(pages[lo:hi], src, src_slots, levels[0], dst[0][lo:hi], after))
+        for lo, hi, after in self._aligned(counts[0][0], len(pids), below):
+            part = pids[lo:hi]
+            plan.moves.append(Move(self.table, part, src, self._src_slots(src, part), levels[0], dst[0][lo:hi], after))
 
     def _aligned(self, free: int, n: int, below: Optional[list[tuple[int, int, Move]]]
                  ) -> list[tuple[int, int, Optional[Move]]]:
@@ -730,10 +769,10 @@ class Placement:
             out.extend((free + lo, free + hi, mv) for lo, hi, mv in below)
         return out
 
-    def _sync_moving(self, pages: list[Page]) -> None:
+    def _sync_moving(self, pids: np.ndarray) -> None:
         """Pages just given a move are not evictable: out of their queues (placed pages only)."""
-        for level, moving in self._by_queue(pages).items():
-            self.queues[level].discard_many(moving)
+        for queue, moving in self._per_queue(pids):
+            queue.discard_pids(moving)
 
     def _realize(self, grant: _Grant, li: int, plan: Plan) -> tuple[int, Optional[Move]]:
         """Apply one drafted grant at level index ``li``: (slot obtained, move that must vacate it first)."""
@@ -762,7 +801,7 @@ class Placement:
             dst_slot, after = swapped.slot, None
         else:
             dst_slot, after = self._realize(via, grant.via_index, plan)
-        move = Move([victim], level, [slot], self.levels[grant.via_index], [dst_slot], after, handoff=True)
+        move = self._move1(victim, level, slot, self.levels[grant.via_index], dst_slot, after, handoff=True)
         plan.moves.append(move)
         if via.kind == _SWAP and swapped is not None:
             plan.swaps.append((move, swapped))
@@ -781,47 +820,59 @@ class Placement:
         """:meth:`complete` for every (move, indices) of ``parts`` (one batch's transfers succeeded), in one
         pass: source slots are released per level at the end (:meth:`_release_slots`) and the eviction
         counters updated once."""
+        t = self.table
         released: dict[CacheLevel, list[int]] = {}
         evicted: Counter[CacheLevel] = Counter()
-        arrived: dict[CacheLevel, list[Page]] = {}  # pages now evictable, per level, in order
+        arrived: dict[CacheLevel, list[np.ndarray]] = {}  # pages now evictable, per level, in order
+        orphans: list[np.ndarray] = []
         listener = self.disk_listener
         done = MoveState.DONE
         disk = CacheLevel.DISK
         for move, idx in parts:
             src, dst = move.src, move.dst
-            pages, src_slots, dst_slots, state = move.pages, move.src_slots, move.dst_slots, move.state
-            rng: Iterable[int] = range(len(pages)) if idx is None else idx
+            if idx is None:
+                pids, dst_slots = move.pids, move.dst_slots
+                move.state = [done] * len(pids)
+            else:
+                sel = np.asarray(idx, dtype=np.int64)
+                pids, dst_slots = move.pids[sel], [move.dst_slots[i] for i in idx]
+                state = move.state
+                for i in idx:
+                    state[i] = done
             if src is not None and not move.handoff:
                 rel = released.setdefault(src, [])
                 if idx is None:
-                    rel.extend(src_slots)
+                    rel.extend(move.src_slots)
                 else:
-                    rel.extend(src_slots[i] for i in idx)
-            notify_src = src is disk and listener is not None
-            notify_dst = dst is disk and listener is not None
-            queued = arrived.setdefault(dst, [])
-            n = 0
-            for i in rng:
-                page = pages[i]
-                if notify_src and page.indexed:
-                    listener("del", page, src_slots[i])  # type: ignore[misc]  # notify_src: not None
-                page.level, page.slot = dst, dst_slots[i]
-                if notify_dst and page.indexed:
-                    listener("put", page, dst_slots[i])  # type: ignore[misc]
-                page.move = None
-                state[i] = done
-                n += 1
-                if page.owners == 0 and not page.indexed and not page.freed:
-                    self._free(page, release_slot=True)  # an orphan (Placement._orphan)
-                elif page.locks == 0 and page.holds == 0 and not page.freed:  # Page.evictable (sync)
-                    queued.append(page)
+                    rel.extend(move.src_slots[i] for i in idx)
+            notify = listener is not None and (src is disk or dst is disk)
+            committed = np.flatnonzero(t.indexed[pids]).tolist() if notify else ()
+            if src is disk and listener is not None:
+                src_slots = move.src_slots if idx is None else [move.src_slots[i] for i in idx]
+                for j in committed:
+                    listener("del", t.handles[pids[j]], src_slots[j])
+            t.level[pids] = int(dst)
+            t.slot[pids] = dst_slots
+            if dst is disk and listener is not None:
+                for j in committed:
+                    listener("put", t.handles[pids[j]], dst_slots[j])
+            t.end_moves(pids)
+            gone = (t.owners[pids] == 0) & ~t.indexed[pids]  # orphans (Placement._orphans)
+            if gone.any():
+                orphans.append(pids[gone])
+                pids = pids[~gone]
+            ev = (t.locks[pids] == 0) & (t.holds[pids] == 0)  # Page.evictable: no longer moving
+            arrived.setdefault(dst, []).append(pids if ev.all() else pids[ev])
             if src is not None and src < dst:
-                evicted[src] += n
+                evicted[src] += len(move.pids) if idx is None else len(idx)
+        for gone_pids in orphans:
+            self._free_pids(gone_pids, release_slots=True)
         for level, slots in released.items():
             self._release_slots(level, slots)
-        for level, pages in arrived.items():
-            if pages:
-                self.queues[level].push_many(pages)  # moving pages were not queued
+        for level, runs in arrived.items():
+            ready = runs[0] if len(runs) == 1 else np.concatenate(runs)
+            if ready.size:
+                self.queues[level].push_pids(ready)  # moving pages were not queued
         for level, k in evicted.items():
             self.counters[_EVICTIONS[level]] += k
 
@@ -838,7 +889,7 @@ class Placement:
 
     def abort_many(self, move: Move, idx: Optional[Sequence[int]] = None) -> None:
         """:meth:`abort` for pages ``idx`` of ``move`` (None: all)."""
-        rng: Iterable[int] = range(len(move.pages)) if idx is None else idx
+        rng: Iterable[int] = range(len(move.pids)) if idx is None else idx
         chain: list[tuple[Move, int]] = []
         for i in rng:
             mv: Optional[Move] = move
@@ -852,17 +903,20 @@ class Placement:
                 after = mv.after
                 if after is None or after.state[i] is MoveState.DONE:
                     self.alloc[mv.dst].release(mv.dst_slots[i])
-                mv.pages[i].move = None
                 mv.state[i] = MoveState.ABORTED
                 chain.append((mv, i))
                 mv = mv.successor
-        for mv, i in chain:  # pages settle once every dependent move let go of its slot
-            page = mv.pages[i]
-            if mv.src is None:
-                self._free(page, release_slot=False)  # a new page that was never placed
-                continue
-            self._free_if_orphan(page)
-            self.sync(page)
+        if not chain:
+            return
+        pids = np.fromiter((mv.pids[i] for mv, i in chain), dtype=np.int64, count=len(chain))
+        new = np.fromiter((mv.src is None for mv, _ in chain), dtype=np.bool_, count=len(chain))
+        self.table.end_moves(pids)
+        # pages settle once every dependent move let go of its slot
+        self._free_pids(pids[new], release_slots=False)  # new pages that were never placed
+        placed = pids[~new]
+        orphans = self._orphans(placed)
+        self._free_pids(orphans, release_slots=True)
+        self._queue_evictable(placed[self.table.live[placed]])
 
     # ----------------------------------------------------------------- queries
     def usage(self, level: CacheLevel) -> TierUsage:
@@ -940,8 +994,8 @@ class Placement:
             if mv is not None:
                 if not mv.pending_at(i):
                     fail(f"page {page.pid} carries a settled move")
-                if len(mv.src_slots) != len(mv.pages) or len(mv.dst_slots) != len(mv.pages) or (
-                    mv.after is not None and len(mv.after.pages) != len(mv.pages)
+                if len(mv.src_slots) != len(mv.pids) or len(mv.dst_slots) != len(mv.pids) or (
+                    mv.after is not None and len(mv.after.pages) != len(mv.pids)
                 ):
                     fail(f"move of page {page.pid} has lists of different lengths")
                 if mv.src is not None and (mv.src != page.level or mv.src_slots[i] != page.slot):

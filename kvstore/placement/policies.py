@@ -23,9 +23,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 from ..errors import ConfigError
 from ..types import CacheLevel
-from .eviction import EvictionPolicy, EvictionQueue
+from .eviction import EvictionPolicy, EvictionQueue, PagesPolicy
 from .page import Page
 from .prefix import PrefixIndex, _Node
+from .table import PageTable
 
 
 def leaf_first(order: Iterator[Page], queue: EvictionPolicy, index: PrefixIndex) -> Iterator[Page]:
@@ -96,7 +97,7 @@ class _Order:
             link = link[1]
 
 
-class _PrefixAwareQueue:
+class _PrefixAwareQueue(PagesPolicy):
     """Recency lists per priority and segment; a page enters just before its parent when both share a list.
 
     So a prefix used in token order (parent first) is ordered children first, the order leaf-first
@@ -105,7 +106,8 @@ class _PrefixAwareQueue:
 
     segments = 1
 
-    def __init__(self, index: PrefixIndex) -> None:
+    def __init__(self, table: PageTable, index: PrefixIndex) -> None:
+        self.table = table
         self._index = index
         self._buckets: dict[int, list[_Order]] = {}
         self._where: dict[int, tuple[int, int]] = {}  # pid -> (priority, segment)
@@ -219,8 +221,8 @@ class SegmentedLRU(_PrefixAwareQueue):
 
     segments = 2  # 0: probation, 1: protected
 
-    def __init__(self, index: PrefixIndex, hot: HotSet) -> None:
-        super().__init__(index)
+    def __init__(self, table: PageTable, index: PrefixIndex, hot: HotSet) -> None:
+        super().__init__(table, index)
         self._hot_set = hot
 
     def _segment_of(self, page: Page) -> int:
@@ -247,15 +249,15 @@ PROTECTED_FRACTION = 0.6  # of all slots, for "slru" (swept 0.4-0.9 on the share
 
 
 def make_queues(
-    policy: str, index: PrefixIndex, levels: Sequence[CacheLevel], total_slots: int
+    policy: str, table: PageTable, index: PrefixIndex, levels: Sequence[CacheLevel], total_slots: int
 ) -> dict[CacheLevel, EvictionPolicy]:
     """One queue of ``policy`` (one of :data:`POLICIES`) per level, sharing what the policy shares."""
     if policy == "lru":
-        return {lvl: EvictionQueue() for lvl in levels}
+        return {lvl: EvictionQueue(table, int(lvl)) for lvl in levels}
     if policy == "lru-leaf":
-        return {lvl: LeafFirstLRU(index) for lvl in levels}
+        return {lvl: LeafFirstLRU(table, index) for lvl in levels}
     if policy == "slru":
         hot = HotSet(index, int(PROTECTED_FRACTION * total_slots))
-        hot.queues = {lvl: SegmentedLRU(index, hot) for lvl in levels}
+        hot.queues = {lvl: SegmentedLRU(table, index, hot) for lvl in levels}
         return dict(hot.queues)
     raise ConfigError(f"eviction_policy must be one of {list(POLICIES)}, got {policy!r}")

@@ -22,7 +22,7 @@ import torch
 
 from .._aio import settle
 from ..errors import CorruptPageError, InvalidStateError, StorageIOError
-from ..placement import Move, MoveState, Page, Placement, Plan
+from ..placement import Move, MoveState, Placement, Plan
 from ..types import CacheLevel
 from .arenas import DeviceArena, HostArena, StagingPool
 from .copier import Copier, Segment
@@ -101,21 +101,21 @@ def _ready(m: Move) -> tuple[Optional[list[int]], list[int]]:
     return (None if len(ok) == len(state) else ok), stuck
 
 
-def _flat(parts: Sequence[Part]) -> tuple[list[Page], list[int], list[int]]:
-    """The pages, source slots and destination slots of ``parts``, in order."""
-    pages: list[Page] = []
+def _flat(parts: Sequence[Part]) -> tuple[list[int], list[int], list[int]]:
+    """The pids, source slots and destination slots of ``parts``, in order."""
+    pids: list[int] = []
     src: list[int] = []
     dst: list[int] = []
     for m, idx in parts:
         if idx is None:
-            pages += m.pages
+            pids += m.pids.tolist()
             src += m.src_slots
             dst += m.dst_slots
         else:
-            pages += [m.pages[i] for i in idx]
+            pids += m.pids[idx].tolist()
             src += [m.src_slots[i] for i in idx]
             dst += [m.dst_slots[i] for i in idx]
-    return pages, src, dst
+    return pids, src, dst
 
 
 def _locate(parts: Sequence[Part], flat: set[int]) -> dict[int, list[int]]:
@@ -123,7 +123,7 @@ def _locate(parts: Sequence[Part], flat: set[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     base = 0
     for k, (m, idx) in enumerate(parts):
-        n = len(m.pages) if idx is None else len(idx)
+        n = len(m.pids) if idx is None else len(idx)
         for j in range(n):
             if base + j in flat:
                 out.setdefault(k, []).append(j if idx is None else idx[j])
@@ -244,7 +244,7 @@ class TransferExecutor:
         out: list[_Batch] = []
         for mv in plan.moves:
             k = (mv.src, mv.dst, mv.swap)
-            n = len(mv.pages)
+            n = len(mv.pids)
             limit = self._rows_limit(mv.src, mv.dst, mv.swap)
             if n > limit:
                 raise RuntimeError(f"a move of {n} pages exceeds a batch of {limit} (Placement.max_group is too big)")
@@ -326,7 +326,7 @@ class TransferExecutor:
         read_done = cast("asyncio.Future[None]", b.read_done)
         buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
         try:
-            pairs = [(m, i) for m in b.moves for i in range(len(m.pages))]  # staging row r holds pairs[r]
+            pairs = [(m, i) for m in b.moves for i in range(len(m.pids))]  # staging row r holds pairs[r]
             src_slots = [m.src_slots[i] for m, i in pairs]
             try:
                 await self.copier.copy(
@@ -406,10 +406,10 @@ class TransferExecutor:
                     self.placement.abort_many(m, idx)
                 return
             bad: set[int] = set()
-            pages, src_slots, dst_slots = _flat(ready)
+            pids, src_slots, dst_slots = _flat(ready)
             try:
-                if pages and b.src is not None:
-                    bad = await self._transfer(b.src, b.dst, pages, src_slots, dst_slots, after)
+                if pids and b.src is not None:
+                    bad = await self._transfer(b.src, b.dst, pids, src_slots, dst_slots, after)
             except Exception as exc:
                 for m, idx in ready:
                     self.placement.abort_many(m, idx)
@@ -422,10 +422,10 @@ class TransferExecutor:
                     m = ready[k][0]
                     for i in idx:
                         self._corrupt(m, i, state)
-                ready = [(m, [i for i in (range(len(m.pages)) if idx is None else idx) if m.pending_at(i)])
+                ready = [(m, [i for i in (range(len(m.pids)) if idx is None else idx) if m.pending_at(i)])
                          for m, idx in ready]
             self.placement.complete_many(ready)
-            self._count(b, len(pages) - len(bad), state)
+            self._count(b, len(pids) - len(bad), state)
         finally:
             if admitted:
                 self.io_sched.release(admitted)
@@ -539,11 +539,11 @@ class TransferExecutor:
                 out[-1].add_pages(arr[r0 : r0 + b - a], None if expected is None else expected[a:b])
         return out, order_l
 
-    def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], pages: list[Page]) -> None:
-        """After a write: remember (page, checksum) per disk slot, to verify the page when it is read back."""
+    def _record_sums(self, extents: list[Extent], order: list[int], disk_slots: Sequence[int], pids: list[int]) -> None:
+        """After a write: remember (page id, checksum) per disk slot, to verify the page when it is read back."""
         sums = cast("list[int]", [x for ext in extents for x in ext.sums])  # a write fills in every checksum
         for i, csum in zip(order, sums):
-            self.sums[disk_slots[i]] = (pages[i].pid, csum)
+            self.sums[disk_slots[i]] = (pids[i], csum)
 
     def bad_slot_indices(self, bad_offsets: Sequence[int], disk_slots: Sequence[int]) -> set[int]:
         """Indices into ``disk_slots`` of the slots read from the file offsets that failed verification."""
@@ -590,16 +590,15 @@ class TransferExecutor:
             await settle(self.before_disk_write(disk_slots))
 
     async def _transfer(
-        self, src: CacheLevel, dst: CacheLevel, pages: list[Page], src_slots: list[int], dst_slots: list[int],
+        self, src: CacheLevel, dst: CacheLevel, pids: list[int], src_slots: list[int], dst_slots: list[int],
         after: Optional[torch.cuda.Event],
     ) -> set[int]:
-        """Move the bytes of ``pages`` from ``src_slots`` to ``dst_slots``; returns the indices of the pages
-        that failed their checksum."""
+        """Move the bytes of pages ``pids`` from ``src_slots`` to ``dst_slots``; returns the indices of the
+        pages that failed their checksum."""
         if src != K and dst != K:
             lane = "up" if dst.value < src.value else "down"
             await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
             return set()
-        pids = [p.pid for p in pages]
         if not self._needs_staging(src, dst):
             if src == K:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
@@ -607,11 +606,11 @@ class TransferExecutor:
             extents, order = self._mem_extents(src, src_slots, dst_slots)
             await self._before_write(dst_slots)
             await settle(self._io.write(extents))
-            self._record_sums(extents, order, dst_slots, pages)
+            self._record_sums(extents, order, dst_slots, pids)
             return set()
         buf = await self.staging.acquire()
         try:
-            rows = list(range(len(pages)))
+            rows = list(range(len(pids)))
             bad: set[int] = set()
             if src == K:
                 extents, _ = self._extents(src_slots, self._staged(buf, rows), pids)
@@ -624,7 +623,7 @@ class TransferExecutor:
                 extents, order = self._extents(good_slots, self._staged(buf, good))
                 await self._before_write(good_slots)
                 await settle(self._io.write(extents))
-                self._record_sums(extents, order, good_slots, [pages[i] for i in good])
+                self._record_sums(extents, order, good_slots, [pids[i] for i in good])
             else:
                 await self.copier.copy([Segment(self.device.rows, dst_slots, buf, rows)], "up", after)
             return bad

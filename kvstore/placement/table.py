@@ -1,0 +1,162 @@
+"""The page table: every page's state as numpy columns indexed by page id, and the page handles.
+
+A page id (pid) is a row. Whole-cache operations (hold, release, lock, unlock, owners) are array
+operations over the pids of the pages involved; :class:`~kvstore.placement.page.Page` is a thin handle
+whose attributes read and write its row, for code that works page by page.
+
+Columns: ``level`` (a :class:`CacheLevel` value, -1 while not placed), ``slot`` (-1 while not placed),
+``priority``, ``owners``, ``locks``, ``holds``, ``move`` (serial of the :class:`Move` in flight, -1 none;
+the move objects are in :attr:`moves`), ``indexed``, ``live`` and ``stamp`` (the eviction queues'
+recency stamp, -1 while not queued). A freed page's handle is dead (``freed``) and stays so. Its row
+is reused, with a new handle, once the rows never used are all taken (so a row is not reused soon after
+it is freed); the table doubles when no row is left, so it holds at most twice the most pages ever live.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..types import CacheLevel
+
+if TYPE_CHECKING:
+    from .page import Move, Page
+
+#: level code -> CacheLevel; code -1 (not placed) reads as None
+LEVEL_OF: tuple[Optional[CacheLevel], ...] = (*CacheLevel, None)
+NO_LEVEL = -1
+_pid_of = attrgetter("pid")
+_COLUMNS: tuple[tuple[str, Any, int], ...] = (
+    ("level", np.int8, NO_LEVEL),
+    ("slot", np.int64, -1),
+    ("priority", np.int64, 0),
+    ("owners", np.int32, 0),
+    ("locks", np.int32, 0),
+    ("holds", np.int32, 0),
+    ("move", np.int64, -1),
+    ("indexed", np.bool_, False),
+    ("live", np.bool_, False),
+    ("stamp", np.int64, -1),
+)
+
+
+def pids_of(pages: Iterable["Page"], n: int = -1) -> np.ndarray:
+    """The pids of ``pages`` as an int64 array (``n``: their number when known)."""
+    return np.fromiter(map(_pid_of, pages), dtype=np.int64, count=n)
+
+
+class PageTable:
+    """Columns of page state, rows reused after a page is freed. Column arrays are replaced when the table
+    grows (:meth:`new_pages`): never keep one across a call that may create pages."""
+
+    level: np.ndarray
+    slot: np.ndarray
+    priority: np.ndarray
+    owners: np.ndarray
+    locks: np.ndarray
+    holds: np.ndarray
+    move: np.ndarray
+    indexed: np.ndarray
+    live: np.ndarray
+    stamp: np.ndarray
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = 0
+        for name, dtype, _ in _COLUMNS:
+            setattr(self, name, np.zeros(0, dtype=dtype))
+        self.handles = np.zeros(0, dtype=object)  # pid -> its live Page handle (None when free)
+        self._free = np.zeros(0, dtype=np.int64)  # rows never used, the next ones taken from the end
+        self._recycled: list[np.ndarray] = []  # rows of freed pages, taken once ``_free`` runs out
+        self._n_recycled = 0
+        self.moves: dict[int, "Move"] = {}  # serial -> move in flight
+        self._next_serial = 0
+        self.clock = 0  # next recency stamp
+        self._grow(capacity)
+
+    def __len__(self) -> int:
+        """Live pages."""
+        return self.capacity - self._free.size - self._n_recycled
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        for name, dtype, fill in _COLUMNS:
+            col = np.full(capacity, fill, dtype=dtype)
+            col[:old] = getattr(self, name)
+            setattr(self, name, col)
+        handles = np.empty(capacity, dtype=object)
+        handles[:old] = self.handles
+        self.handles = handles
+        self._free = np.concatenate((np.arange(capacity - 1, old - 1, -1, dtype=np.int64), self._free))
+        self.capacity = capacity
+
+    def new_pages(self, n: int, priority: int) -> tuple[np.ndarray, list["Page"]]:
+        """``n`` new live pages, not placed yet: their pids and handles."""
+        from .page import Page
+
+        if n > self._free.size and self._recycled:
+            reuse = np.concatenate(self._recycled)[::-1]  # taken from the end: the first freed first
+            self._free = np.concatenate((reuse, self._free))
+            self._recycled, self._n_recycled = [], 0
+        if n > self._free.size:
+            self._grow(max(2 * self.capacity, self.capacity + n - self._free.size))
+        free = self._free
+        pids = free[free.size - n:][::-1].copy()  # the lowest free rows first
+        self._free = free[: free.size - n]
+        for name, _, fill in _COLUMNS:
+            getattr(self, name)[pids] = fill
+        self.priority[pids] = priority
+        self.live[pids] = True
+        pages = [Page(self, pid) for pid in pids.tolist()]
+        self.handles[pids] = pages
+        return pids, pages
+
+    def free_pages(self, pids: np.ndarray) -> None:
+        """Rows ``pids`` (live, distinct) become free; their handles are dead from now on."""
+        for page in self.handles[pids].tolist():
+            page._live = False
+        self.live[pids] = False
+        self.level[pids] = NO_LEVEL
+        self.slot[pids] = -1
+        self.stamp[pids] = -1
+        self.handles[pids] = None
+        self._recycled.append(pids.copy())
+        self._n_recycled += pids.size
+
+    def pages(self, pids: np.ndarray) -> list["Page"]:
+        """The handles of ``pids``."""
+        return self.handles[pids].tolist()  # type: ignore[no-any-return]
+
+    def live_pids(self) -> np.ndarray:
+        return np.flatnonzero(self.live)
+
+    # ----------------------------------------------------------------- moves
+    def start_move(self, move: "Move", pids: np.ndarray) -> int:
+        """Register ``move`` as moving ``pids``: its serial."""
+        serial = self._next_serial
+        self._next_serial += 1
+        self.moves[serial] = move
+        self.move[pids] = serial
+        return serial
+
+    def end_moves(self, pids: np.ndarray) -> None:
+        """``pids`` are settled (their moves done or aborted); moves left with no page are forgotten."""
+        serials = self.move[pids]
+        self.move[pids] = -1
+        for s in np.unique(serials).tolist():
+            mv = self.moves.get(s)
+            if mv is not None:
+                mv.left -= int(np.count_nonzero(serials == s)) if serials.size > 1 else 1
+                if mv.left <= 0:
+                    del self.moves[s]
+
+    def move_of(self, pid: int) -> Optional["Move"]:
+        s = self.move.item(pid)
+        return None if s < 0 else self.moves[s]
+
+    # ----------------------------------------------------------------- queries
+    def evictable(self, pids: np.ndarray) -> np.ndarray:
+        """Mask of ``pids`` that no cache locks, no operation holds and no move carries (and are live)."""
+        mask: np.ndarray = (self.locks[pids] == 0) & (self.holds[pids] == 0) & (self.move[pids] < 0) & self.live[pids]
+        return mask
