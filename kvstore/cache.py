@@ -224,15 +224,11 @@ class KVCache:
         A CPU tensor by default; ``device`` (e.g. ``mgr.device_pool.device``) builds it there instead, for
         indexing the pool or handing it to an attention kernel without a ``.to()`` of your own."""
         self._require(CacheStatus.ACTIVE, what="page_indices()")
-        return torch.tensor([p.slot for p in self._pages], dtype=torch.int64, device=device)
+        return torch.tensor(self._mgr._placement.slots_of(self._pages), dtype=torch.int64, device=device)
 
     def page_levels(self) -> dict[CacheLevel, int]:
         """Pages of this cache per level (a moving page counts at the level it is leaving)."""
-        out = {lvl: 0 for lvl in self._mgr.config.levels}
-        for p in self._pages:
-            if p.level is not None:
-                out[p.level] += 1
-        return out
+        return self._mgr._placement.per_level(self._pages)
 
     # ------------------------------------------------------------------ prefix reuse
     def commit(self, tokens: Sequence[int]) -> None:

@@ -497,10 +497,7 @@ class KVCacheManager:
         """How much of ``tokens`` is reusable and where those pages are now; holds nothing."""
         self._check_running()
         pages, _ = self._match(as_token_array(tokens))
-        per_level = {lvl: 0 for lvl in self.config.levels}
-        for p in pages:
-            if p.level is not None:  # an indexed page is placed
-                per_level[p.level] += 1
+        per_level = self._placement.per_level(pages)  # an indexed page is placed
         return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level)
 
     # ------------------------------------------------------------------ the shared remote tier
@@ -547,10 +544,8 @@ class KVCacheManager:
         priority = prio
         arr = as_token_array(tokens) if tokens is not None else np.zeros(0, dtype=np.int64)
         pages, last_key = self._match(arr)
-        for page in pages:
-            self._placement.add_owner(page, priority)
-        for page in reversed(pages):  # deepest first: a parent is never less recently reused than its child
-            self._placement.record_hit(page)
+        self._placement.add_owners(pages, priority)
+        self._placement.record_hits(pages[::-1])  # deepest first: a parent is never less recently reused than its child
         reused = len(pages) * self.layout.tokens_per_page
         self._stats["prefix_hit_tokens"] += reused
         cache = KVCache(self, list(pages), priority, arr[:reused].copy(), last_key)
@@ -574,16 +569,15 @@ class KVCacheManager:
         return keys
 
     # ------------------------------------------------------------------ cache operations
-    @staticmethod
-    def _moving(pages: Sequence[Page]) -> set[asyncio.Future[None]]:
+    def _moving(self, pages: Sequence[Page]) -> set[asyncio.Future[None]]:
         """The ``settled`` awaitables of the pages of ``pages`` in flight. A batch settles each of its moves
         before it is done: a done one with its move still pending is a bug, raised (never spun on)."""
         out: set[asyncio.Future[None]] = set()
-        for p in pages:
-            if p.move is not None:
-                if p.move.settled is None or p.move.settled.done():
-                    raise RuntimeError(f"page {p.pid} is moving but its transfer batch ended without settling it")
-                out.add(p.move.settled)
+        for move in self._placement.moves_of(pages):
+            if move.settled is None or move.settled.done():
+                raise RuntimeError(f"pages {move.pids[:4].tolist()}... are moving but their transfer batch ended "
+                                   "without settling them")
+            out.add(move.settled)
         return out
 
     async def _wait_moving(self, pages: Sequence[Page]) -> None:
@@ -689,7 +683,7 @@ class KVCacheManager:
             async def attempt() -> bool:
                 if not op.held:
                     self._ledger.hold(op, cache._pages)
-                if any(p.move is not None for p in op.held):
+                if pl.moves_of(op.held):
                     return False  # another operation moves a page of this cache: wait for it
                 pages = op.held
                 room = pl.check_promotion(pages, CacheLevel.DEVICE)
@@ -706,7 +700,7 @@ class KVCacheManager:
                     await self._finish(op)
                     op.runs = []
                     self._check_live(cache, CacheStatus.SUSPENDED, "resume()")
-                    if all(p.level == CacheLevel.DEVICE and p.move is None for p in op.held):
+                    if pl.at_level(op.held, (CacheLevel.DEVICE,), settled=True).all():
                         break
                 else:
                     raise CapacityError("resume() could not bring every page to the device level; retry")
@@ -724,8 +718,7 @@ class KVCacheManager:
 
         def plan_chunk(i: int, k: int) -> Plan:
             chunk, plan = pl.plan_new_pages(k, CacheLevel.DEVICE, cache.priority, check=room)
-            for p in chunk:
-                p.owners = 1  # owned by this operation until the whole resize succeeded
+            pl.set_owners(chunk, 1)  # owned by this operation until the whole resize succeeded
             op.owned.extend(chunk)
             self._ledger.hold(op, chunk)  # not evictable once placed; locked at the end
             return plan
@@ -801,7 +794,7 @@ class KVCacheManager:
                         finally:
                             # pages not moving (already hot, now most recently used, or not moved) are evictable
                             # again; moving ones stay held until the prefetch ends
-                            self._ledger.release(op, keep={p.pid for p in pages if p.move is not None})
+                            self._ledger.release(op, keep=pl.moving_pids(pages))
                     await self._finish(op)
                 except BaseException:
                     await self._abandon(op)  # no transfer outlives the operation (nor its gate)
@@ -821,8 +814,8 @@ class KVCacheManager:
         many of ``colder`` (the pages it set out to move) arrived; ``t0``: when it started (None: now)."""
         pl = self._placement
         there = set(pl.levels[: pl.level_index(target) + 1])  # the target level and hotter ones
-        complete = all(p.level in there for p in pages)
-        n = sum(1 for p in colder if p.level in there)
+        complete = bool(pl.at_level(pages, there).all())
+        n = int(np.count_nonzero(pl.at_level(colder, there)))
         seconds = 0.0 if t0 is None else time.perf_counter() - t0
         return PrefetchResult(complete, n, n * self._page_bytes, seconds, cancelled=cancelled)
 

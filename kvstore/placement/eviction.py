@@ -52,6 +52,12 @@ class EvictionPolicy(Protocol):
     def hit(self, page: Page) -> None:
         """``page`` was reused as a committed prefix page (queued or not)."""
 
+    def touch_pids(self, pids: np.ndarray) -> None:
+        """:meth:`touch` of every page of ``pids``, in order."""
+
+    def hit_pids(self, pids: np.ndarray) -> None:
+        """:meth:`hit` of every page of ``pids``, in order."""
+
     def candidates(self) -> Iterator[Page]:
         """Pages in eviction order."""
 
@@ -87,6 +93,20 @@ class PagesPolicy:
 
         return pids_of(islice(self.candidates(), max(k, 0)))
 
+    def touch(self, page: Page) -> None:
+        raise NotImplementedError
+
+    def hit(self, page: Page) -> None:
+        raise NotImplementedError
+
+    def touch_pids(self, pids: np.ndarray) -> None:
+        for page in self.table.pages(pids):
+            self.touch(page)
+
+    def hit_pids(self, pids: np.ndarray) -> None:
+        for page in self.table.pages(pids):
+            self.hit(page)
+
 
 class _Log:
     """Queue entries of one priority, oldest first: ``pids[head:n]`` with the stamps they were queued with."""
@@ -112,6 +132,14 @@ class _Log:
         self.pids[self.n:self.n + k] = pids
         self.stamps[self.n:self.n + k] = stamps
         self.n += k
+
+    def append1(self, pid: int, stamp: int) -> None:
+        if self.n == self.pids.size:
+            self.append(np.array([pid], dtype=np.int64), np.array([stamp], dtype=np.int64))
+            return
+        self.pids[self.n] = pid
+        self.stamps[self.n] = stamp
+        self.n += 1
 
     def compact(self, stamp: np.ndarray) -> int:
         """Drop stale entries; the live ones left."""
@@ -194,15 +222,27 @@ class EvictionQueue:
             self._len -= mine.size
 
     def push(self, page: Page) -> None:
-        self.push_pids(np.array([page.pid], dtype=np.int64))
+        t, pid = self.table, page.pid
+        if not (t.stamp.item(pid) >= 0 and t.level.item(pid) == self.code):
+            self._len += 1
+        stamp = t.clock
+        t.clock += 1
+        t.stamp[pid] = stamp
+        self._log(t.priority.item(pid)).append1(pid, stamp)
+        self._entries += 1
+        if self._entries > 2 * self._len + 4096:
+            self._compact()
 
     def remove(self, page: Page) -> None:
         if page not in self:
             raise KeyError(page.pid)
-        self.discard_pids(np.array([page.pid], dtype=np.int64))
+        self.table.stamp[page.pid] = -1
+        self._len -= 1
 
     def discard(self, page: Page) -> None:
-        self.discard_pids(np.array([page.pid], dtype=np.int64))
+        if page in self:
+            self.table.stamp[page.pid] = -1
+            self._len -= 1
 
     def push_many(self, pages: Sequence[Page]) -> None:
         self.push_pids(pids_of(pages, len(pages)))
@@ -218,6 +258,12 @@ class EvictionQueue:
     def hit(self, page: Page) -> None:
         """A prefix hit is a use like any other for LRU."""
         self.touch(page)
+
+    def touch_pids(self, pids: np.ndarray) -> None:
+        self.push_pids(self._mine(pids))
+
+    def hit_pids(self, pids: np.ndarray) -> None:
+        self.touch_pids(pids)
 
     def _runs(self, window: int = _WINDOW) -> Iterator[np.ndarray]:
         """Queued pids in eviction order, ``window`` entries checked at a time (a log's leading stale

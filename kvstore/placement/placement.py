@@ -17,6 +17,7 @@ from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
 import numpy as np
 
+from .eviction import EvictionQueue
 from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
 from .prefix import PrefixIndex
@@ -331,6 +332,30 @@ class Placement:
         if node is not None and node.hits and page.level is not None:
             self.queues[page.level].hit(page)  # a recently dropped key committed again: a reuse
         return added
+
+    def add_owners(self, pages: Sequence[Page], priority: int) -> None:
+        """:meth:`add_owner` of every page of ``pages`` (distinct): the pages of lower priority are raised to
+        ``priority`` and made most recently used, in order."""
+        t = self.table
+        pids = pids_of(pages, len(pages))
+        t.owners[pids] += 1
+        low = pids[t.priority[pids] < priority]
+        if low.size:
+            t.priority[low] = priority
+            for queue, queued in self._per_queue(low):
+                queue.touch_pids(queued)
+
+    def set_owners(self, pages: Sequence[Page], n: int) -> None:
+        """Every page of ``pages`` has ``n`` owners (new pages an operation owns until it ends)."""
+        self.table.owners[pids_of(pages, len(pages))] = n
+
+    def record_hits(self, pages: Sequence[Page]) -> None:
+        """:meth:`record_hit` of every page of ``pages`` (distinct), in order."""
+        for page in pages:
+            self.index.record_hit(page)
+        pids = pids_of(pages, len(pages))
+        for queue, hit in self._per_queue(pids):
+            queue.hit_pids(hit)
 
     def record_hit(self, page: Page) -> None:
         """``page`` was reused as a committed prefix page: count it and tell its level's policy."""
@@ -919,6 +944,41 @@ class Placement:
         self._queue_evictable(placed[self.table.live[placed]])
 
     # ----------------------------------------------------------------- queries
+    def moves_of(self, pages: Sequence[Page]) -> list[Move]:
+        """The moves in flight carrying some of ``pages``."""
+        serials = self.table.move[pids_of(pages, len(pages))]
+        moving = serials[serials >= 0]
+        if not moving.size:
+            return []
+        return [self.table.moves[s] for s in np.unique(moving).tolist()]
+
+    def moving_pids(self, pages: Sequence[Page]) -> set[int]:
+        """The pids of the pages of ``pages`` in flight."""
+        pids = pids_of(pages, len(pages))
+        return set(pids[self.table.move[pids] >= 0].tolist())
+
+    def at_level(self, pages: Sequence[Page], levels: Iterable[CacheLevel], settled: bool = False) -> np.ndarray:
+        """Mask of ``pages`` whose level is one of ``levels`` (``settled``: and not moving)."""
+        t = self.table
+        pids = pids_of(pages, len(pages))
+        want = np.zeros(len(LEVEL_OF), dtype=np.bool_)
+        for lvl in levels:
+            want[int(lvl)] = True
+        mask: np.ndarray = want[t.level[pids]] & t.live[pids]
+        if settled:
+            mask &= t.move[pids] < 0
+        return mask
+
+    def per_level(self, pages: Sequence[Page]) -> dict[CacheLevel, int]:
+        """Pages of ``pages`` per configured level (placed, live ones)."""
+        t = self.table
+        pids = pids_of(pages, len(pages))
+        counts = np.bincount(t.level[pids][t.live[pids]] + 1, minlength=len(LEVEL_OF) + 1)
+        return {lvl: int(counts[int(lvl) + 1]) for lvl in self.levels}
+
+    def slots_of(self, pages: Sequence[Page]) -> list[int]:
+        return self._slots(pids_of(pages, len(pages)))
+
     def usage(self, level: CacheLevel) -> TierUsage:
         alloc = self.alloc[level]
         return TierUsage(
@@ -928,6 +988,29 @@ class Placement:
             evictable_pages=len(self.queues[level]),
             free_pages=alloc.total - alloc.used_count,
         )
+
+    def _check_table(self) -> None:
+        """The table's own bookkeeping: free rows have no handle and no queue stamp, every live handle is its
+        row's, each move in flight is carried by exactly its unsettled pages, LRU queue lengths count their
+        stamped rows."""
+        t = self.table
+        live = t.live
+        if any(h is not None for h in t.handles[~live].tolist()) or (t.stamp[~live] >= 0).any():
+            raise AssertionError("a free row of the page table keeps a handle or a queue stamp")
+        if any(h is None or h.freed or t.handles[h.pid] is not h for h in t.handles[live].tolist()):
+            raise AssertionError("a live row of the page table has no live handle of its own")
+        serials, counts = np.unique(t.move[live & (t.move >= 0)], return_counts=True)
+        for serial, n in zip(serials.tolist(), counts.tolist()):
+            mv = t.moves.get(serial)
+            if mv is None or mv.left != n:
+                raise AssertionError(f"move {serial} carries {n} pages but records {None if mv is None else mv.left}")
+        if len(t.moves) != serials.size:
+            raise AssertionError(f"{len(t.moves) - serials.size} settled moves are still registered")
+        for lvl, queue in self.queues.items():
+            if isinstance(queue, EvictionQueue):
+                n = int(np.count_nonzero(live & (t.stamp >= 0) & (t.level == int(lvl))))
+                if n != len(queue):
+                    raise AssertionError(f"the {lvl.label} queue counts {len(queue)} pages, {n} rows are stamped")
 
     def check_invariants(self) -> None:
         """Raise AssertionError naming the first violated invariant."""
@@ -948,7 +1031,8 @@ class Placement:
                 fail(f"page {page.pid} carries a move that does not hold it")
             return cast(int, j)
 
-        for page in self.pages.values():
+        registry = self.pages
+        for page in registry.values():
             if page.freed:
                 fail(f"freed page {page.pid} is still registered")
             mv = page.move
@@ -1022,9 +1106,10 @@ class Placement:
             if alloc.used_count > alloc.total:
                 fail(f"{lvl.label}: {alloc.used_count} slots used of {alloc.total}")
             for page in self.queues[lvl].candidates():
-                if page.pid not in self.pages or page.level != lvl:
+                if page.pid not in registry or page.level != lvl:
                     fail(f"queue of {lvl.label} holds page {page.pid} that is not there")
+        self._check_table()
         for page in self.index.pages():
-            if page.pid not in self.pages:
+            if page.pid not in registry:
                 fail(f"prefix index holds freed page {page.pid}")
         self.index.check()
