@@ -71,7 +71,7 @@ class Ledger:
     # ------------------------------------------------------------------ holds
     def hold(self, op: Operation, pages: Iterable[Page]) -> None:
         """Hold each of ``pages`` for ``op`` (freed pages are skipped)."""
-        new = [p for p in pages if not p.freed]
+        new = self._pl.live_pages(pages)
         self._pl.hold_all(new)
         op.held.extend(new)
 

@@ -1,54 +1,14 @@
-"""Eviction queue of one level: evictable pages, LRU within priority, lower priority evicted first.
-
-:class:`EvictionPolicy` is the interface every per-level queue implements (see
-:mod:`kvstore.placement.policies` for the others); :class:`EvictionQueue` is the LRU baseline.
-"""
+"""Reference model of the LRU eviction queue: the dict-per-priority queue over page objects that the
+engine used before the page table (kvstore.placement.eviction keeps the same order in array columns)."""
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
-from .page import Page
-
-
-class EvictionPolicy(Protocol):
-    """The evictable pages of one level, in eviction order.
-
-    ``candidates()`` yields pages in the order they should leave, lazily and without changing any state
-    (a planning draft stops early and may discard the iterator); the queue must not change while it runs.
-    Every other method is O(1) or O(log n) amortized.
-    """
-
-    def __len__(self) -> int: ...
-
-    def __contains__(self, page: Page) -> bool: ...
-
-    def push(self, page: Page) -> None:
-        """Queue ``page`` (it became evictable at this level) as most recently used."""
-
-    def remove(self, page: Page) -> None:
-        """Take a queued ``page`` out (KeyError if it is not queued)."""
-
-    def discard(self, page: Page) -> None:
-        """Take ``page`` out if it is queued."""
-
-    def push_many(self, pages: Sequence[Page]) -> None:
-        """:meth:`push` of every page of ``pages``, in order (a page queued already becomes most recent)."""
-
-    def discard_many(self, pages: Sequence[Page]) -> None:
-        """:meth:`discard` of every page of ``pages``."""
-
-    def touch(self, page: Page) -> None:
-        """``page`` was used: most recently used (re-ordered if its priority changed); no-op if not queued."""
-
-    def hit(self, page: Page) -> None:
-        """``page`` was reused as a committed prefix page (queued or not)."""
-
-    def candidates(self) -> Iterator[Page]:
-        """Pages in eviction order."""
+from kvstore.placement.page import Page
 
 
-class EvictionQueue:
+class ReferenceQueue:
     """Pages in eviction order: ascending priority, then least recently used first."""
 
     def __init__(self) -> None:

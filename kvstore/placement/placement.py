@@ -9,6 +9,7 @@ reserves destination slots and marks moving pages; :meth:`Placement.complete` an
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
@@ -26,6 +27,7 @@ from .table import LEVEL_OF, PageTable, pids_of
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
+_alive = attrgetter("_live")  # Page.freed, negated, without a call per page
 _MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
@@ -180,11 +182,12 @@ class Placement:
             if level is not None:
                 yield self.queues[level], (pids if idx is None else pids[idx])
 
-    def _live(self, pages: Sequence[Page]) -> np.ndarray:
-        """The pids of the live pages of ``pages`` (distinct), in order."""
-        pids = pids_of(pages, len(pages))
-        live = self.table.live[pids]
-        return pids if live.all() else pids[live]
+    def live_pages(self, pages: Iterable[Page]) -> list[Page]:
+        """The pages of ``pages`` not freed, in order."""
+        pages = list(pages)
+        if all(map(_alive, pages)):
+            return pages
+        return [p for p in pages if not p.freed]
 
     def hold_all(self, pages: Sequence[Page]) -> None:
         """Keep every page of ``pages`` (distinct, live) out of eviction while an operation (resume, prefetch)

@@ -87,10 +87,11 @@ def _ready(m: Move) -> tuple[Optional[list[int]], list[int]]:
     """(pages of ``m`` to transfer now, pending pages whose destination slot was never vacated). The first is
     None when it is every page (the common case, found without a loop when nothing settled early)."""
     after, state = m.after, m.state
+    if m.left == len(state) and MoveState.STAGED not in state:  # every page PENDING
+        if after is None or (after.left == 0 and MoveState.ABORTED not in after.state):  # and every slot vacated
+            return None, []
     pending = (MoveState.PENDING, MoveState.STAGED)
     if after is None:
-        if all(st is MoveState.PENDING for st in state):
-            return None, []
         return [i for i, st in enumerate(state) if st in pending], []
     vacated = (MoveState.DONE, MoveState.STAGED)
     ok: list[int] = []
