@@ -144,6 +144,13 @@ class PageTable:
         """``pids`` are settled (their moves done or aborted); moves left with no page are forgotten."""
         serials = self.move[pids]
         self.move[pids] = -1
+        first = serials.item(0) if serials.size else -1
+        if first >= 0 and (serials.size == 1 or (serials == first).all()):  # one move (settling a move's pages)
+            mv = self.moves[first]
+            mv.left -= serials.size
+            if mv.left <= 0:
+                del self.moves[first]
+            return
         for s in np.unique(serials).tolist():
             mv = self.moves.get(s)
             if mv is not None:
