@@ -2,9 +2,12 @@
 
 Primitives:
 
-- :class:`Page` — one page of KV data and where it lives (level, slot), who holds it, whether it moves.
+- :class:`PageTable` — every page's state (level, slot, owners, locks, holds, move, recency...) as numpy
+  columns indexed by page id; whole-cache operations are array operations over page ids.
+- :class:`Page` — a handle of one page's row, for code that works page by page.
 - :class:`SlotAllocator` — the fixed slots of one level (lowest free slot first).
-- :class:`EvictionQueue` — the evictable pages of one level, LRU within priority (lower priority first).
+- :class:`EvictionQueue` — the evictable pages of one level, LRU within priority (lower priority first),
+  kept as recency stamps in the table.
 - :class:`PrefixIndex` — committed pages keyed by a chained hash of their token prefix.
 - :class:`Placement` — the levels together: makes room (demote, cascade, drop), plans moves as
   :class:`Plan` objects, and commits or rolls back each :class:`Move` when its transfer ends.
@@ -15,6 +18,7 @@ from .page import Move, MoveState, Page, PageMove, Plan
 from .placement import Placement, RoomCheck
 from .prefix import PrefixIndex, PrefixHasher
 from .slots import SlotAllocator
+from .table import PageTable
 
 __all__ = [
     "EvictionQueue",
@@ -22,6 +26,7 @@ __all__ = [
     "MoveState",
     "PageMove",
     "Page",
+    "PageTable",
     "Placement",
     "Plan",
     "RoomCheck",

@@ -289,10 +289,7 @@ class Placement:
         return page
 
     def _free(self, page: Page, release_slot: bool) -> None:
-        self._free_many([page], release_slot)
-
-    def _free_many(self, pages: Sequence[Page], release_slots: bool) -> None:
-        self._free_pids(pids_of(pages, len(pages)), release_slots)
+        self._free_pids(np.array([page.pid], dtype=np.int64), release_slot)
 
     def _free_pids(self, pids: np.ndarray, release_slots: bool) -> None:
         """Forget ``pids`` (distinct, live): out of the journal and the prefix index if committed, out of

@@ -146,17 +146,15 @@ class PageTable:
         self.move[pids] = -1
         first = serials.item(0) if serials.size else -1
         if first >= 0 and (serials.size == 1 or (serials == first).all()):  # one move (settling a move's pages)
-            mv = self.moves[first]
-            mv.left -= serials.size
+            groups = [(first, serials.size)]
+        else:
+            found, counts = np.unique(serials[serials >= 0], return_counts=True)
+            groups = list(zip(found.tolist(), counts.tolist()))
+        for serial, n in groups:
+            mv = self.moves[serial]
+            mv.left -= n
             if mv.left <= 0:
-                del self.moves[first]
-            return
-        for s in np.unique(serials).tolist():
-            mv = self.moves.get(s)
-            if mv is not None:
-                mv.left -= int(np.count_nonzero(serials == s)) if serials.size > 1 else 1
-                if mv.left <= 0:
-                    del self.moves[s]
+                del self.moves[serial]
 
     def move_of(self, pid: int) -> Optional["Move"]:
         s = self.move.item(pid)
