@@ -15,7 +15,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .page import Page
-from .table import PageTable, pids_of
+from .table import PageTable, every, pids_of
 
 
 class EvictionPolicy(Protocol):
@@ -172,9 +172,8 @@ class EvictionQueue:
         return page._live and t.stamp.item(page.pid) >= 0 and t.level.item(page.pid) == self.code
 
     def _mine(self, pids: np.ndarray) -> np.ndarray:
-        """The pids of ``pids`` queued here."""
-        t = self.table
-        mine: np.ndarray = pids[(t.stamp[pids] >= 0) & (t.level[pids] == self.code)]
+        """The pids of ``pids`` (pages of this level) queued here."""
+        mine: np.ndarray = pids[self.table.stamp[pids] >= 0]
         return mine
 
     def push_pids(self, pids: np.ndarray) -> None:
@@ -183,13 +182,13 @@ class EvictionQueue:
         if k == 0:
             return
         t = self.table
-        self._len += k - self._mine(pids).size
+        self._len += k - int(np.count_nonzero(t.stamp[pids] >= 0))
         stamps = np.arange(t.clock, t.clock + k, dtype=np.int64)
         t.clock += k
         t.stamp[pids] = stamps
         prio = t.priority[pids]
         p0 = prio[0]
-        if k == 1 or (prio == p0).all():
+        if k == 1 or every(prio == p0):
             self._log(int(p0)).append(pids, stamps)
         else:
             for p in np.unique(prio).tolist():

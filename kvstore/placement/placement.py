@@ -23,7 +23,7 @@ from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
 from .prefix import PrefixIndex
 from .slots import SlotAllocator
-from .table import LEVEL_OF, PageTable, pids_of
+from .table import LEVEL_OF, PageTable, every, pids_of, some
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
@@ -70,7 +70,7 @@ def _by_level(table: PageTable, pids: np.ndarray) -> list[tuple[Optional[CacheLe
     if pids.size == 0:
         return []
     lv = table.level[pids]
-    if (lv == lv[0]).all():
+    if every(lv == lv[0]):
         return [(LEVEL_OF[int(lv[0])], None)]
     codes, first = np.unique(lv, return_index=True)
     return [(LEVEL_OF[int(codes[k])], np.flatnonzero(lv == codes[k])) for k in np.argsort(first).tolist()]
@@ -211,7 +211,7 @@ class Placement:
         t = self.table
         pids = pids_of(pages, len(pages))
         bad = (t.level[pids] != int(CacheLevel.DEVICE)) | (t.move[pids] >= 0) | ~t.live[pids]
-        if bad.any():
+        if some(bad):
             pid = int(pids[np.argmax(bad)])
             raise RuntimeError(f"locking page {pid} that is not settled on the device level")
         t.holds[pids] -= 1
@@ -228,7 +228,7 @@ class Placement:
         """Queue the pages of ``pids`` that are evictable now as most recently used, in order: one bulk
         insertion per level (a page queued already moves to the end)."""
         ev = self.table.evictable(pids)
-        for queue, free in self._per_queue(pids if ev.all() else pids[ev]):
+        for queue, free in self._per_queue(pids if every(ev) else pids[ev]):
             queue.push_pids(free)
 
     def add_owner(self, page: Page, priority: int) -> None:
@@ -367,7 +367,7 @@ class Placement:
         """The pids of ``pids`` a promotion to level index ``ti`` moves: placed, settled and colder."""
         t = self.table
         keep = (self._rank[t.level[pids]] > ti) & (t.move[pids] < 0) & t.live[pids]
-        return pids if keep.all() else pids[keep]
+        return pids if every(keep) else pids[keep]
 
     def _colder(self, pages: Sequence[Page], ti: int) -> list[Page]:
         """The pages of ``pages`` a promotion to level index ``ti`` moves: placed, settled and colder."""
@@ -683,7 +683,7 @@ class Placement:
                 return None
         vs = self.queues[self.levels[-1]].first(m)
         t = self.table
-        if ((t.owners[vs] == 0) & t.indexed[vs]).all():  # Page.droppable
+        if every((t.owners[vs] == 0) & t.indexed[vs]):  # Page.droppable
             return out
         return None
 
@@ -695,7 +695,7 @@ class Placement:
             return None
         lv = self.table.level[colder]
         src = int(lv[0])
-        if (lv != src).any() or (src == int(CacheLevel.HOST) and self._host_below(ti)):
+        if some(lv != src) or (src == int(CacheLevel.HOST) and self._host_below(ti)):
             return None
         return self._cascade(ti, len(colder))
 
@@ -709,7 +709,7 @@ class Placement:
         first, then one victim per remaining page from the target's eviction queue, each into a free host
         slot while the host has one, then into the slot of the page promoted in its place. None: not that
         case (or too few victims for every page), let the other paths decide."""
-        if not colder.size or not self._host_below(ti) or (self.table.level[colder] != int(CacheLevel.HOST)).any():
+        if not colder.size or not self._host_below(ti) or some(self.table.level[colder] != int(CacheLevel.HOST)):
             return None
         free = min(len(colder), self.alloc[self.levels[ti]].free_count)
         need = len(colder) - free
@@ -883,11 +883,11 @@ class Placement:
                     listener("put", t.handles[pids[j]], dst_slots[j])
             t.end_moves(pids)
             gone = (t.owners[pids] == 0) & ~t.indexed[pids]  # orphans (Placement._orphans)
-            if gone.any():
+            if some(gone):
                 orphans.append(pids[gone])
                 pids = pids[~gone]
             ev = (t.locks[pids] == 0) & (t.holds[pids] == 0)  # Page.evictable: no longer moving
-            arrived.setdefault(dst, []).append(pids if ev.all() else pids[ev])
+            arrived.setdefault(dst, []).append(pids if every(ev) else pids[ev])
             if src is not None and src < dst:
                 evicted[src] += len(move.pids) if idx is None else len(idx)
         for gone_pids in orphans:

@@ -42,6 +42,16 @@ _COLUMNS: tuple[tuple[str, Any, int], ...] = (
 )
 
 
+def every(mask: np.ndarray) -> bool:
+    """``mask.all()`` for a 1-D boolean array, without ndarray.all()'s Python-level wrapper (hot paths)."""
+    return int(np.count_nonzero(mask)) == mask.size
+
+
+def some(mask: np.ndarray) -> bool:
+    """``mask.any()`` for a 1-D boolean array (as :func:`every`)."""
+    return int(np.count_nonzero(mask)) > 0
+
+
 def pids_of(pages: Iterable["Page"], n: int = -1) -> np.ndarray:
     """The pids of ``pages`` as an int64 array (``n``: their number when known)."""
     return np.fromiter(map(_pid_of, pages), dtype=np.int64, count=n)
@@ -145,7 +155,7 @@ class PageTable:
         serials = self.move[pids]
         self.move[pids] = -1
         first = serials.item(0) if serials.size else -1
-        if first >= 0 and (serials.size == 1 or (serials == first).all()):  # one move (settling a move's pages)
+        if first >= 0 and (serials.size == 1 or every(serials == first)):  # one move (settling a move's pages)
             groups = [(first, serials.size)]
         else:
             found, counts = np.unique(serials[serials >= 0], return_counts=True)
