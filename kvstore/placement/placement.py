@@ -601,10 +601,7 @@ class Placement:
         """The ``n`` lowest free slots of ``level`` (what ``n`` calls of ``allocate()`` would give)."""
         if n == 1:
             return [self.alloc[level].allocate()]
-        out: list[int] = []
-        for r in self.alloc[level].allocate_many(n):
-            out.extend(r)
-        return out
+        return self.alloc[level].allocate_array(n).tolist()  # type: ignore[no-any-return]
 
     def _move1(self, page: Page, src: Optional[CacheLevel], src_slot: int, dst: CacheLevel, dst_slot: int,
                after: Optional[Move], handoff: bool = False) -> Move:

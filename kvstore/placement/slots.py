@@ -92,28 +92,35 @@ class SlotAllocator:
         self._nfree -= 1
         return -1 - y
 
-    def allocate_many(self, n: int) -> list[range]:
-        """Take the ``n`` lowest free slots below ``limit``, as ascending ranges (O(ranges taken)).
-        All or nothing: LookupError and no change if fewer than ``n`` are free below the limit."""
+    def allocate_array(self, n: int) -> np.ndarray:
+        """Take the ``n`` lowest free slots below ``limit``, ascending, as an int64 array: one numpy pass over
+        the ranges taken however fragmented they are. All or nothing: LookupError and no change if fewer
+        than ``n`` are free below the limit."""
         if n < 0:
-            raise ValueError(f"allocate_many() needs n >= 0, got {n}")
+            raise ValueError(f"allocate_array() needs n >= 0, got {n}")
         if n > self.free_count:
             raise LookupError(f"no {n} free slots (only {self.free_count} below the limit)")
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
         a, b = self._a, self._b
-        out: list[range] = []
-        left = n
-        while left:
-            lo, hi = a[-1], b[-1]
-            if hi - lo > left:  # the lowest ``left`` slots of this range
-                out.append(range(-hi, -hi + left))
-                b[-1] = hi - left
-                break
-            out.append(range(-hi, -lo))
-            left -= hi - lo
-            a.pop()
-            b.pop()
+        m = min(len(a), n)  # every range holds a slot at least: the n lowest slots lie in the last m ranges
+        lo = np.asarray(a[len(a) - m:][::-1], dtype=np.int64)  # mirrored ranges [lo, hi), lowest slots first
+        hi = np.asarray(b[len(b) - m:][::-1], dtype=np.int64)
+        lens = hi - lo
+        ends = np.cumsum(lens)
+        k = int(np.searchsorted(ends, n))  # the range holding the n-th slot
+        take = lens[: k + 1].copy()
+        take[k] = n - (int(ends[k - 1]) if k else 0)
+        first = np.cumsum(take) - take  # index in the result of each range's first slot
+        slots = np.repeat(-hi[: k + 1] - first, take) + np.arange(n, dtype=np.int64)  # slot -hi is a range's lowest
+        whole = k + 1 if take[k] == lens[k] else k
+        if whole:
+            del a[len(a) - whole:]
+            del b[len(b) - whole:]
+        if whole == k:  # the last range is cut: its lowest take[k] slots are gone
+            b[-1] = int(hi[k]) - int(take[k])
         self._nfree -= n
-        return out
+        return slots
 
     def take(self, slot: int) -> None:
         """Mark a given free slot used (recovery of a persistent tier)."""
