@@ -1193,11 +1193,8 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
     what the full draft plans: same moves, same slots, same links, same drops, same state after. ``settle``:
     the new pages' plan runs before the promotion (full levels of settled pages: swaps)."""
     results = []
-    for fast in (True, False):
-        eng, made = _random_state(caches, policy, shape)
+    for fast, eng, made in _both_paths(caches, policy, shape):
         pl = eng.pl
-        if not fast:
-            _force_the_draft(pl)
         try:
             _, plan = pl.plan_new_pages(n, D, 0)
             new = (_page_moves(plan), plan.dropped, dict(pl.counters))
@@ -1218,6 +1215,16 @@ def test_plans_without_a_draft_equal_the_drafted_plans(caches, policy, n, which,
     assert results[0] == results[1]
 
 
+def _both_paths(caches, policy, shape):
+    """The same random state twice: (True, engine, caches) with the no-draft fast paths, then (False, ...)
+    with every plan drafted."""
+    for fast in (True, False):
+        eng, made = _random_state(caches, policy, shape)
+        if not fast:
+            _force_the_draft(eng.pl)
+        yield fast, eng, made
+
+
 def _force_the_draft(pl: Placement) -> None:
     """Turn every no-draft fast path of ``pl`` off."""
     pl._room_is_simple = lambda i, n: False
@@ -1230,7 +1237,7 @@ def _comparable(pl: Placement) -> dict:
     shot = snapshot(pl)
     for pid, state in shot["pages"].items():
         mv = state[2]
-        slot = mv.dst_slots[mv.pages.index(pl.pages[pid])] if mv else None
+        slot = mv.dst_slots[mv.pids.tolist().index(pid)] if mv else None
         shot["pages"][pid] = state[:2] + ((mv.dst, slot) if mv else None,) + state[3:]
     return shot
 
@@ -1246,11 +1253,8 @@ def test_swap_promotions_without_a_draft_equal_the_drafted_plans(caches, policy,
     victims into the promoted pages' host slots): the fast path plans exactly the draft's page moves, and its
     multi-page moves run (some pages failing) to a consistent state."""
     results = []
-    for fast in (True, False):
-        eng, made = _random_state(caches, policy, shape)
+    for fast, eng, made in _both_paths(caches, policy, shape):
         pl = eng.pl
-        if not fast:
-            _force_the_draft(pl)
         assume(made)
         on_host = [c for c in made if all(p.level is H for p in c)] or made
         pages = on_host[which % len(on_host)]

@@ -10,6 +10,7 @@ when stale entries outnumber live ones. Queueing, removing and taking victims ar
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -89,8 +90,6 @@ class PagesPolicy:
             self.discard_many(self.table.pages(pids))
 
     def first(self, k: int) -> np.ndarray:
-        from itertools import islice
-
         return pids_of(islice(self.candidates(), max(k, 0)))
 
     def touch(self, page: Page) -> None:
@@ -194,6 +193,10 @@ class EvictionQueue:
             for p in np.unique(prio).tolist():
                 sel = prio == p
                 self._log(p).append(pids[sel], stamps[sel])
+        self._appended(k)
+
+    def _appended(self, k: int) -> None:
+        """``k`` entries were logged: compact once stale entries outnumber live ones."""
         self._entries += k
         if self._entries > 2 * self._len + 4096:
             self._compact()
@@ -228,9 +231,7 @@ class EvictionQueue:
         t.clock += 1
         t.stamp[pid] = stamp
         self._log(t.priority.item(pid)).append1(pid, stamp)
-        self._entries += 1
-        if self._entries > 2 * self._len + 4096:
-            self._compact()
+        self._appended(1)
 
     def remove(self, page: Page) -> None:
         if page not in self:
@@ -242,12 +243,6 @@ class EvictionQueue:
         if page in self:
             self.table.stamp[page.pid] = -1
             self._len -= 1
-
-    def push_many(self, pages: Sequence[Page]) -> None:
-        self.push_pids(pids_of(pages, len(pages)))
-
-    def discard_many(self, pages: Sequence[Page]) -> None:
-        self.discard_pids(pids_of(pages, len(pages)))
 
     def touch(self, page: Page) -> None:
         """Mark ``page`` most recently used (re-ordered if its priority changed); no-op if not queued."""

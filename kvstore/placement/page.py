@@ -19,6 +19,19 @@ class MoveState(enum.Enum):
     ABORTED = "aborted"
 
 
+class _IntColumn:
+    """A page attribute kept as an int in the page's row of the table column of the same name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, page: "Page", owner: Optional[type] = None) -> int:
+        return getattr(page._t, self.name).item(page.pid)  # type: ignore[no-any-return]
+
+    def __set__(self, page: "Page", value: int) -> None:
+        getattr(page._t, self.name)[page.pid] = value
+
+
 class Page:
     """Handle of one page: its attributes read and write its row of the :class:`PageTable`.
 
@@ -63,40 +76,10 @@ class Page:
     def move(self) -> Optional["Move"]:
         return self._t.move_of(self.pid) if self._live else None
 
-    @property
-    def priority(self) -> int:
-        return self._t.priority.item(self.pid)  # type: ignore[no-any-return]
-
-    @priority.setter
-    def priority(self, priority: int) -> None:
-        self._t.priority[self.pid] = priority
-
-    @property
-    def owners(self) -> int:
-        """Caches whose page list contains this page (and operations that own new pages)."""
-        return self._t.owners.item(self.pid)  # type: ignore[no-any-return]
-
-    @owners.setter
-    def owners(self, n: int) -> None:
-        self._t.owners[self.pid] = n
-
-    @property
-    def locks(self) -> int:
-        """ACTIVE caches holding it (device level only)."""
-        return self._t.locks.item(self.pid)  # type: ignore[no-any-return]
-
-    @locks.setter
-    def locks(self, n: int) -> None:
-        self._t.locks[self.pid] = n
-
-    @property
-    def holds(self) -> int:
-        """Operations (resume, prefetch) keeping it out of eviction."""
-        return self._t.holds.item(self.pid)  # type: ignore[no-any-return]
-
-    @holds.setter
-    def holds(self, n: int) -> None:
-        self._t.holds[self.pid] = n
+    priority = _IntColumn()
+    owners = _IntColumn()  # caches whose page list contains this page (and operations that own new pages)
+    locks = _IntColumn()  # ACTIVE caches holding it (device level only)
+    holds = _IntColumn()  # operations (resume, prefetch) keeping it out of eviction
 
     @property
     def indexed(self) -> bool:

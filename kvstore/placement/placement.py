@@ -9,15 +9,15 @@ reserves destination slots and marks moving pages; :meth:`Placement.complete` an
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
+
+import numpy as np
 
 from ..errors import CapacityError
 from ..types import CacheLevel, TierUsage
-import numpy as np
-
 from .eviction import EvictionQueue
 from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
@@ -176,18 +176,21 @@ class Placement:
         if page.level is not None and not page.freed:
             self.queues[page.level].touch(page)
 
-    def _per_queue(self, pids: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
-        """(queue, pids) for each level holding some of ``pids`` (placed, live pages), each in order."""
+    def _per_level(self, pids: np.ndarray) -> Iterator[tuple[CacheLevel, np.ndarray]]:
+        """(level, pids) for each level holding some of ``pids`` (placed, live pages), each in order."""
         for level, idx in _by_level(self.table, pids):
             if level is not None:
-                yield self.queues[level], (pids if idx is None else pids[idx])
+                yield level, (pids if idx is None else pids[idx])
+
+    def _per_queue(self, pids: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
+        """(queue, pids) for each level holding some of ``pids``, as :meth:`_per_level`."""
+        for level, part in self._per_level(pids):
+            yield self.queues[level], part
 
     def live_pages(self, pages: Iterable[Page]) -> list[Page]:
         """The pages of ``pages`` not freed, in order."""
         pages = list(pages)
-        if all(map(_alive, pages)):
-            return pages
-        return [p for p in pages if not p.freed]
+        return pages if all(map(_alive, pages)) else [p for p in pages if p._live]
 
     def hold_all(self, pages: Sequence[Page]) -> None:
         """Keep every page of ``pages`` (distinct, live) out of eviction while an operation (resume, prefetch)
@@ -232,20 +235,22 @@ class Placement:
             queue.push_pids(free)
 
     def add_owner(self, page: Page, priority: int) -> None:
-        page.owners += 1
-        if priority > page.priority:
-            page.priority = priority
-            self.touch(page)
+        self.add_owners([page], priority)
 
     def remove_owner(self, page: Page) -> None:
         """One cache lets go of ``page``; a page nobody holds and nobody can reuse is freed."""
         page.owners -= 1
         self._free_if_orphan(page)
 
-    def _orphans(self, pids: np.ndarray) -> np.ndarray:
-        """The pids of ``pids`` nobody holds, nobody can reuse and that are not moving (to be freed)."""
+    def _orphaned(self, pids: np.ndarray) -> np.ndarray:
+        """Mask of ``pids`` nobody holds, nobody can reuse and that are not moving (to be freed)."""
         t = self.table
-        out: np.ndarray = pids[(t.owners[pids] == 0) & ~t.indexed[pids] & (t.move[pids] < 0) & t.live[pids]]
+        mask: np.ndarray = (t.owners[pids] == 0) & ~t.indexed[pids] & (t.move[pids] < 0) & t.live[pids]
+        return mask
+
+    def _orphans(self, pids: np.ndarray) -> np.ndarray:
+        """The pids of ``pids`` that :meth:`_orphaned` marks."""
+        out: np.ndarray = pids[self._orphaned(pids)]
         return out
 
     def remove_owners(self, pages: Sequence[Page]) -> None:
@@ -303,10 +308,7 @@ class Placement:
             if page.level == CacheLevel.DISK:
                 self._disk_event("del", page, page.slot)
             self.index.remove(page)
-        for level, idx in _by_level(t, pids):
-            if level is None:
-                continue
-            gone = pids if idx is None else pids[idx]
+        for level, gone in self._per_level(pids):
             self.queues[level].discard_pids(gone)
             if release_slots:
                 self._release_slots(level, t.slot[gone].tolist())
@@ -351,16 +353,13 @@ class Placement:
 
     def record_hits(self, pages: Sequence[Page]) -> None:
         """:meth:`record_hit` of every page of ``pages`` (distinct), in order."""
-        for page in pages:
-            self.index.record_hit(page)
-        pids = pids_of(pages, len(pages))
-        for queue, hit in self._per_queue(pids):
+        counted = [page for page in pages if self.index.record_hit(page) is not None]  # indexed ones
+        for queue, hit in self._per_queue(pids_of(counted, len(counted))):
             queue.hit_pids(hit)
 
     def record_hit(self, page: Page) -> None:
         """``page`` was reused as a committed prefix page: count it and tell its level's policy."""
-        if self.index.record_hit(page) is not None and page.level is not None and not page.freed:
-            self.queues[page.level].hit(page)
+        self.record_hits([page])
 
     # ----------------------------------------------------------------- planning
     def _colder_pids(self, pids: np.ndarray, ti: int) -> np.ndarray:
@@ -543,7 +542,7 @@ class Placement:
         alloc = self.alloc[level]
         t = self.table
         here = np.flatnonzero(t.live & (t.level == int(level)))
-        if not t.evictable(here).all():
+        if not every(t.evictable(here)):
             raise RuntimeError("plan_shrink needs every page of the level to be evictable")
         excess = alloc.used_count - new_slots
         old_limit = alloc.limit
@@ -845,7 +844,6 @@ class Placement:
         t = self.table
         released: dict[CacheLevel, list[int]] = {}
         evicted: Counter[CacheLevel] = Counter()
-        arrived: dict[CacheLevel, list[np.ndarray]] = {}  # pages now evictable, per level, in order
         orphans: list[np.ndarray] = []
         listener = self.disk_listener
         done = MoveState.DONE
@@ -879,22 +877,17 @@ class Placement:
                 for j in committed:
                     listener("put", t.handles[pids[j]], dst_slots[j])
             t.end_moves(pids)
-            gone = (t.owners[pids] == 0) & ~t.indexed[pids]  # orphans (Placement._orphans)
+            gone = self._orphaned(pids)
             if some(gone):
                 orphans.append(pids[gone])
                 pids = pids[~gone]
-            ev = (t.locks[pids] == 0) & (t.holds[pids] == 0)  # Page.evictable: no longer moving
-            arrived.setdefault(dst, []).append(pids if every(ev) else pids[ev])
+            self._queue_evictable(pids)  # moving pages were not queued
             if src is not None and src < dst:
                 evicted[src] += len(move.pids) if idx is None else len(idx)
         for gone_pids in orphans:
             self._free_pids(gone_pids, release_slots=True)
         for level, slots in released.items():
             self._release_slots(level, slots)
-        for level, runs in arrived.items():
-            ready = runs[0] if len(runs) == 1 else np.concatenate(runs)
-            if ready.size:
-                self.queues[level].push_pids(ready)  # moving pages were not queued
         for level, k in evicted.items():
             self.counters[_EVICTIONS[level]] += k
 

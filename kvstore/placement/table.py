@@ -15,7 +15,7 @@ it is freed); the table doubles when no row is left, so it holds at most twice t
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 
@@ -79,15 +79,10 @@ class PageTable:
         self.handles = np.zeros(0, dtype=object)  # pid -> its live Page handle (None when free)
         self._free = np.zeros(0, dtype=np.int64)  # rows never used, the next ones taken from the end
         self._recycled: list[np.ndarray] = []  # rows of freed pages, taken once ``_free`` runs out
-        self._n_recycled = 0
         self.moves: dict[int, "Move"] = {}  # serial -> move in flight
         self._next_serial = 0
         self.clock = 0  # next recency stamp
         self._grow(capacity)
-
-    def __len__(self) -> int:
-        """Live pages."""
-        return self.capacity - self._free.size - self._n_recycled
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
@@ -108,7 +103,7 @@ class PageTable:
         if n > self._free.size and self._recycled:
             reuse = np.concatenate(self._recycled)[::-1]  # taken from the end: the first freed first
             self._free = np.concatenate((reuse, self._free))
-            self._recycled, self._n_recycled = [], 0
+            self._recycled = []
         if n > self._free.size:
             self._grow(max(2 * self.capacity, self.capacity + n - self._free.size))
         free = self._free
@@ -132,7 +127,6 @@ class PageTable:
         self.stamp[pids] = -1
         self.handles[pids] = None
         self._recycled.append(pids.copy())
-        self._n_recycled += pids.size
 
     def pages(self, pids: np.ndarray) -> list["Page"]:
         """The handles of ``pids``."""

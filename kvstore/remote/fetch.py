@@ -187,8 +187,7 @@ class RemoteReader:
                     raise CapacityError(f"no room on the {target.label} level for pages fetched from the remote")
                 want = want[:n]
                 chunk, plan = pl.plan_new_pages(n, target, 0, check=room)
-                for p in chunk:
-                    p.owners = 1  # owned by this operation until indexed
+                pl.set_owners(chunk, 1)  # owned by this operation until indexed
                 op.owned.extend(chunk)
                 mgr._ledger.hold(op, chunk)
                 if plan.moves:
