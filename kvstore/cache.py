@@ -12,7 +12,7 @@ import torch
 
 from ._args import describe, integral
 from .errors import InvalidArgumentError, InvalidStateError
-from .placement import Page
+from .placement import Page, PageList
 from .placement.prefix import as_token_array
 from .types import CacheLevel, CacheStatus, PrefetchResult
 
@@ -83,7 +83,7 @@ class KVCache:
     def __init__(
         self,
         mgr: "KVCacheManager",
-        pages: list[Page],
+        pages: PageList,
         priority: int,
         tokens: np.ndarray,
         last_key: Optional[bytes],

@@ -30,7 +30,8 @@ from .errors import (
 from .operations import Ledger, Operation
 from .persistence import DiskCatalog, Record
 from .telemetry import Timings, instrument_io
-from .placement import Page, Placement, Plan, RoomCheck
+from .placement import Page, PageList, Placement, Plan, RoomCheck
+from .placement.pagelist import as_page_list
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.copier import Copier
@@ -474,8 +475,8 @@ class KVCacheManager:
                     locks[page.pid] += 1
                     if page.level != CacheLevel.DEVICE:
                         raise AssertionError(f"ACTIVE cache holds page {page.pid} off the device level")
-                if page.freed:
-                    raise AssertionError(f"a cache holds freed page {page.pid}")
+                if page.freed or page.level is None:
+                    raise AssertionError(f"a cache holds {'freed' if page.freed else 'unplaced'} page {page.pid}")
         for page in self._placement.pages.values():
             if page.owners != owners[page.pid]:
                 raise AssertionError(
@@ -548,7 +549,7 @@ class KVCacheManager:
         self._placement.record_hits(pages[::-1])  # deepest first: a parent is never less recently reused than its child
         reused = len(pages) * self.layout.tokens_per_page
         self._stats["prefix_hit_tokens"] += reused
-        cache = KVCache(self, list(pages), priority, arr[:reused].copy(), last_key)
+        cache = KVCache(self, as_page_list(self._placement.table, pages).copy(), priority, arr[:reused].copy(), last_key)
         self._caches.add(cache)
         return cache
 
@@ -736,14 +737,14 @@ class KVCacheManager:
                 self._check_live(cache, CacheStatus.ACTIVE, "resize()")
             except BaseException:
                 await self._abandon(op)
-                placed = [p for p in op.owned if not p.freed]
+                placed = pl.live_pages(op.owned)
                 self._ledger.release(op)
-                op.owned = []
+                op.owned = PageList(pl.table)
                 pl.remove_owners(placed)
                 raise
             self._ledger.holds_to_locks(op)
             cache._pages.extend(op.owned)
-            op.owned = []
+            op.owned = PageList(pl.table)
 
     def _shrink(self, cache: KVCache, keep: int) -> None:
         pl = self._placement
@@ -762,7 +763,7 @@ class KVCacheManager:
         if cache.status is CacheStatus.ACTIVE:
             pl.unlock_all(cache._pages)
         pl.remove_owners(cache._pages)
-        cache._pages = []
+        cache._pages = PageList(pl.table)
         self._caches.discard(cache)
         self._ledger.notify()
 
@@ -772,18 +773,17 @@ class KVCacheManager:
         t0 = time.perf_counter()
         pl = self._placement
         ti = pl.level_index(target)
-        pages: list[Page] = []
-        colder: list[Page] = []
+        pages = colder = PageList(pl.table)
         try:
             if task._previous:
                 await asyncio.wait([t._task for t in task._previous])
             async with self._operation("prefetch", cache, CacheStatus.SUSPENDED, "prefetch()") as op:
                 try:
-                    await self._wait_moving(list(cache._pages))
+                    await self._wait_moving(cache._pages.copy())
                     async with self._plan_lock:
                         self._check_live(cache, CacheStatus.SUSPENDED, "prefetch()")
                         self._ledger.hold(op, cache._pages)
-                        pages = list(op.held)
+                        pages = op.held.copy()
                         colder = pl._colder(pages, ti)
                         try:
                             await self._plan_chunks(

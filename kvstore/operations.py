@@ -17,7 +17,10 @@ import asyncio
 from collections import Counter
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from .placement import Page, Placement
+import numpy as np
+
+from .placement import Page, PageList, Placement
+from .placement.table import PageTable
 
 if TYPE_CHECKING:
     from .cache import KVCache
@@ -27,11 +30,11 @@ if TYPE_CHECKING:
 class Operation:
     """One call in flight. ``kind``: "resume", "resize", "prefetch" or "quota"."""
 
-    def __init__(self, kind: str, cache: Optional["KVCache"]) -> None:
+    def __init__(self, kind: str, cache: Optional["KVCache"], table: PageTable) -> None:
         self.kind = kind
         self.cache = cache
-        self.held: list[Page] = []  # one hold each (a page may appear once)
-        self.owned: list[Page] = []  # new pages this operation owns until it hands them to its cache
+        self.held = PageList(table)  # one hold each (a page may appear once); a held page is never freed
+        self.owned = PageList(table)  # new pages this operation owns until it hands them to its cache
         self.runs: list["Run"] = []
         self.stopping = False  # a prefetch asked to stop planning and starting transfers
         self.ended = False
@@ -57,7 +60,7 @@ class Ledger:
         self._changed: Optional[asyncio.Future[None]] = None
 
     def begin(self, kind: str, cache: Optional["KVCache"] = None) -> Operation:
-        op = Operation(kind, cache)
+        op = Operation(kind, cache, self._pl.table)
         self.ops.add(op)
         return op
 
@@ -75,13 +78,14 @@ class Ledger:
         self._pl.hold_all(new)
         op.held.extend(new)
 
-    def release(self, op: Operation, keep: Optional[set[int]] = None) -> None:
+    def release(self, op: Operation, keep: Optional[np.ndarray] = None) -> None:
         """Release ``op``'s holds, except on pages whose pid is in ``keep``."""
-        if keep:
-            going = [p for p in op.held if p.pid not in keep]
-            op.held = [p for p in op.held if p.pid in keep]
+        empty = PageList(self._pl.table)
+        if keep is not None and keep.size:
+            kept = np.isin(op.held.pids, keep)
+            going, op.held = op.held.select(~kept), op.held.select(kept)
         else:
-            going, op.held = op.held, []
+            going, op.held = op.held, empty
         if going:
             self._pl.release_all(going)
             self.notify()
@@ -89,7 +93,7 @@ class Ledger:
     def holds_to_locks(self, op: Operation) -> None:
         """Turn every hold of ``op`` into a lock (its cache became ACTIVE)."""
         self._pl.holds_to_locks(op.held)
-        op.held = []
+        op.held = PageList(self._pl.table)
 
     # ------------------------------------------------------------------ room
     def notify(self) -> None:
@@ -114,8 +118,6 @@ class Ledger:
         holds: Counter[int] = Counter()
         owners: Counter[int] = Counter()
         for op in self.ops:
-            for p in op.held:
-                holds[p.pid] += 1
-            for p in op.owned:
-                owners[p.pid] += 1
+            holds.update(op.held.pids.tolist())
+            owners.update(op.owned.pids.tolist())
         return holds, owners

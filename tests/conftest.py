@@ -155,4 +155,5 @@ def loose_page(pid: int, level, slot: int, key=None):
     table.level[pid] = int(level)
     table.slot[pid] = slot
     table.handles[pid] = page
+    table.handled[pid] = True
     return page

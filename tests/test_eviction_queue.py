@@ -29,10 +29,10 @@ _OP = st.one_of(
 
 def _pages(n: int):
     table = PageTable(8)  # grows while the pages are made
-    pids, pages = table.new_pages(n, 0)
+    pids = table.new_pages(n, 0)
     table.level[pids] = int(D)
     table.slot[pids] = pids
-    return table, pages
+    return table, table.pages(pids)
 
 
 @settings(max_examples=300, deadline=None)
@@ -86,14 +86,15 @@ def test_stale_entries_are_compacted_away():
 def test_a_freed_page_leaves_no_entry_that_a_reused_row_could_inherit():
     """A row freed while queued and reused by a new page is not queued until the new page is."""
     table = PageTable(4)
-    pids, pages = table.new_pages(4, 0)
+    pids = table.new_pages(4, 0)
+    pages = table.pages(pids)
     table.level[pids] = int(D)
     queue = EvictionQueue(table, int(D))
     queue.push_pids(pids)
     queue.discard_pids(pids[:2])
     table.free_pages(pids[:2])
-    new_pids, new_pages = table.new_pages(4, 0)  # takes the never-used rows first, then the freed ones
+    new_pids = table.new_pages(4, 0)  # takes the never-used rows first, then the freed ones
     table.level[new_pids] = int(D)
     assert set(pids[:2].tolist()) <= set(new_pids.tolist())
     assert [p.pid for p in queue.candidates()] == pids[2:].tolist()
-    assert pages[0].freed and not new_pages[0].freed
+    assert pages[0].freed and not table.page(int(new_pids[0])).freed

@@ -214,13 +214,38 @@ def test_new_pages_that_do_not_fit_raise_capacity_error_and_change_nothing():
     assert snapshot(eng.pl) == before
 
 
-def test_aborted_new_page_is_freed_and_its_slot_released():
+def test_aborted_new_page_releases_its_slot_and_is_freed_when_its_owner_lets_go():
     pl = make(device=2)
     pages, plan = pl.plan_new_pages(1, D, 0)
-    pages[0].owners = 1
+    pages[0].owners = 1  # the operation that asked for it owns it
     run_plan(pl, plan, fail=plan.page_moves())
-    assert pages[0].freed and pages[0].pid not in pl.pages
     assert pl.alloc[D].free_count == 2
+    assert not pages[0].freed and pages[0].level is None  # unplaced: its row stays the owner's until it ends
+    pl.check_invariants()
+    pl.remove_owners(pages)
+    assert pages[0].freed and pages[0].pid not in pl.pages
+
+
+def test_aborted_new_page_that_nobody_owns_is_freed_at_once():
+    pl = make(device=2)
+    pages, plan = pl.plan_new_pages(1, D, 0)
+    run_plan(pl, plan, fail=plan.page_moves())
+    assert pages[0].freed and pl.alloc[D].free_count == 2
+
+
+def test_a_held_page_is_freed_when_released_not_when_its_last_owner_leaves():
+    """A prefetch holds a cache's pages; the cache closes: the pages (and their rows) stay until the hold ends."""
+    pl = make(device=2)
+    pages, plan = pl.plan_new_pages(2, D, 0)
+    pl.set_owners(pages, 1)
+    run_plan(pl, plan)
+    pl.hold_all(pages)
+    pl.remove_owners(pages)
+    assert not any(p.freed for p in pages) and pl.alloc[D].free_count == 0
+    pl.check_invariants()
+    pl.release_all(pages)
+    assert all(p.freed for p in pages) and pl.alloc[D].free_count == 2
+    pl.check_invariants()
 
 
 def test_active_pages_are_locked_and_not_evictable():
@@ -805,6 +830,8 @@ def test_aborted_cascade_victim_aborts_the_chain_above_it():
     host_victim = next(m for m in plan.page_moves() if m.src == H)
     run_plan(eng.pl, plan, fail=[host_victim])
     assert all(m.state is MoveState.ABORTED for m in plan.page_moves())
+    assert pages[0].level is None and not pages[0].freed  # unplaced, its owner's until it lets go
+    eng.pl.remove_owners(pages)
     assert pages[0].freed
     assert [p.level for p in a] == [H, H] and [p.level for p in b] == [D, D]
     assert eng.pl.alloc[K].free_count == 8

@@ -278,9 +278,9 @@ class EvictionQueue:
 
     def candidates(self) -> Iterator[Page]:
         """Pages in eviction order. The queue must not change while the iterator is in use."""
-        handles = self.table.handles
+        pages = self.table.pages
         for run in self._runs():
-            yield from handles[run].tolist()
+            yield from pages(run)
 
     def first(self, k: int) -> np.ndarray:
         """The pids of the first ``k`` pages in eviction order."""

@@ -43,11 +43,11 @@ class Page:
 
     __slots__ = ("pid", "key", "_t", "_live")
 
-    def __init__(self, table: PageTable, pid: int, key: Optional[bytes] = None) -> None:
+    def __init__(self, table: PageTable, pid: int, key: Optional[bytes] = None, live: bool = True) -> None:
         self._t = table
         self.pid = pid
         self.key = key  # chained prefix hash once committed
-        self._live = True
+        self._live = live
 
     def __repr__(self) -> str:
         return f"<Page {self.pid} {'freed' if not self._live else self.level}>"
@@ -118,7 +118,7 @@ class Move:
     """
 
     __slots__ = ("pids", "src", "src_slots", "dst", "dst_slots", "after", "handoff", "swap", "state", "settled",
-                 "successor", "table", "serial", "left", "_pages")
+                 "successor", "table", "serial", "left", "gens", "_pages")
 
     def __init__(
         self,
@@ -145,6 +145,7 @@ class Move:
         self.settled: Any = None
         self.successor: Optional[Move] = None
         self.left = len(pids)
+        self.gens = table.gen[pids]  # which pages the rows held when planned (a row may be reused later)
         self._pages: Optional[list[Page]] = None
         if after is not None:
             after.successor = self
@@ -152,9 +153,9 @@ class Move:
 
     @property
     def pages(self) -> list[Page]:
-        """The handles of the moving pages (made once)."""
+        """The handles of the pages of the move (made once; a page freed by then reads ``freed``)."""
         if self._pages is None:
-            self._pages = self.table.pages(self.pids)
+            self._pages = self.table.pages_at(self.pids, self.gens)
         return self._pages
 
     def __len__(self) -> int:

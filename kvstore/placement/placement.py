@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, cast
 
 import numpy as np
 
@@ -21,13 +20,13 @@ from ..types import CacheLevel, TierUsage
 from .eviction import EvictionQueue
 from .policies import make_queues
 from .page import Move, MoveState, Page, Plan
+from .pagelist import PageList, as_page_list
 from .prefix import PrefixIndex
 from .slots import SlotAllocator
 from .table import LEVEL_OF, PageTable, every, pids_of, some
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
-_alive = attrgetter("_live")  # Page.freed, negated, without a call per page
 _MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
@@ -187,10 +186,13 @@ class Placement:
         for level, part in self._per_level(pids):
             yield self.queues[level], part
 
-    def live_pages(self, pages: Iterable[Page]) -> list[Page]:
+    def live_pages(self, pages: Union[PageList, Iterable[Page]]) -> PageList:
         """The pages of ``pages`` not freed, in order."""
-        pages = list(pages)
-        return pages if all(map(_alive, pages)) else [p for p in pages if p._live]
+        if not isinstance(pages, PageList):
+            pages = [p for p in pages if p._live]
+        listed = as_page_list(self.table, pages)
+        alive = listed.alive()
+        return listed if every(alive) else listed.select(alive)
 
     def hold_all(self, pages: Sequence[Page]) -> None:
         """Keep every page of ``pages`` (distinct, live) out of eviction while an operation (resume, prefetch)
@@ -202,9 +204,10 @@ class Placement:
 
     def release_all(self, pages: Sequence[Page]) -> None:
         """Undo one ``hold_all``: each page that became evictable is queued (or re-queued) most recently used,
-        in order — one bulk queue insertion per level."""
+        in order — one bulk queue insertion per level; a page no cache owns any more is freed."""
         pids = pids_of(pages, len(pages))
         self.table.holds[pids] -= 1
+        self._free_pids(self._orphans(pids), release_slots=True)
         self._queue_evictable(pids)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
@@ -243,9 +246,12 @@ class Placement:
         self._free_if_orphan(page)
 
     def _orphaned(self, pids: np.ndarray) -> np.ndarray:
-        """Mask of ``pids`` nobody holds, nobody can reuse and that are not moving (to be freed)."""
+        """Mask of ``pids`` no cache owns, no operation holds, nobody can reuse and that are not moving (to be
+        freed)."""
         t = self.table
-        mask: np.ndarray = (t.owners[pids] == 0) & ~t.indexed[pids] & (t.move[pids] < 0) & t.live[pids]
+        mask: np.ndarray = (
+            (t.owners[pids] == 0) & (t.holds[pids] == 0) & ~t.indexed[pids] & (t.move[pids] < 0) & t.live[pids]
+        )
         return mask
 
     def _orphans(self, pids: np.ndarray) -> np.ndarray:
@@ -271,8 +277,8 @@ class Placement:
 
     @staticmethod
     def _orphan(page: Page) -> bool:
-        """Nobody holds it, nobody can reuse it, it is not moving: free it."""
-        return page.owners == 0 and not page.indexed and page.move is None and not page.freed
+        """No cache owns it, no operation holds it, nobody can reuse it, it is not moving: free it."""
+        return page.owners == 0 and page.holds == 0 and not page.indexed and page.move is None and not page.freed
 
     def _free_if_orphan(self, page: Page) -> None:
         if self._orphan(page):
@@ -285,7 +291,7 @@ class Placement:
     def restore_page(self, level: CacheLevel, slot: int, key: bytes, parent_key: Optional[bytes]) -> Page:
         """A committed page found at ``slot`` of ``level`` by recovery: reusable, held by no cache."""
         self.alloc[level].take(slot)
-        page = self.table.new_pages(1, 0)[1][0]
+        page = self._new_page(0)
         page.level, page.slot, page.key = level, slot, key
         if not self.index.add(page, parent_key):
             self._free(page, release_slot=True)
@@ -368,9 +374,9 @@ class Placement:
         keep = (self._rank[t.level[pids]] > ti) & (t.move[pids] < 0) & t.live[pids]
         return pids if every(keep) else pids[keep]
 
-    def _colder(self, pages: Sequence[Page], ti: int) -> list[Page]:
+    def _colder(self, pages: Sequence[Page], ti: int) -> PageList:
         """The pages of ``pages`` a promotion to level index ``ti`` moves: placed, settled and colder."""
-        return self.table.pages(self._colder_pids(pids_of(pages, len(pages)), ti))
+        return PageList(self.table, self._colder_pids(pids_of(pages, len(pages)), ti))
 
     def _draft_promotion(self, colder: Sequence[Page], ti: int, require_all: bool) -> list[tuple[Page, _Grant]]:
         target = self.levels[ti]
@@ -481,30 +487,34 @@ class Placement:
 
     def plan_new_pages(
         self, n: int, level: CacheLevel, priority: int, check: Optional[RoomCheck] = None
-    ) -> tuple[list[Page], Plan]:
+    ) -> tuple[PageList, Plan]:
         """Plan ``n`` new pages on ``level`` (room made by eviction); CapacityError and no change if impossible.
         ``check``: as :meth:`plan_promotion`'s (the :meth:`check_new_pages` of the same ``n`` just before)."""
         li = self.level_index(level)
         plan = Plan()
         drafted = check.take() if check is not None else None
         if drafted is None and self._room_is_simple(li, n):
-            pids, pages = self.table.new_pages(n, priority)
+            pids = self.table.new_pages(n, priority)
             self._simple_room(li, pids, plan)
-            return pages, plan
+            return PageList(self.table, pids), plan
         counts = self._cascade(li, n) if drafted is None else None
         if counts is not None:
-            pids, pages = self.table.new_pages(n, priority)
+            pids = self.table.new_pages(n, priority)
             self._cascade_room(li, pids, counts, plan)
-            return pages, plan
+            return PageList(self.table, pids), plan
         if drafted is None:
             drafted = self._draft_new_pages(n, level)  # CapacityError here changes nothing
-        pages = []
+        pages = PageList(self.table)
         for grant in drafted:
             slot, after = self._realize(grant, li, plan)
-            page = self.table.new_pages(1, priority)[1][0]
+            page = self._new_page(priority)
             plan.moves.append(self._move1(page, None, -1, level, slot, after))
-            pages.append(page)
+            pages.extend((page,))
         return pages, plan
+
+    def _new_page(self, priority: int) -> Page:
+        """One new live page, not placed yet, with its handle."""
+        return self.table.page(int(self.table.new_pages(1, priority)[0]))
 
     def background_room(self, free_target: float) -> list[tuple[CacheLevel, int]]:
         """(level, pages) a background demotion would move to keep ``free_target`` of every level but the
@@ -870,12 +880,12 @@ class Placement:
             if src is disk and listener is not None:
                 src_slots = move.src_slots if idx is None else [move.src_slots[i] for i in idx]
                 for j in committed:
-                    listener("del", t.handles[pids[j]], src_slots[j])
+                    listener("del", t.page(int(pids[j])), src_slots[j])
             t.level[pids] = int(dst)
             t.slot[pids] = dst_slots
             if dst is disk and listener is not None:
                 for j in committed:
-                    listener("put", t.handles[pids[j]], dst_slots[j])
+                    listener("put", t.page(int(pids[j])), dst_slots[j])
             t.end_moves(pids)
             gone = self._orphaned(pids)
             if some(gone):
@@ -927,7 +937,9 @@ class Placement:
         new = np.fromiter((mv.src is None for mv, _ in chain), dtype=np.bool_, count=len(chain))
         self.table.end_moves(pids)
         # pages settle once every dependent move let go of its slot
-        self._free_pids(pids[new], release_slots=False)  # new pages that were never placed
+        # new pages that were never placed: freed unless an operation still owns or holds them (it lets go
+        # of them, unplaced, when it ends)
+        self._free_pids(self._orphans(pids[new]), release_slots=False)
         placed = pids[~new]
         orphans = self._orphans(placed)
         self._free_pids(orphans, release_slots=True)
@@ -942,10 +954,11 @@ class Placement:
             return []
         return [self.table.moves[s] for s in np.unique(moving).tolist()]
 
-    def moving_pids(self, pages: Sequence[Page]) -> set[int]:
-        """The pids of the pages of ``pages`` in flight."""
+    def moving_pids(self, pages: Sequence[Page]) -> np.ndarray:
+        """The pids of the pages of ``pages`` in flight, in order."""
         pids = pids_of(pages, len(pages))
-        return set(pids[self.table.move[pids] >= 0].tolist())
+        out: np.ndarray = pids[self.table.move[pids] >= 0]
+        return out
 
     def at_level(self, pages: Sequence[Page], levels: Iterable[CacheLevel], settled: bool = False) -> np.ndarray:
         """Mask of ``pages`` whose level is one of ``levels`` (``settled``: and not moving)."""
@@ -980,15 +993,18 @@ class Placement:
         )
 
     def _check_table(self) -> None:
-        """The table's own bookkeeping: free rows have no handle and no queue stamp, every live handle is its
-        row's, each move in flight is carried by exactly its unsettled pages, LRU queue lengths count their
-        stamped rows."""
+        """The table's own bookkeeping: free rows have no handle and no queue stamp, every handle made is its
+        live row's, each move in flight is carried by exactly its unsettled pages, LRU queue lengths count
+        their stamped rows."""
         t = self.table
         live = t.live
-        if any(h is not None for h in t.handles[~live].tolist()) or (t.stamp[~live] >= 0).any():
+        if (t.handled[~live]).any() or any(h is not None for h in t.handles[~live].tolist()) or (t.stamp[~live] >= 0).any():
             raise AssertionError("a free row of the page table keeps a handle or a queue stamp")
-        if any(h is None or h.freed or t.handles[h.pid] is not h for h in t.handles[live].tolist()):
-            raise AssertionError("a live row of the page table has no live handle of its own")
+        made = live & t.handled
+        if any(h is not None for h in t.handles[live & ~t.handled].tolist()):
+            raise AssertionError("a live row of the page table keeps a handle it does not count")
+        if any(h is None or h.freed or t.handles[h.pid] is not h for h in t.handles[made].tolist()):
+            raise AssertionError("a live row of the page table has a handle that is not its own")
         serials, counts = np.unique(t.move[live & (t.move >= 0)], return_counts=True)
         for serial, n in zip(serials.tolist(), counts.tolist()):
             mv = t.moves.get(serial)
@@ -1028,8 +1044,9 @@ class Placement:
             mv = page.move
             i = index_in(mv, page) if mv is not None else -1
             if page.level is None:
-                if mv is None or mv.src is not None:
-                    fail(f"page {page.pid} has no level and is not being placed")
+                # a new page whose placement was aborted stays unplaced until the operation owning it ends
+                if (mv is None and page.owners == 0 and page.holds == 0) or (mv is not None and mv.src is not None):
+                    fail(f"page {page.pid} has no level, is not being placed and no operation owns it")
             else:
                 if not 0 <= page.slot < self.alloc[page.level].total:
                     fail(f"page {page.pid} sits in slot {page.slot} outside the {page.level.label} level")
@@ -1063,8 +1080,8 @@ class Placement:
                 fail(f"page {page.pid} has a negative count")
             if page.indexed and (page.key is None or self.index.get(page.key) is not page):
                 fail(f"page {page.pid} claims to be indexed but the index disagrees")
-            if page.owners == 0 and not page.indexed and mv is None:
-                fail(f"page {page.pid} is held by no cache and not reusable but was not freed")
+            if page.owners == 0 and page.holds == 0 and not page.indexed and mv is None:
+                fail(f"page {page.pid} is held by no cache or operation and not reusable but was not freed")
             if mv is not None:
                 if not mv.pending_at(i):
                     fail(f"page {page.pid} carries a settled move")

@@ -7,9 +7,12 @@ whose attributes read and write its row, for code that works page by page.
 Columns: ``level`` (a :class:`CacheLevel` value, -1 while not placed), ``slot`` (-1 while not placed),
 ``priority``, ``owners``, ``locks``, ``holds``, ``move`` (serial of the :class:`Move` in flight, -1 none;
 the move objects are in :attr:`moves`), ``indexed``, ``live`` and ``stamp`` (the eviction queues'
-recency stamp, -1 while not queued). A freed page's handle is dead (``freed``) and stays so. Its row
-is reused, with a new handle, once the rows never used are all taken (so a row is not reused soon after
-it is freed); the table doubles when no row is left, so it holds at most twice the most pages ever live.
+recency stamp, -1 while not queued). A page's handle is made the first time it is asked for
+(:meth:`PageTable.page`, :meth:`PageTable.pages`) and kept while the page lives (``handled``), so code that
+works page by page always sees the same handle; whole-cache code never needs one. A freed page's handle
+is dead (``freed``) and stays so. Its row is reused, with a new handle, once the rows never used are all
+taken (so a row is not reused soon after it is freed); the table doubles when no row is left, so it holds
+at most twice the most pages ever live.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import numpy as np
 
 from ..types import CacheLevel
+from .pagelist import PageList
 
 if TYPE_CHECKING:
     from .page import Move, Page
@@ -39,6 +43,7 @@ _COLUMNS: tuple[tuple[str, Any, int], ...] = (
     ("indexed", np.bool_, False),
     ("live", np.bool_, False),
     ("stamp", np.int64, -1),
+    ("handled", np.bool_, False),
 )
 
 
@@ -53,7 +58,10 @@ def some(mask: np.ndarray) -> bool:
 
 
 def pids_of(pages: Iterable["Page"], n: int = -1) -> np.ndarray:
-    """The pids of ``pages`` as an int64 array (``n``: their number when known)."""
+    """The pids of ``pages`` as an int64 array (``n``: their number when known); a PageList's own pids
+    (read-only) with no Python per page."""
+    if type(pages) is PageList:
+        return pages.pids
     return np.fromiter(map(_pid_of, pages), dtype=np.int64, count=n)
 
 
@@ -71,12 +79,14 @@ class PageTable:
     indexed: np.ndarray
     live: np.ndarray
     stamp: np.ndarray
+    handled: np.ndarray
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = 0
         for name, dtype, _ in _COLUMNS:
             setattr(self, name, np.zeros(0, dtype=dtype))
-        self.handles = np.zeros(0, dtype=object)  # pid -> its live Page handle (None when free)
+        self.handles = np.zeros(0, dtype=object)  # pid -> its live Page handle (None when free or not made yet)
+        self.gen = np.zeros(0, dtype=np.int64)  # times each row was freed: (pid, gen) names one page for ever
         self._free = np.zeros(0, dtype=np.int64)  # rows never used, the next ones taken from the end
         self._recycled: list[np.ndarray] = []  # rows of freed pages, taken once ``_free`` runs out
         self.moves: dict[int, "Move"] = {}  # serial -> move in flight
@@ -93,13 +103,14 @@ class PageTable:
         handles = np.empty(capacity, dtype=object)
         handles[:old] = self.handles
         self.handles = handles
+        gen = np.zeros(capacity, dtype=np.int64)
+        gen[:old] = self.gen
+        self.gen = gen
         self._free = np.concatenate((np.arange(capacity - 1, old - 1, -1, dtype=np.int64), self._free))
         self.capacity = capacity
 
-    def new_pages(self, n: int, priority: int) -> tuple[np.ndarray, list["Page"]]:
-        """``n`` new live pages, not placed yet: their pids and handles."""
-        from .page import Page
-
+    def new_pages(self, n: int, priority: int) -> np.ndarray:
+        """``n`` new live pages, not placed yet: their pids (no handle is made)."""
         if n > self._free.size and self._recycled:
             reuse = np.concatenate(self._recycled)[::-1]  # taken from the end: the first freed first
             self._free = np.concatenate((reuse, self._free))
@@ -113,24 +124,58 @@ class PageTable:
             getattr(self, name)[pids] = fill
         self.priority[pids] = priority
         self.live[pids] = True
-        pages = [Page(self, pid) for pid in pids.tolist()]
-        self.handles[pids] = pages
-        return pids, pages
+        return pids
+
+    def new_page_list(self, n: int, priority: int) -> PageList:
+        """:meth:`new_pages` as a :class:`PageList`."""
+        return PageList(self, self.new_pages(n, priority))
 
     def free_pages(self, pids: np.ndarray) -> None:
         """Rows ``pids`` (live, distinct) become free; their handles are dead from now on."""
-        for page in self.handles[pids].tolist():
-            page._live = False
+        made = pids[self.handled[pids]]
+        if made.size:
+            for page in self.handles[made].tolist():
+                page._live = False
+            self.handles[made] = None
         self.live[pids] = False
         self.level[pids] = NO_LEVEL
         self.slot[pids] = -1
         self.stamp[pids] = -1
-        self.handles[pids] = None
+        self.handled[pids] = False
+        self.gen[pids] += 1
         self._recycled.append(pids.copy())
 
+    def page(self, pid: int) -> "Page":
+        """The handle of live page ``pid`` (made now if it has none yet)."""
+        if self.handled.item(pid):
+            return self.handles.item(pid)  # type: ignore[no-any-return]
+        return self.pages(np.array([pid], dtype=np.int64))[0]
+
     def pages(self, pids: np.ndarray) -> list["Page"]:
-        """The handles of ``pids``."""
+        """The handles of live pages ``pids`` (those without one get theirs now)."""
+        missing = pids[~self.handled[pids]]
+        if missing.size:
+            from .page import Page
+
+            missing = np.unique(missing)
+            if not every(self.live[missing]):
+                raise RuntimeError("asked for the handle of a freed page")
+            self.handles[missing] = [Page(self, pid) for pid in missing.tolist()]
+            self.handled[missing] = True
         return self.handles[pids].tolist()  # type: ignore[no-any-return]
+
+    def pages_at(self, pids: np.ndarray, gens: np.ndarray) -> list["Page"]:
+        """The handles of pages (``pids``, ``gens``): a page freed since reads as a dead handle (``freed``)."""
+        alive = self.gen[pids] == gens
+        if every(alive):
+            return self.pages(pids)
+        from .page import Page
+
+        out: list[Page] = [Page(self, pid, live=False) for pid in pids.tolist()]
+        where = np.flatnonzero(alive)
+        for j, page in zip(where.tolist(), self.pages(pids[where])):
+            out[j] = page
+        return out
 
     def live_pids(self) -> np.ndarray:
         return np.flatnonzero(self.live)

@@ -21,7 +21,7 @@ import torch
 from .._aio import settle
 from ..errors import CapacityError, InvalidArgumentError, KVStoreError
 from ..operations import Operation
-from ..placement import Page, Placement, RoomCheck
+from ..placement import Page, PageList, Placement, RoomCheck
 from ..placement.prefix import as_token_array
 from ..transfer.copier import Segment
 from ..transfer.scheduler import PREFETCH
@@ -96,7 +96,7 @@ class RemoteReader:
             reraise_cancellation()
             self.stats["remote_timeouts"] += 1
         finally:
-            kept, keeper.owned = keeper.owned, []
+            kept, keeper.owned = keeper.owned, PageList(self.mgr._placement.table)
             self.mgr._ledger.end(keeper)
             self.mgr._placement.remove_owners(kept)  # committed pages no cache holds: reusable, droppable
         pb = self.mgr._page_bytes
@@ -219,10 +219,11 @@ class RemoteReader:
                 local = next((j for j in range(len(keys)) if j not in done and pl.index.get(keys[j]) is None), len(keys))
                 return local, landed
             finally:
-                owned, op.owned = [p for p in op.owned if not p.freed], []
+                owned, op.owned = pl.live_pages(op.owned), PageList(pl.table)
                 mgr._ledger.release(op)
-                keeper.owned.extend(p for p in owned if p.indexed)  # owners stays 1: kept until the fetch ends
-                pl.remove_owners([p for p in owned if not p.indexed])  # reserved but not landed: freed
+                indexed = pl.table.indexed[owned.pids]
+                keeper.owned.extend(owned.select(indexed))  # owners stays 1: kept until the fetch ends
+                pl.remove_owners(owned.select(~indexed))  # reserved but not landed: freed
 
     async def _with_room(self, op: Operation, keeper: Operation, attempt: Callable[[], bool]) -> bool:
         """``attempt()`` under the planning lock until it fits (True), waiting while other operations in flight
