@@ -224,7 +224,7 @@ class KVCache:
         A CPU tensor by default; ``device`` (e.g. ``mgr.device_pool.device``) builds it there instead, for
         indexing the pool or handing it to an attention kernel without a ``.to()`` of your own."""
         self._require(CacheStatus.ACTIVE, what="page_indices()")
-        return torch.tensor(self._mgr._placement.slots_of(self._pages), dtype=torch.int64, device=device)
+        return torch.from_numpy(self._mgr._placement.slots_of(self._pages)).to(device=device)
 
     def page_levels(self) -> dict[CacheLevel, int]:
         """Pages of this cache per level (a moving page counts at the level it is leaving)."""

@@ -742,7 +742,7 @@ def test_swap_promotion_plans_multi_page_moves_equal_to_the_draft(max_group):
     for m in swaps:
         assert m.after.after is m and m.successor is m.after and m.after.successor is m and m.after.handoff
         assert len(m.after.pages) == len(m.pages)
-        assert m.dst_slots == m.after.src_slots and m.src_slots == m.after.dst_slots
+        assert list(m.dst_slots) == list(m.after.src_slots) and list(m.src_slots) == list(m.after.dst_slots)
     pl.check_invariants()
 
     drafted, da, _ = _swap_scenario(max_group)
@@ -751,7 +751,7 @@ def test_swap_promotion_plans_multi_page_moves_equal_to_the_draft(max_group):
     d_plan = drafted.pl.plan_promotion(da, D, require_all=True)
     assert _page_moves(plan) == _page_moves(d_plan) and _comparable(pl) == _comparable(drafted.pl)
 
-    swapped_slots = sorted(s for m in swaps for s in m.dst_slots)
+    swapped_slots = sorted(s for m in swaps for s in m.dst_slots.tolist())
     assert swapped_slots == sorted(p.slot for p in a[2:])  # the last 4 promotions vacate the swap slots
     run_plan(pl, plan)
     pl.release_all(a)

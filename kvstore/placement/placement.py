@@ -266,13 +266,13 @@ class Placement:
         self.table.owners[pids] -= 1
         self._free_pids(self._orphans(pids), release_slots=True)
 
-    def _release_slots(self, level: CacheLevel, slots: list[int]) -> None:
+    def _release_slots(self, level: CacheLevel, slots: np.ndarray) -> None:
         """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
         alloc = self.alloc[level]
-        if len(slots) >= _MERGE_RELEASES:
+        if slots.size >= _MERGE_RELEASES:
             alloc.release_many(slots)
         else:
-            for slot in slots:
+            for slot in slots.tolist():
                 alloc.release(slot)
 
     @staticmethod
@@ -317,7 +317,7 @@ class Placement:
         for level, gone in self._per_level(pids):
             self.queues[level].discard_pids(gone)
             if release_slots:
-                self._release_slots(level, t.slot[gone].tolist())
+                self._release_slots(level, t.slot[gone])
         t.free_pages(pids)
 
     def forget_corrupt(self, page: Page) -> None:
@@ -541,7 +541,7 @@ class Placement:
         if victims.size:
             self.queues[level].discard_pids(victims)
             dst = self._allocate(colder, victims.size)
-            self._emit(plan, victims, level, self.table.slot[victims].tolist(), colder, dst)
+            self._emit(plan, victims, level, self._slots(victims), colder, dst)
         return plan
 
     def plan_shrink(self, level: CacheLevel, new_slots: int) -> Plan:
@@ -606,24 +606,23 @@ class Placement:
             need <= self.alloc[self.levels[i + 1]].free_count
         )
 
-    def _allocate(self, level: CacheLevel, n: int) -> list[int]:
+    def _allocate(self, level: CacheLevel, n: int) -> np.ndarray:
         """The ``n`` lowest free slots of ``level`` (what ``n`` calls of ``allocate()`` would give)."""
-        if n == 1:
-            return [self.alloc[level].allocate()]
-        return self.alloc[level].allocate_array(n).tolist()  # type: ignore[no-any-return]
+        return self.alloc[level].allocate_array(n)
 
     def _move1(self, page: Page, src: Optional[CacheLevel], src_slot: int, dst: CacheLevel, dst_slot: int,
                after: Optional[Move], handoff: bool = False) -> Move:
         """A move of one page (drafts, shrinks)."""
-        return Move(self.table, np.array([page.pid], dtype=np.int64), src, [src_slot], dst, [dst_slot], after,
-                    handoff)
+        return Move(self.table, np.array([page.pid], dtype=np.int64), src, np.array([src_slot], dtype=np.int64), dst,
+                    np.array([dst_slot], dtype=np.int64), after, handoff)
 
-    def _slots(self, pids: np.ndarray) -> list[int]:
-        return self.table.slot[pids].tolist()  # type: ignore[no-any-return]
+    def _slots(self, pids: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.table.slot[pids]
+        return out
 
     def _emit(
-        self, plan: Plan, pids: np.ndarray, src: Optional[CacheLevel], src_slots: list[int], dst: CacheLevel,
-        dst_slots: list[int], after: Optional[list[Move]] = None, handoff: bool = False,
+        self, plan: Plan, pids: np.ndarray, src: Optional[CacheLevel], src_slots: np.ndarray, dst: CacheLevel,
+        dst_slots: np.ndarray, after: Optional[list[Move]] = None, handoff: bool = False,
     ) -> list[Move]:
         """Add moves of ``pids`` to ``plan``, at most :attr:`max_group` pages each; ``after``: the moves that
         vacate the destination slots, cut the same way (one per move made). Returns the moves made."""
@@ -637,8 +636,8 @@ class Placement:
             made.append(mv)
         return made
 
-    def _src_slots(self, src: Optional[CacheLevel], pids: np.ndarray) -> list[int]:
-        return [-1] * len(pids) if src is None else self._slots(pids)
+    def _src_slots(self, src: Optional[CacheLevel], pids: np.ndarray) -> np.ndarray:
+        return np.full(len(pids), -1, dtype=np.int64) if src is None else self._slots(pids)
 
     def _simple_room(self, i: int, pids: np.ndarray, plan: Plan) -> None:
         """Place ``pids`` (new pages, or placed pages promoted) at level index ``i`` in the room of
@@ -650,24 +649,23 @@ class Placement:
         free = min(n, alloc.free_count)
         queue = self.queues[level]
         victims = queue.first(n - free)
-        slots = np.asarray(self._allocate(level, free) if free else [], dtype=np.int64)
+        slots = self._allocate(level, free)
         head = pids[:free]
         for by_src, idx in _by_level(self.table, head):
             moving = head if idx is None else head[idx]
             dst = slots if idx is None else slots[idx]
-            self._emit(plan, moving, by_src, self._src_slots(by_src, moving), level, dst.tolist())
+            self._emit(plan, moving, by_src, self._src_slots(by_src, moving), level, dst)
         if not victims.size:
             self._sync_moving(pids)
             return
         colder = self.levels[i + 1]
         queue.discard_pids(victims)
-        cslots = np.asarray(self._allocate(colder, victims.size), dtype=np.int64)
+        cslots = self._allocate(colder, victims.size)
         promoted = pids[free:]
         for by_src, idx in _by_level(self.table, promoted):
             vs = victims if idx is None else victims[idx]
             vslots = self._slots(vs)
-            made = self._emit(plan, vs, level, vslots, colder, (cslots if idx is None else cslots[idx]).tolist(),
-                              handoff=True)
+            made = self._emit(plan, vs, level, vslots, colder, cslots if idx is None else cslots[idx], handoff=True)
             moving = promoted if idx is None else promoted[idx]
             self._emit(plan, moving, by_src, self._src_slots(by_src, moving), level, vslots, after=made)
         self._sync_moving(pids)
@@ -765,7 +763,7 @@ class Placement:
         victims = [self.queues[lvl].first(need) for lvl, (_, need) in zip(levels, counts)]
         for lvl, vs in zip(levels, victims):
             self.queues[lvl].discard_pids(vs)
-        dst = [(self._allocate(lvl, free) if free else []) + self._slots(vs)
+        dst = [np.concatenate((self._allocate(lvl, free), self._slots(vs)))
                for lvl, (free, _), vs in zip(levels, counts, victims)]
         below: Optional[list[tuple[int, int, Move]]] = None  # moves of the next level's victims: (lo, hi, move)
         if victims[-1].size:  # the last level: dropped, the slots taken over by the pages arriving there
@@ -852,7 +850,7 @@ class Placement:
         pass: source slots are released per level at the end (:meth:`_release_slots`) and the eviction
         counters updated once."""
         t = self.table
-        released: dict[CacheLevel, list[int]] = {}
+        released: dict[CacheLevel, list[np.ndarray]] = {}
         evicted: Counter[CacheLevel] = Counter()
         orphans: list[np.ndarray] = []
         listener = self.disk_listener
@@ -861,24 +859,19 @@ class Placement:
         for move, idx in parts:
             src, dst = move.src, move.dst
             if idx is None:
-                pids, dst_slots = move.pids, move.dst_slots
+                pids, src_slots, dst_slots = move.pids, move.src_slots, move.dst_slots
                 move.state = [done] * len(pids)
             else:
                 sel = np.asarray(idx, dtype=np.int64)
-                pids, dst_slots = move.pids[sel], [move.dst_slots[i] for i in idx]
+                pids, src_slots, dst_slots = move.pids[sel], move.src_slots[sel], move.dst_slots[sel]
                 state = move.state
                 for i in idx:
                     state[i] = done
             if src is not None and not move.handoff:
-                rel = released.setdefault(src, [])
-                if idx is None:
-                    rel.extend(move.src_slots)
-                else:
-                    rel.extend(move.src_slots[i] for i in idx)
+                released.setdefault(src, []).append(src_slots)
             notify = listener is not None and (src is disk or dst is disk)
             committed = np.flatnonzero(t.indexed[pids]).tolist() if notify else ()
             if src is disk and listener is not None:
-                src_slots = move.src_slots if idx is None else [move.src_slots[i] for i in idx]
                 for j in committed:
                     listener("del", t.page(int(pids[j])), src_slots[j])
             t.level[pids] = int(dst)
@@ -896,8 +889,8 @@ class Placement:
                 evicted[src] += len(move.pids) if idx is None else len(idx)
         for gone_pids in orphans:
             self._free_pids(gone_pids, release_slots=True)
-        for level, slots in released.items():
-            self._release_slots(level, slots)
+        for level, parts_slots in released.items():
+            self._release_slots(level, parts_slots[0] if len(parts_slots) == 1 else np.concatenate(parts_slots))
         for level, k in evicted.items():
             self.counters[_EVICTIONS[level]] += k
 
@@ -979,7 +972,8 @@ class Placement:
         counts = np.bincount(t.level[pids][t.live[pids]] + 1, minlength=len(LEVEL_OF) + 1)
         return {lvl: int(counts[int(lvl) + 1]) for lvl in self.levels}
 
-    def slots_of(self, pages: Sequence[Page]) -> list[int]:
+    def slots_of(self, pages: Sequence[Page]) -> np.ndarray:
+        """The slots of ``pages``, in order (int64)."""
         return self._slots(pids_of(pages, len(pages)))
 
     def usage(self, level: CacheLevel) -> TierUsage:

@@ -79,6 +79,8 @@ def _promoted(m: Move, i: int) -> bool:
     return m.after is not None and m.after.state[i] is MoveState.DONE
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+
 #: what a batch moves: (move, indices of its pages; None for all of them)
 Part = tuple[Move, Optional[list[int]]]
 
@@ -102,21 +104,20 @@ def _ready(m: Move) -> tuple[Optional[list[int]], list[int]]:
     return (None if len(ok) == len(state) else ok), stuck
 
 
-def _flat(parts: Sequence[Part]) -> tuple[list[int], list[int], list[int]]:
-    """The pids, source slots and destination slots of ``parts``, in order."""
-    pids: list[int] = []
-    src: list[int] = []
-    dst: list[int] = []
+def _flat(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pids, source slots and destination slots of ``parts``, in order (int64 arrays)."""
+    if len(parts) == 1 and parts[0][1] is None:
+        m = parts[0][0]
+        return m.pids, m.src_slots, m.dst_slots
+    pids, src, dst = [], [], []
     for m, idx in parts:
-        if idx is None:
-            pids += m.pids.tolist()
-            src += m.src_slots
-            dst += m.dst_slots
-        else:
-            pids += m.pids[idx].tolist()
-            src += [m.src_slots[i] for i in idx]
-            dst += [m.dst_slots[i] for i in idx]
-    return pids, src, dst
+        sel = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)
+        pids.append(m.pids[sel])
+        src.append(m.src_slots[sel])
+        dst.append(m.dst_slots[sel])
+    if not pids:
+        return _NONE, _NONE, _NONE
+    return np.concatenate(pids), np.concatenate(src), np.concatenate(dst)
 
 
 def _locate(parts: Sequence[Part], flat: set[int]) -> dict[int, list[int]]:
@@ -409,7 +410,7 @@ class TransferExecutor:
             bad: set[int] = set()
             pids, src_slots, dst_slots = _flat(ready)
             try:
-                if pids and b.src is not None:
+                if pids.size and b.src is not None:
                     bad = await self._transfer(b.src, b.dst, pids, src_slots, dst_slots, after)
             except Exception as exc:
                 for m, idx in ready:
@@ -475,7 +476,8 @@ class TransferExecutor:
         return [(host.chunks[c], pos, rows) for c, (pos, rows) in host.group(slots).items()]
 
     def _segments(
-        self, dst_l: CacheLevel, dst_slots: Sequence[int], src_l: CacheLevel, src_slots: Sequence[int]
+        self, dst_l: CacheLevel, dst_slots: "Sequence[int] | np.ndarray", src_l: CacheLevel,
+        src_slots: "Sequence[int] | np.ndarray",
     ) -> list[Segment]:
         """The copy request moving rows ``src_slots`` of ``src_l`` to ``dst_slots`` of ``dst_l``: one segment
         per (destination tensor, source tensor) pair, rows as arrays (no Python per page)."""
@@ -591,15 +593,17 @@ class TransferExecutor:
             await settle(self.before_disk_write(disk_slots))
 
     async def _transfer(
-        self, src: CacheLevel, dst: CacheLevel, pids: list[int], src_slots: list[int], dst_slots: list[int],
+        self, src: CacheLevel, dst: CacheLevel, pid_a: np.ndarray, src_a: np.ndarray, dst_a: np.ndarray,
         after: Optional[torch.cuda.Event],
     ) -> set[int]:
-        """Move the bytes of pages ``pids`` from ``src_slots`` to ``dst_slots``; returns the indices of the
-        pages that failed their checksum."""
+        """Move the bytes of pages ``pid_a`` from slots ``src_a`` to ``dst_a`` (int64 arrays); returns the indices
+        of the pages that failed their checksum."""
         if src != K and dst != K:
             lane = "up" if dst.value < src.value else "down"
-            await self.copier.copy(self._segments(dst, dst_slots, src, src_slots), lane, after)
+            await self.copier.copy(self._segments(dst, dst_a, src, src_a), lane, after)
             return set()
+        # disk paths keep a checksum per page (a dict per slot): plain ints from here on
+        pids, src_slots, dst_slots = pid_a.tolist(), src_a.tolist(), dst_a.tolist()
         if not self._needs_staging(src, dst):
             if src == K:
                 extents, _ = self._mem_extents(dst, dst_slots, src_slots, pids)
