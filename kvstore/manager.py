@@ -53,9 +53,13 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 _Prepared = Union[torch.Tensor, list[torch.Tensor], None]
 
 #: Pages planned per synchronous step of a resume or prefetch (bounds event-loop stalls; the next chunk
-#: is planned while the previous one's transfers run). 512: ~1.5 ms of planning per step on the 2-core CPU
-#: machine, and a third less loop CPU per page than 128 (fewer plans, batches and futures per page).
+#: is planned while the previous one's transfers run): the first step plans PLAN_CHUNK pages, each next
+#: one as many as fit in PLAN_STEP_S at the pace the last step measured, between PLAN_CHUNK and
+#: PLAN_CHUNK_MAX. Every step costs a fixed amount of loop CPU (a plan, its batches and futures), so small
+#: pages, which plan fast, go in bigger steps.
 PLAN_CHUNK = 512
+PLAN_CHUNK_MAX = 8192
+PLAN_STEP_S = 0.0005
 
 
 def _uncancel(times: int) -> None:
@@ -638,15 +642,21 @@ class KVCacheManager:
         status: CacheStatus, what: str,
     ) -> None:
         """Plan items ``0..n`` with ``plan_chunk(i, k)`` (under the planning lock), submitting each plan as
-        soon as it is made: in chunks of ``PLAN_CHUNK`` with a yield between them when ``chunked`` (the
+        soon as it is made: in chunks (``PLAN_CHUNK``, then sized to ``PLAN_STEP_S``) with a yield between them when ``chunked`` (the
         event loop keeps running and planning overlaps copying), else in one step. A prefetch asked to stop
         plans no more chunks."""
         step = PLAN_CHUNK if chunked else max(n, 1)
-        for i in range(0, n, step):
-            plan = plan_chunk(i, min(step, n - i))
+        i = 0
+        while i < n:
+            k = min(step, n - i)
+            t0 = time.perf_counter()
+            plan = plan_chunk(i, k)
             if plan.moves:
                 op.runs.append(self._started_executor.submit(plan, priority))
-            if i + step < n:
+            i += k
+            if i < n:
+                spent = time.perf_counter() - t0
+                step = min(PLAN_CHUNK_MAX, max(PLAN_CHUNK, int(k * PLAN_STEP_S / max(spent, 1e-6))))
                 await asyncio.sleep(0)
                 self._check_live(op.cache, status, what)
                 if op.stopping:

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import torch
+
 import pytest
 
 import kvstore.manager as manager_module
@@ -15,6 +17,7 @@ D, H, K = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     monkeypatch.setattr(manager_module, "PLAN_CHUNK", 2)
+    monkeypatch.setattr(manager_module, "PLAN_CHUNK_MAX", 2)
 
 
 async def test_chunked_resume_from_disk_is_exact(make_store, tiny_chunks):
@@ -126,3 +129,35 @@ async def test_a_batch_holds_at_most_max_batch_pages_whatever_their_size(make_st
         moved = [(s, d, n) for s, d, n in sizes if s is not None]
         assert {(s, d) for s, d, _ in moved} >= {(D, H), (H, K)}
         assert max(n for _, _, n in sizes) == 3  # full batches of 3, none larger
+
+
+def _planned_sizes(mgr, monkeypatch) -> list[int]:
+    """Pages of each plan the executor is handed from now on."""
+    sizes: list[int] = []
+    executor = mgr._started_executor
+    submit = executor.submit
+
+    def spy(plan, priority):
+        sizes.append(len(plan))
+        return submit(plan, priority)
+
+    monkeypatch.setattr(executor, "submit", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("budget, expected", [(10.0, [2, 16, 16, 6]), (1e-12, [2] * 20)])
+async def test_plan_steps_grow_to_the_time_budget_within_their_bounds(make_store, monkeypatch, budget, expected):
+    """After the first PLAN_CHUNK pages, each step plans as many pages as fit in PLAN_STEP_S at the measured
+    pace, never fewer than PLAN_CHUNK nor more than PLAN_CHUNK_MAX; the data arrives exact either way."""
+    monkeypatch.setattr(manager_module, "PLAN_CHUNK", 2)
+    monkeypatch.setattr(manager_module, "PLAN_CHUNK_MAX", 16)
+    monkeypatch.setattr(manager_module, "PLAN_STEP_S", budget)
+    async with make_store(device=40, host=40) as mgr:
+        cache, data = await new_filled_cache(mgr, 40, seed=3)
+        filler, _ = await new_filled_cache(mgr, 40, seed=4)  # pushes the cache to the host
+        filler.close()
+        assert levels(cache) == {CacheLevel.HOST: 40}
+        sizes = _planned_sizes(mgr, monkeypatch)
+        await cache.resume()
+        assert sizes == expected
+        assert torch.equal(read_pages(mgr, cache), data)

@@ -138,6 +138,7 @@ async def test_resume_raises_capacity_error_only_before_moving(make_store, monke
     """The room a resume counts on (here: droppable committed pages) cannot be taken by a create_cache()
     between its planning steps: it succeeds, or raises CapacityError with nothing moved."""
     monkeypatch.setattr(manager_mod, "PLAN_CHUNK", 1)
+    monkeypatch.setattr(manager_mod, "PLAN_CHUNK_MAX", 1)
     async with make_store(device=2, host=2, disk=2) as mgr:
         x, dx = await new_cache_on_disk(mgr, 2, seed=5)  # fills the disk level
         prompts = []

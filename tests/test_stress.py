@@ -29,7 +29,7 @@ at the end.
 Variants: ``lru``, ``slru`` (StoreConfig eviction_policy), ``background`` (StoreConfig free_target=0.3: a
 background demoter runs alongside; quiescent checks wait for it to settle), ``persistent`` (DiskTier persistent=True with
 restarts: aclose racing live operations, reopen the same directory, check every recovered prefix page),
-``chunk2`` (kvstore.manager.PLAN_CHUNK = 2). Every run ends with an aclose() racing live operations.
+``chunk2`` (kvstore.manager.PLAN_CHUNK = PLAN_CHUNK_MAX = 2). Every run ends with an aclose() racing live operations.
 
 CI: a few seeds per variant, about two seconds each. A long run (marked ``slow``)::
 
@@ -966,6 +966,7 @@ def variant_env(request, monkeypatch):
     variant = request.param
     if VARIANTS[variant]["plan_chunk"] is not None:
         monkeypatch.setattr(kvstore.manager, "PLAN_CHUNK", VARIANTS[variant]["plan_chunk"])
+        monkeypatch.setattr(kvstore.manager, "PLAN_CHUNK_MAX", VARIANTS[variant]["plan_chunk"])
     return variant
 
 
