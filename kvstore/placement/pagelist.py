@@ -28,7 +28,7 @@ class PageList(Sequence["Page"]):
     """Pages of one table, in order. Iterating or indexing gives handles (made on demand); slicing gives a
     new PageList; :attr:`pids` is the pid array."""
 
-    __slots__ = ("_t", "_buf", "_gen", "_n")
+    __slots__ = ("_t", "_buf", "_gen", "_n", "_view")
 
     def __init__(self, table: "PageTable", pids: np.ndarray = _EMPTY, gens: Optional[np.ndarray] = None) -> None:
         """``pids`` of live pages (``gens``: their generations when known, else read from the table)."""
@@ -36,12 +36,15 @@ class PageList(Sequence["Page"]):
         self._buf = pids
         self._gen = table.gen[pids] if gens is None else gens
         self._n = int(pids.size)
+        self._view: Optional[np.ndarray] = None
 
     @property
     def pids(self) -> np.ndarray:
         """The pids, in order (a read-only view: copy it to change it)."""
-        view = self._buf[: self._n]
-        view.flags.writeable = False
+        view = self._view
+        if view is None:
+            view = self._view = self._buf[: self._n]
+            view.flags.writeable = False
         return view
 
     def alive(self) -> np.ndarray:
@@ -111,6 +114,7 @@ class PageList(Sequence["Page"]):
         self._buf[n:need] = add
         self._gen[n:need] = gens
         self._n = need
+        self._view = None
 
     def __delitem__(self, i: slice) -> None:
         """``del pages[k:]`` (the only deletion a cache makes: a shrink)."""
@@ -119,6 +123,7 @@ class PageList(Sequence["Page"]):
         keep = range(self._n)[i].start
         self._buf, self._gen = self._buf[:keep].copy(), self._gen[:keep].copy()
         self._n = keep
+        self._view = None
 
 
 def as_page_list(table: "PageTable", pages: Union[PageList, Sequence["Page"]]) -> PageList:
