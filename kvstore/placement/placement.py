@@ -27,6 +27,7 @@ from .table import LEVEL_OF, PageTable, every, pids_of, some
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
+_FEW_SLOTS = 8  # up to this many slots, allocated one at a time
 _MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
@@ -608,7 +609,10 @@ class Placement:
 
     def _allocate(self, level: CacheLevel, n: int) -> np.ndarray:
         """The ``n`` lowest free slots of ``level`` (what ``n`` calls of ``allocate()`` would give)."""
-        return self.alloc[level].allocate_array(n)
+        alloc = self.alloc[level]
+        if n <= min(_FEW_SLOTS, alloc.free_count):  # one numpy pass costs more than a few O(1) scalar takes
+            return np.array([alloc.allocate() for _ in range(n)], dtype=np.int64)
+        return alloc.allocate_array(n)
 
     def _move1(self, page: Page, src: Optional[CacheLevel], src_slot: int, dst: CacheLevel, dst_slot: int,
                after: Optional[Move], handoff: bool = False) -> Move:

@@ -157,9 +157,9 @@ class PageTable:
         if missing.size:
             from .page import Page
 
-            missing = np.unique(missing)
             if not every(self.live[missing]):
                 raise RuntimeError("asked for the handle of a freed page")
+            # a pid listed twice gets two handles, the last one kept: every caller reads them back from the array
             self.handles[missing] = [Page(self, pid) for pid in missing.tolist()]
             self.handled[missing] = True
         return self.handles[pids].tolist()  # type: ignore[no-any-return]
