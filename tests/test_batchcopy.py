@@ -143,9 +143,9 @@ def test_batch_copier_hands_the_driver_full_64_bit_addresses(stand_in_driver, mo
     assert ctypes.c_size_t.in_dll(lib, "last_count").value == (len(n) % 7 or 7)
 
 
-def _queue_copier(stand_in_driver, monkeypatch, bound: int, nbytes: int = 0, most: int = 1 << 30):
-    """A copier on the stand-in driver, 4 copies per call, ``bound`` queued copies (unless they hold at most
-    ``nbytes``, then up to ``most``); and the driver library with its event counters reset."""
+def _queue_copier(stand_in_driver, monkeypatch, bound: int):
+    """A copier on the stand-in driver, 4 copies per call, ``bound`` queued copies; and the driver library
+    with its event counters reset."""
     import ctypes.util
 
     from kvstore.transfer import batchcopy
@@ -153,8 +153,6 @@ def _queue_copier(stand_in_driver, monkeypatch, bound: int, nbytes: int = 0, mos
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: stand_in_driver)
     monkeypatch.setattr(batchcopy, "CHUNK", 4)
     monkeypatch.setattr(batchcopy, "QUEUED_COPIES", bound)
-    monkeypatch.setattr(batchcopy, "QUEUED_BYTES", nbytes)
-    monkeypatch.setattr(batchcopy, "QUEUED_COPIES_MAX", most)
     lib = ctypes.CDLL(stand_in_driver)
     lib.reset_event_counts()
     copier = load(0)
@@ -182,24 +180,6 @@ def test_batch_copier_keeps_at_most_queued_copies_per_stream(stand_in_driver, mo
     # a second request on the same stream continues the count: the two calls still queued are waited for
     copier.copy(np.uint64(dst.ctypes.data) + offsets[:4], np.uint64(src.ctypes.data) + offsets[:4], sizes[:4], "d2h", 7)
     assert value("synchronized") == 24 and value("most_queued_at_a_copy") == 2
-
-
-@pytest.mark.parametrize("most, queued_calls", [(1000, 6), (12, 3)])
-def test_small_copies_stay_queued_until_they_hold_queued_bytes(stand_in_driver, monkeypatch, most, queued_calls):
-    """Calls of 4 copies of 4 bytes (16 bytes each), bound 10 copies unless they hold at most 100 bytes: the
-    issuing thread waits only once 7 calls (28 copies, 112 bytes) are queued, so 6 stay queued — or, with a hard
-    cap of 12 copies, 3 (small pages keep ~10 ms of work queued, never more than the driver's queue takes)."""
-    import numpy as np
-
-    copier, value = _queue_copier(stand_in_driver, monkeypatch, 10, nbytes=100, most=most)
-    src = np.arange(400, dtype=np.uint8)
-    dst = np.zeros(400, dtype=np.uint8)
-    offsets = np.arange(100, dtype=np.uint64) * np.uint64(4)
-    copier.copy(np.uint64(dst.ctypes.data) + offsets, np.uint64(src.ctypes.data) + offsets,
-                np.full(100, 4, dtype=np.uint64), "d2h", 7)
-    assert (dst == src).all()
-    assert value("most_queued_at_a_copy") == queued_calls
-    assert value("synchronized") == 25 - queued_calls
 
 
 def test_an_unbounded_queue_never_waits(stand_in_driver, monkeypatch):

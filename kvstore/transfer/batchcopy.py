@@ -5,9 +5,8 @@ addresses, source addresses, sizes), and the CUDA driver queues the whole batch 
 :data:`CHUNK` runs on the issuing stream. The call goes through ``ctypes``, which releases the GIL while the
 driver works, so neither the event loop nor other issue threads wait on it. No kernel runs: the copies are DMA
 transfers in stream order, completed through the caller's event. The issuing thread keeps at most
-:data:`QUEUED_COPIES` copies queued per stream (:data:`QUEUED_COPIES_MAX` for small copies; it waits for its oldest call,
-GIL released), so a driver call never blocks on a full command queue, where it would stall every other thread's
-CUDA calls too.
+:data:`QUEUED_COPIES` copies queued per stream (it waits for its oldest call, GIL released), so a driver call never blocks
+on a full command queue, where it would stall every other thread's CUDA calls too.
 
 Needs a driver with the batched API (CUDA 12.8+; the 13.x ``_v2`` entry point is preferred).
 :func:`load` returns None when it is missing, and the copier then keeps its per-run copies.
@@ -43,13 +42,6 @@ CHUNK = 256
 #: the copy engines never wait for the issuing thread to wake. ``KVSTORE_QUEUED_COPIES`` overrides it
 #: (0: unbounded).
 QUEUED_COPIES = int(os.environ.get("KVSTORE_QUEUED_COPIES", "2048"))
-#: ...unless those copies hold fewer than this many bytes: small pages stay queued up to QUEUED_COPIES_MAX
-#: copies, so the copy engines hold ~10 ms of work and ride out the issuing thread's waits for the GIL
-#: (2048 copies of 64 KiB are 2.4 ms of PCIe: shorter than one default GIL switch interval, 5 ms).
-QUEUED_BYTES = int(os.environ.get("KVSTORE_QUEUED_BYTES", str(512 << 20)))
-#: Copies never queued beyond, whatever their size (8 calls of 1024 copies kept the H200's driver queue
-#: from blocking other threads' CUDA calls: ``benchmarks/bench_driver_queue.py``).
-QUEUED_COPIES_MAX = 8192
 
 _EVENT_FLAGS = 0x1 | 0x2  # CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING: a waiting issue thread sleeps
 
@@ -120,15 +112,14 @@ class BatchCopier:
             _check(self._lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self._ready.ok = True
         self._ready.queued = {}  # stream -> (event, copies) of its calls not waited for, oldest first
-        self._ready.copies = {}  # stream -> (copies, bytes) of those calls
+        self._ready.copies = {}  # stream -> copies of those calls
         self._ready.spare = []
 
-    def _throttle(self, stream: int, copies: int, nbytes: int) -> None:
-        """Mark the end of one driver call of ``copies`` copies (``nbytes`` bytes) on ``stream``; while more
-        than :data:`QUEUED_COPIES` copies of this thread's stream holding more than :data:`QUEUED_BYTES` are
-        still queued on the GPU, or more than :data:`QUEUED_COPIES_MAX` copies, wait (GIL released) for its
-        oldest call. The newest call is never waited for here."""
-        queued: "deque[tuple[ctypes.c_void_p, int, int]]" = self._ready.queued.setdefault(stream, deque())
+    def _throttle(self, stream: int, copies: int) -> None:
+        """Mark the end of one driver call of ``copies`` copies on ``stream``; while more than
+        :data:`QUEUED_COPIES` copies of this thread's stream are still queued on the GPU, wait (GIL released) for
+        its oldest call. The newest call is never waited for here."""
+        queued: "deque[tuple[ctypes.c_void_p, int]]" = self._ready.queued.setdefault(stream, deque())
         spare: list[ctypes.c_void_p] = self._ready.spare
         if spare:
             event = spare.pop()
@@ -136,18 +127,15 @@ class BatchCopier:
             event = ctypes.c_void_p()
             _check(self._lib.cuEventCreate(ctypes.byref(event), _EVENT_FLAGS), "cuEventCreate")
         _check(self._lib.cuEventRecord(event, stream), "cuEventRecord")
-        queued.append((event, copies, nbytes))
-        total, held = self._ready.copies.get(stream, (0, 0))
-        total, held = total + copies, held + nbytes
-        while QUEUED_COPIES > 0 and len(queued) > 1 and (
-            (total > QUEUED_COPIES and held > QUEUED_BYTES) or total > max(QUEUED_COPIES, QUEUED_COPIES_MAX)
-        ):
-            oldest, n, b = queued.popleft()
+        queued.append((event, copies))
+        total = self._ready.copies.get(stream, 0) + copies
+        while QUEUED_COPIES > 0 and total > QUEUED_COPIES and len(queued) > 1:
+            oldest, n = queued.popleft()
             code = self._lib.cuEventSynchronize(oldest)
             spare.append(oldest)
-            total, held = total - n, held - b
+            total -= n
             _check(code, "cuEventSynchronize")
-        self._ready.copies[stream] = (total, held)
+        self._ready.copies[stream] = total
 
     def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, direction: str, stream: int) -> None:
         """Queue ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` for every i (uint64 arrays) on
@@ -167,7 +155,7 @@ class BatchCopier:
                 args.append(ctypes.addressof(fail))
             args.append(stream)
             _check(self._fn(*args), "cuMemcpyBatchAsync")
-            self._throttle(stream, b - a, int(z.sum()))
+            self._throttle(stream, b - a)
 
 
 class DriverError(RuntimeError):
