@@ -12,7 +12,7 @@ import torch
 
 from ._args import describe, integral
 from .errors import InvalidArgumentError, InvalidStateError
-from .placement import Page, PageList
+from .placement import PageList
 from .placement.prefix import as_token_array
 from .types import CacheLevel, CacheStatus, PrefetchResult
 

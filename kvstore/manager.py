@@ -553,7 +553,8 @@ class KVCacheManager:
         self._placement.record_hits(pages[::-1])  # deepest first: a parent is never less recently reused than its child
         reused = len(pages) * self.layout.tokens_per_page
         self._stats["prefix_hit_tokens"] += reused
-        cache = KVCache(self, as_page_list(self._placement.table, pages).copy(), priority, arr[:reused].copy(), last_key)
+        listed = as_page_list(self._placement.table, pages).copy()
+        cache = KVCache(self, listed, priority, arr[:reused].copy(), last_key)
         self._caches.add(cache)
         return cache
 
@@ -642,9 +643,9 @@ class KVCacheManager:
         status: CacheStatus, what: str,
     ) -> None:
         """Plan items ``0..n`` with ``plan_chunk(i, k)`` (under the planning lock), submitting each plan as
-        soon as it is made: in chunks (``PLAN_CHUNK``, then sized to ``PLAN_STEP_S``) with a yield between them when ``chunked`` (the
-        event loop keeps running and planning overlaps copying), else in one step. A prefetch asked to stop
-        plans no more chunks."""
+        soon as it is made: in chunks (``PLAN_CHUNK`` pages, then sized to ``PLAN_STEP_S``) with a yield between
+        them when ``chunked`` (the event loop keeps running and planning overlaps copying), else in one step. A
+        prefetch asked to stop plans no more chunks."""
         step = PLAN_CHUNK if chunked else max(n, 1)
         i = 0
         while i < n:

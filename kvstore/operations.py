@@ -80,12 +80,11 @@ class Ledger:
 
     def release(self, op: Operation, keep: Optional[np.ndarray] = None) -> None:
         """Release ``op``'s holds, except on pages whose pid is in ``keep``."""
-        empty = PageList(self._pl.table)
         if keep is not None and keep.size:
             kept = np.isin(op.held.pids, keep)
             going, op.held = op.held.select(~kept), op.held.select(kept)
         else:
-            going, op.held = op.held, empty
+            going, op.held = op.held, PageList(self._pl.table)
         if going:
             self._pl.release_all(going)
             self.notify()

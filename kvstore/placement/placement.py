@@ -996,7 +996,8 @@ class Placement:
         their stamped rows."""
         t = self.table
         live = t.live
-        if (t.handled[~live]).any() or any(h is not None for h in t.handles[~live].tolist()) or (t.stamp[~live] >= 0).any():
+        free = ~live
+        if t.handled[free].any() or any(h is not None for h in t.handles[free].tolist()) or (t.stamp[free] >= 0).any():
             raise AssertionError("a free row of the page table keeps a handle or a queue stamp")
         made = live & t.handled
         if any(h is not None for h in t.handles[live & ~t.handled].tolist()):

@@ -6,13 +6,15 @@ whose attributes read and write its row, for code that works page by page.
 
 Columns: ``level`` (a :class:`CacheLevel` value, -1 while not placed), ``slot`` (-1 while not placed),
 ``priority``, ``owners``, ``locks``, ``holds``, ``move`` (serial of the :class:`Move` in flight, -1 none;
-the move objects are in :attr:`moves`), ``indexed``, ``live`` and ``stamp`` (the eviction queues'
-recency stamp, -1 while not queued). A page's handle is made the first time it is asked for
-(:meth:`PageTable.page`, :meth:`PageTable.pages`) and kept while the page lives (``handled``), so code that
-works page by page always sees the same handle; whole-cache code never needs one. A freed page's handle
-is dead (``freed``) and stays so. Its row is reused, with a new handle, once the rows never used are all
-taken (so a row is not reused soon after it is freed); the table doubles when no row is left, so it holds
-at most twice the most pages ever live.
+the move objects are in :attr:`moves`), ``indexed``, ``live``, ``stamp`` (the eviction queues'
+recency stamp, -1 while not queued) and ``handled``; ``gen`` counts the times each row was freed, so
+(pid, gen) names one page for ever (:class:`PageList` entries, :class:`Move` pages).
+
+A page's handle is made the first time it is asked for (:meth:`PageTable.page`, :meth:`PageTable.pages`)
+and kept while the page lives (``handled``), so code that works page by page always sees the same handle;
+whole-cache code never needs one. A freed page's handle is dead (``freed``) and stays so. Its row is
+reused, with a new handle, once the rows never used are all taken (so a row is not reused soon after it
+is freed); the table doubles when no row is left, so it holds at most twice the most pages ever live.
 """
 
 from __future__ import annotations
@@ -125,10 +127,6 @@ class PageTable:
         self.priority[pids] = priority
         self.live[pids] = True
         return pids
-
-    def new_page_list(self, n: int, priority: int) -> PageList:
-        """:meth:`new_pages` as a :class:`PageList`."""
-        return PageList(self, self.new_pages(n, priority))
 
     def free_pages(self, pids: np.ndarray) -> None:
         """Rows ``pids`` (live, distinct) become free; their handles are dead from now on."""
