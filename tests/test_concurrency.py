@@ -440,3 +440,27 @@ async def test_two_resumes_waiting_for_each_others_room_do_not_deadlock(make_sto
         assert torch.equal(read_pages(mgr, winner).view(torch.uint8), data.view(torch.uint8))
         winner.suspend()
         mgr.check_invariants()
+
+
+async def test_rows_of_a_closed_cache_are_not_reused_while_its_prefetch_still_holds_them(make_store):
+    """close() under a running prefetch: the cache's pages stay (held) until the prefetch lets go, so a new
+    page never takes a row the prefetch will release, even with no never-used row left; once it lets go they
+    are freed, and nothing else changed."""
+    async with make_store(device=8, host=8, disk=64, batch_bytes=PAGE) as mgr:
+        cache, _ = await new_cache_on_disk(mgr, 4, seed=11)
+        table = mgr._placement.table
+        rows = cache._pages.pids.copy()
+        with gated_io(mgr) as gate:
+            task = cache.prefetch(H)
+            await until(lambda: any(p.move is not None for p in cache._pages), "the prefetch reads")
+            cache.close()
+            assert table.live[rows].all(), "held pages outlive their last owner"
+            table._free = table._free[:0]  # the next pages take freed rows first, if there are any
+            other, data = await new_filled_cache(mgr, 4, seed=12)
+            assert not np.isin(other._pages.pids, rows).any()
+            mgr.check_invariants()
+            gate.set()
+            assert (await task).cancelled
+        mgr.check_invariants()
+        assert not table.live[rows].any(), "freed once the prefetch let go"
+        await assert_data(mgr, other, data)
