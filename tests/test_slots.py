@@ -294,6 +294,18 @@ def test_release_many_refuses_a_free_or_repeated_slot_and_changes_nothing():
     assert a.free_ranges() == before and a.free_count == 2
 
 
+def test_release_many_refuses_a_free_slot_among_many_and_changes_nothing():
+    """The same refusal on the numpy merge path (64 slots or more; fewer are checked one by one)."""
+    a = SlotAllocator(300)
+    a.allocate_array(200)
+    before = a.free_ranges()
+    with pytest.raises(RuntimeError, match="free already"):
+        a.release_many(list(range(100)) + [250])  # 250 is free
+    with pytest.raises(RuntimeError, match="free already"):
+        a.release_many(list(range(100)) + [5])  # 5 twice
+    assert a.free_ranges() == before and a.free_count == 100
+
+
 def test_release_many_of_64k_scattered_slots():
     """(One by one, 64k scattered releases cost ~4 s of list inserts; at once ~0.02 s: see release_many.)"""
     n = 1 << 17

@@ -27,8 +27,6 @@ from .table import LEVEL_OF, PageTable, every, pids_of, some
 
 _FREE, _DEMOTE, _DROP, _SWAP = 0, 1, 2, 3
 _EVICTIONS = {lvl: f"evictions_{lvl.label}" for lvl in CacheLevel}
-_FEW_SLOTS = 8  # up to this many slots, allocated one at a time
-_MERGE_RELEASES = 64  # from this many slots on, one numpy merge releases them faster than one insert each
 
 
 @dataclass(slots=True)
@@ -166,7 +164,7 @@ class Placement:
         if level is None:  # not placed yet, or freed
             return
         q = self.queues[level]
-        if page.locks == 0 and page.holds == 0 and page.move is None and not page.freed:  # Page.evictable
+        if page.evictable:
             if page not in q:
                 q.push(page)
         else:
@@ -208,7 +206,7 @@ class Placement:
         in order — one bulk queue insertion per level; a page no cache owns any more is freed."""
         pids = pids_of(pages, len(pages))
         self.table.holds[pids] -= 1
-        self._free_pids(self._orphans(pids), release_slots=True)
+        self._free_orphans(pids)
         self._queue_evictable(pids)
 
     def holds_to_locks(self, pages: Sequence[Page]) -> None:
@@ -244,7 +242,7 @@ class Placement:
     def remove_owner(self, page: Page) -> None:
         """One cache lets go of ``page``; a page nobody holds and nobody can reuse is freed."""
         page.owners -= 1
-        self._free_if_orphan(page)
+        self._free_orphans(np.array([page.pid], dtype=np.int64))
 
     def _orphaned(self, pids: np.ndarray) -> np.ndarray:
         """Mask of ``pids`` no cache owns, no operation holds, nobody can reuse and that are not moving (to be
@@ -260,30 +258,16 @@ class Placement:
         out: np.ndarray = pids[self._orphaned(pids)]
         return out
 
+    def _free_orphans(self, pids: np.ndarray) -> None:
+        """Free the pages of ``pids`` that :meth:`_orphaned` marks, their slots released."""
+        self._free_pids(self._orphans(pids), release_slots=True)
+
     def remove_owners(self, pages: Sequence[Page]) -> None:
         """:meth:`remove_owner` for every page of ``pages`` (distinct; a cache closing or shrinking); the
         slots of the pages freed are released with one merge per level."""
         pids = pids_of(pages, len(pages))
         self.table.owners[pids] -= 1
-        self._free_pids(self._orphans(pids), release_slots=True)
-
-    def _release_slots(self, level: CacheLevel, slots: np.ndarray) -> None:
-        """Give ``slots`` of ``level`` back: one numpy merge for many, one insert each for a few."""
-        alloc = self.alloc[level]
-        if slots.size >= _MERGE_RELEASES:
-            alloc.release_many(slots)
-        else:
-            for slot in slots.tolist():
-                alloc.release(slot)
-
-    @staticmethod
-    def _orphan(page: Page) -> bool:
-        """No cache owns it, no operation holds it, nobody can reuse it, it is not moving: free it."""
-        return page.owners == 0 and page.holds == 0 and not page.indexed and page.move is None and not page.freed
-
-    def _free_if_orphan(self, page: Page) -> None:
-        if self._orphan(page):
-            self._free(page, release_slot=True)
+        self._free_orphans(pids)
 
     def _disk_event(self, op: str, page: Page, slot: int) -> None:
         if self.disk_listener is not None and page.indexed:
@@ -318,7 +302,7 @@ class Placement:
         for level, gone in self._per_level(pids):
             self.queues[level].discard_pids(gone)
             if release_slots:
-                self._release_slots(level, t.slot[gone])
+                self.alloc[level].release_many(t.slot[gone])
         t.free_pages(pids)
 
     def forget_corrupt(self, page: Page) -> None:
@@ -327,8 +311,8 @@ class Placement:
             self._disk_event("del", page, page.slot)
         self.index.remove(page)
         if page.owners == 0 and page.move is None and not page.freed:
-            self._free(page, release_slot=True)
-            self.counters["drops"] += 1
+            self.counters["drops"] += 1  # freed now, or when the operation holding it lets go
+        self._free_orphans(np.array([page.pid], dtype=np.int64))
 
     def set_key(self, page: Page, key: bytes, parent_key: Optional[bytes] = None) -> bool:
         """Mark ``page`` committed under ``key`` (``parent_key``: the previous page's key, None for a first
@@ -609,10 +593,7 @@ class Placement:
 
     def _allocate(self, level: CacheLevel, n: int) -> np.ndarray:
         """The ``n`` lowest free slots of ``level`` (what ``n`` calls of ``allocate()`` would give)."""
-        alloc = self.alloc[level]
-        if n <= min(_FEW_SLOTS, alloc.free_count):  # one numpy pass costs more than a few O(1) scalar takes
-            return np.array([alloc.allocate() for _ in range(n)], dtype=np.int64)
-        return alloc.allocate_array(n)
+        return self.alloc[level].allocate_array(n)
 
     def _move1(self, page: Page, src: Optional[CacheLevel], src_slot: int, dst: CacheLevel, dst_slot: int,
                after: Optional[Move], handoff: bool = False) -> Move:
@@ -851,7 +832,7 @@ class Placement:
 
     def complete_many(self, parts: Iterable[tuple[Move, Optional[Sequence[int]]]]) -> None:
         """:meth:`complete` for every (move, indices) of ``parts`` (one batch's transfers succeeded), in one
-        pass: source slots are released per level at the end (:meth:`_release_slots`) and the eviction
+        pass: source slots are released per level at the end (``SlotAllocator.release_many``) and the eviction
         counters updated once."""
         t = self.table
         released: dict[CacheLevel, list[np.ndarray]] = {}
@@ -894,7 +875,7 @@ class Placement:
         for gone_pids in orphans:
             self._free_pids(gone_pids, release_slots=True)
         for level, parts_slots in released.items():
-            self._release_slots(level, parts_slots[0] if len(parts_slots) == 1 else np.concatenate(parts_slots))
+            self.alloc[level].release_many(parts_slots[0] if len(parts_slots) == 1 else np.concatenate(parts_slots))
         for level, k in evicted.items():
             self.counters[_EVICTIONS[level]] += k
 
@@ -938,8 +919,7 @@ class Placement:
         # of them, unplaced, when it ends)
         self._free_pids(self._orphans(pids[new]), release_slots=False)
         placed = pids[~new]
-        orphans = self._orphans(placed)
-        self._free_pids(orphans, release_slots=True)
+        self._free_orphans(placed)
         self._queue_evictable(placed[self.table.live[placed]])
 
     # ----------------------------------------------------------------- queries

@@ -18,6 +18,8 @@ from typing import Iterable, Union
 import numpy as np
 
 _NONE = np.zeros(0, dtype=np.int64)
+_FEW_TAKES = 8  # up to this many slots, allocate_array takes them one at a time (cheaper than a numpy pass)
+_FEW_RELEASES = 64  # below this many slots, release_many releases them one at a time
 
 
 def _insert(a: np.ndarray, i: int, v: int) -> np.ndarray:
@@ -119,8 +121,8 @@ class SlotAllocator:
             raise ValueError(f"allocate_array() needs n >= 0, got {n}")
         if n > self.free_count:
             raise LookupError(f"no {n} free slots (only {self.free_count} below the limit)")
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
+        if n <= _FEW_TAKES:
+            return np.array([self.allocate() for _ in range(n)], dtype=np.int64)
         m = min(self._s.size, n)  # every range holds a slot at least: the n lowest slots lie in the first m
         lo, hi = self._s[:m], self._e[:m]
         lens = hi - lo
@@ -188,6 +190,17 @@ class SlotAllocator:
         if new[0] < 0 or new[-1] >= self.total:
             bad = int(new[0]) if new[0] < 0 else int(new[-1])
             raise IndexError(f"slot {bad} is outside the allocator's {self.total} slots")
+        if new.size < _FEW_RELEASES:  # a few: one update each, taken back if one of them is refused
+            done: list[int] = []
+            try:
+                for slot in new.tolist():
+                    self.release(slot)
+                    done.append(slot)
+            except RuntimeError:
+                for slot in done:
+                    self.take(slot)
+                raise RuntimeError("release_many() was given a slot that is free already (or twice)") from None
+            return
         brk = np.flatnonzero(new[1:] != new[:-1] + 1) + 1  # runs of consecutive slots
         run_s = new[np.concatenate(([0], brk))]
         run_e = new[np.concatenate((brk - 1, [new.size - 1]))] + 1
