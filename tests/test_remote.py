@@ -347,7 +347,7 @@ async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_pa
     """Pages go out in groups of ``GROUP_BYTES`` of page bytes, each group held, read and packed as ready SET
     commands in one worker-thread call — not one call per page — and all arrive intact."""
     from kvstore.remote import gather
-    from kvstore.remote.writer import GROUP_BYTES
+    from kvstore.remote.writer import writer_shape
 
     calls: list[int] = []
     real = gather._pack_rows
@@ -355,7 +355,7 @@ async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_pa
     ns = fresh_namespace()
     async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
         writer = a._remote.writer
-        assert writer.group_pages == max(1, min(GROUP_BYTES, a._remote.client.pipeline_bytes) // LAYOUT.page_bytes)
+        assert writer.group_pages == max(1, min(writer_shape()[0], a._remote.client.pipeline_bytes) // LAYOUT.page_bytes)
         toks = tokens_of(8, seed=41)
         await commit_prompt(a, toks[: 4 * TPP])
         await a.flush(5)
@@ -369,6 +369,45 @@ async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_pa
         assert res.complete and res.pages_moved == 8
         reused, got = await resume_bytes(b, toks)
         assert reused == 8 * TPP and same_bytes(got, data)
+
+
+def test_the_writer_streams_more_pipelines_at_once_where_cores_are_free():
+    from kvstore.remote.writer import FEW_CPUS_SHAPE, MANY_CPUS_SHAPE, writer_shape
+
+    assert writer_shape(2) == FEW_CPUS_SHAPE and writer_shape(16) == MANY_CPUS_SHAPE
+    assert FEW_CPUS_SHAPE[1] == 1 and MANY_CPUS_SHAPE[1] > 1 and MANY_CPUS_SHAPE[0] >= FEW_CPUS_SHAPE[0]
+
+
+async def test_several_write_pipelines_in_flight_arrive_intact_and_in_full(tmp_path, redis_server, monkeypatch):
+    """With pipelines of one page and three on the wire at once, every page arrives byte-exact."""
+    from kvstore.remote.client import RemoteClient
+
+    in_flight, most = 0, 0
+    real_set = RemoteClient.set_packed
+
+    async def set_packed(self, packed, spans):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.01)  # the pipeline is slow to answer: the next ones go out meanwhile
+            return await real_set(self, packed, spans)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(RemoteClient, "set_packed", set_packed)
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        a._remote.writer.group_pages, a._remote.writer.in_flight = 1, 3
+        toks = tokens_of(9, seed=43)
+        data = await commit_prompt(a, toks, seed=44)
+        await a.flush(5)
+        assert most == 3
+        assert a.stats()["remote_write_dropped"] == 0
+        res = await b.fetch_prefix(toks)
+        assert res.complete and res.pages_moved == 9
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 9 * TPP and same_bytes(got, data)
 
 
 async def test_the_writer_reuses_a_pack_buffer_only_once_its_pipeline_was_sent(tmp_path, redis_server, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from typing import TYPE_CHECKING, Optional
 
@@ -34,12 +35,21 @@ log = logging.getLogger("kvstore.remote")
 __all__ = ["RemoteWriter"]
 
 _ATTEMPTS = 3  # a page found moving this many times is given up
-#: Bytes of pages read, packed and written per step, and the steps' pipelines on the wire while the next
-#: group is read and packed (double buffering). Measured on the 2-core CPU machine (docs/benchmarks.md):
-#: 1 MiB x 1 moves as many bytes as 2 MiB x 2 with half the event-loop lag (less CPU work at once beside the
-#: loop: the packing thread, the sends and the server share the cores).
-GROUP_BYTES = 1 << 20
-_IN_FLIGHT = 1
+#: (bytes of pages read, packed and written per step, pipelines on the wire while the next group is read and
+#: packed), by the CPUs this process may use. With two (the CPU machine, docs/benchmarks.md) 1 MiB x 1 moves
+#: about as many bytes as 2 MiB x 2 with half the event-loop lag: the packing thread, the sends and the server
+#: share the cores with the loop. With more cores to spare, more pipelines stream at once, as a raw client's
+#: one big pipeline does.
+FEW_CPUS_SHAPE = (1 << 20, 1)
+MANY_CPUS_SHAPE = (2 << 20, 3)
+GROUP_BYTES = FEW_CPUS_SHAPE[0]  # the smallest group (tests)
+
+
+def writer_shape(cpus: Optional[int] = None) -> tuple[int, int]:
+    """(group bytes, pipelines in flight) for a process that may run on ``cpus`` CPUs (default: its affinity)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return FEW_CPUS_SHAPE if cpus <= 4 else MANY_CPUS_SHAPE
 
 
 class RemoteWriter:
@@ -53,7 +63,8 @@ class RemoteWriter:
         self.px = px_of(ttl_s)
         self.max_pending = max_pending
         self.batch_pages = batch_pages
-        self.group_pages = max(1, min(GROUP_BYTES, client.pipeline_bytes) // mgr._page_bytes)  # per step
+        group_bytes, self.in_flight = writer_shape()
+        self.group_pages = max(1, min(group_bytes, client.pipeline_bytes) // mgr._page_bytes)  # per step
         self.stats = mgr._stats
         self._queue: deque[tuple[Page, bytes, int]] = deque()  # (page, page key, attempts)
         self._wake = asyncio.Event()
@@ -185,7 +196,7 @@ class RemoteWriter:
                         self.stats["remote_write_dropped"] += 1
                 wanted = [v for v in values if not have[group[v[0]][0]]]
                 for packed, spans, levels in _by_buffer(wanted):
-                    while len(sending) >= _IN_FLIGHT:
+                    while len(sending) >= self.in_flight:
                         await sending.popleft()
                     sending.append(asyncio.ensure_future(self._send(packed, spans, levels)))
             while sending:
@@ -213,7 +224,7 @@ class RemoteWriter:
         try:
             written = await self.client.set_packed(packed, spans)
         finally:  # every write() made has returned: the transport sent or copied those bytes
-            if len(self._spare) <= _IN_FLIGHT and all(b is not packed.base for b in self._spare):
+            if len(self._spare) <= self.in_flight and all(b is not packed.base for b in self._spare):
                 self._spare.append(packed.base)
         if written is None:
             self.stats["remote_write_dropped"] += len(spans)
