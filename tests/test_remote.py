@@ -15,7 +15,7 @@ from kvstore import CacheLevel, InvalidArgumentError, DeviceTier, DiskTier, Host
 from kvstore.remote.gather import gather_values, make_packer
 from kvstore.remote import codec
 
-from .conftest import LAYOUT, sink_to_disk
+from .conftest import LAYOUT, sink_to_disk, until
 
 TPP = LAYOUT.tokens_per_page
 _ns = itertools.count()
@@ -488,3 +488,44 @@ async def test_the_first_group_is_read_while_exists_is_asked_and_pages_the_serve
         assert res.complete and res.pages_moved == 10
         reused, got = await resume_bytes(c, toks)
         assert reused == 10 * TPP and same_bytes(got[8:], data[8:]) and same_bytes(got[:8], a_data)  # a's 8 first
+
+
+async def test_a_fetch_checks_the_next_chunk_while_the_one_before_it_lands(tmp_path, redis_server, monkeypatch):
+    """Chunk k+1's GETs and checksum checks run while chunk k is written into its slots, and the prefix
+    still lands whole, byte-exact and in order."""
+    from kvstore.remote import fetch
+
+    ns = fresh_namespace()
+    async with node(tmp_path, redis_server.url, ns) as a, node(tmp_path, redis_server.url, ns) as b:
+        toks = tokens_of(6, seed=45)
+        data = await commit_prompt(a, toks, seed=46)
+        await a.flush(5)
+        reader = b._remote.reader
+        reader.batch = 2
+        checked: list[int] = []  # chunks checked, by first key
+        real_verify, real_write = fetch._verify, fetch.RemoteReader._write
+        gate, writing = asyncio.Event(), asyncio.Event()
+
+        def verify(values, keys, *args):
+            checked.append(len(checked))
+            return real_verify(values, keys, *args)
+
+        async def write(self, target, slots, bodies):
+            if not writing.is_set():  # the first chunk's landing waits until the next chunk was checked
+                writing.set()
+                await gate.wait()
+            return await real_write(self, target, slots, bodies)
+
+        monkeypatch.setattr(fetch, "_verify", verify)
+        monkeypatch.setattr(fetch.RemoteReader, "_write", write)
+        task = asyncio.ensure_future(b.fetch_prefix(toks))
+        try:
+            await until(writing.is_set, "the first chunk is being written")
+            await until(lambda: len(checked) >= 2, "the second chunk checked while the first one lands", limit=2.0)
+        finally:
+            gate.set()  # never leave the fetch stuck, also when the check above fails
+        res = await task
+        assert checked == [0, 1, 2]
+        assert res.complete and res.pages_moved == 6
+        reused, got = await resume_bytes(b, toks)
+        assert reused == 6 * TPP and same_bytes(got, data)

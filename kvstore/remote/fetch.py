@@ -37,6 +37,8 @@ log = logging.getLogger("kvstore.remote")
 
 __all__ = ["RemoteReader"]
 
+_Checked = tuple[list[Optional[bytes]], list[Optional[memoryview]]]  # a chunk's values and their checked bodies
+
 
 class RemoteReader:
     def __init__(self, mgr: "KVCacheManager", client: RemoteClient, keys: KeySpace, batch: int) -> None:
@@ -107,37 +109,46 @@ class RemoteReader:
     ) -> tuple[int, bool]:
         """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
         pb = self.mgr._page_bytes
+        lay, scope = self.keys.layout_digest, self.keys.scope
         chunks = [rest[i : i + self.batch] for i in range(0, len(rest), self.batch)]
-        gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"] = []
+        gets: list["asyncio.Task[Optional[_Checked]]"] = []  # of the chunks not yet landed, in order
+        started = 0  # chunks whose GETs were started
 
-        def get(k: int) -> None:  # the GETs of chunk k, started while chunk k-1 is checked and landed
-            if k < len(chunks):
-                gets.append(asyncio.ensure_future(self.client.get(self.keys.keys(chunks[k]), pb)))
+        async def get_checked(chunk: list[bytes]) -> Optional[_Checked]:
+            values = await self.client.get(self.keys.keys(chunk), pb)
+            if values is None:
+                return None
+            if all(v is not None for v in values):
+                get_next()  # the next chunk's GETs go out while this one is checked
+            return values, await asyncio.to_thread(_verify, values, chunk, lay, scope, pb)
 
-        get(0)
+        def get_next() -> None:  # the next chunk fetched, then checked while the one before it is landed
+            nonlocal started
+            if started < len(chunks):
+                gets.append(asyncio.ensure_future(get_checked(chunks[started])))
+                started += 1
+
+        get_next()
         try:
-            return await self._walk(chunks, gets, get, prev, target, keeper)
+            return await self._walk(chunks, gets, prev, target, keeper)
         finally:
-            for t in gets:  # stopped early: GETs no longer needed
-                t.cancel()
-            if gets:
-                await asyncio.gather(*gets, return_exceptions=True)
+            while gets:  # stopped early: GETs no longer needed (a cancelled one starts no other)
+                stopping, gets[:] = list(gets), []
+                for t in stopping:
+                    t.cancel()
+                await asyncio.gather(*stopping, return_exceptions=True)
 
     async def _walk(
-        self, chunks: list[list[bytes]], gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"],
-        get: Callable[[int], None], prev: Optional[bytes], target: CacheLevel, keeper: Operation,
+        self, chunks: list[list[bytes]], gets: list["asyncio.Task[Optional[_Checked]]"],
+        prev: Optional[bytes], target: CacheLevel, keeper: Operation,
     ) -> tuple[int, bool]:
         moved = 0
-        pb = self.mgr._page_bytes
-        lay, scope = self.keys.layout_digest, self.keys.scope
         for i, chunk in enumerate(chunks):
             rkeys = self.keys.keys(chunk)
-            values = await gets.pop(0)
-            if values is None:
+            checked = await gets.pop(0)
+            if checked is None:
                 return moved, False
-            if all(v is not None for v in values):
-                get(i + 1)
-            bodies = await asyncio.to_thread(_verify, values, chunk, lay, scope, pb)
+            values, bodies = checked
             lead = next((j for j, b in enumerate(bodies) if b is None), len(bodies))
             self.stats["remote_hits"] += lead
             corrupt = lead < len(chunk) and values[lead] is not None

@@ -3,8 +3,9 @@
 ``enqueue`` (called by ``commit()``) never blocks and never awaits: beyond ``max_pending_pages`` a page is
 not queued (counted ``remote_write_dropped``). The writer takes batches in commit order, asks the server
 which keys it lacks (pipelined EXISTS; the first group is read meanwhile), reads only those pages' bytes
-in groups of ``GROUP_BYTES`` (:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in
-one worker-thread hop per group) and writes each group as one pipeline while the next is read. A failure drops the group's pages
+in groups (:mod:`.gather`: held, read and packed as ready ``SET NX PX ttl`` commands in one worker-thread hop
+per group) and writes each group as one pipeline while the next is read, as many on the wire at once as
+:func:`writer_shape` allows for the free cores. A failure drops the group's pages
 (counted), never retries past the call's deadline. ``flush()`` waits until every page queued before it was
 written or given up.
 """
