@@ -12,7 +12,9 @@ from .errors import (
     StorageIOError,
 )
 from .manager import KVCacheManager
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
+from .types import (
+    CacheLevel, CacheStatus, PathCost, PathEstimate, PrefetchResult, PrefixMatch, Stats, TierUsage, TransferEstimate,
+)
 
 __all__ = [
     "CacheLevel",
@@ -29,6 +31,8 @@ __all__ = [
     "KVCacheManager",
     "KVStoreError",
     "PageLayout",
+    "PathCost",
+    "PathEstimate",
     "PrefetchResult",
     "PrefetchTask",
     "PrefixMatch",
@@ -37,6 +41,7 @@ __all__ = [
     "StorageIOError",
     "StoreConfig",
     "TierUsage",
+    "TransferEstimate",
 ]
 
 __version__ = "0.1.0"

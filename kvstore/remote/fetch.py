@@ -106,13 +106,12 @@ class RemoteReader:
         self, rest: list[bytes], prev: Optional[bytes], target: CacheLevel, keeper: Operation
     ) -> tuple[int, bool]:
         """(pages landed, whether the remote prefix arrived whole) for page keys ``rest`` after ``prev``."""
-        pb = self.mgr._page_bytes
         chunks = [rest[i : i + self.batch] for i in range(0, len(rest), self.batch)]
         gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"] = []
 
         def get(k: int) -> None:  # the GETs of chunk k, started while chunk k-1 is checked and landed
             if k < len(chunks):
-                gets.append(asyncio.ensure_future(self.client.get(self.keys.keys(chunks[k]), pb)))
+                gets.append(asyncio.ensure_future(self._timed_get(self.keys.keys(chunks[k]))))
 
         get(0)
         try:
@@ -122,6 +121,19 @@ class RemoteReader:
                 t.cancel()
             if gets:
                 await asyncio.gather(*gets, return_exceptions=True)
+
+    async def _timed_get(self, rkeys: list[bytes]) -> Optional[list[Optional[bytes]]]:
+        """``client.get`` of one chunk, recorded in the remote -> host bandwidth estimate (the one place remote
+        reads are measured): the values found count as bytes moved; a failed or cancelled GET records nothing."""
+        bandwidth, pb = self.mgr._bandwidth, self.mgr._page_bytes
+        ticket = bandwidth.begin(CacheLevel.REMOTE, CacheLevel.HOST)
+        values: Optional[list[Optional[bytes]]] = None
+        try:
+            values = await self.client.get(rkeys, pb)
+            return values
+        finally:
+            found = 0 if values is None else len(values) - values.count(None)
+            bandwidth.end(ticket, found * pb, ok=values is not None)
 
     async def _walk(
         self, chunks: list[list[bytes]], gets: list["asyncio.Task[Optional[list[Optional[bytes]]]]"],
