@@ -12,6 +12,15 @@ from .errors import (
     StorageIOError,
 )
 from .manager import KVCacheManager
+from .policy import (
+    Decision,
+    PrefillModel,
+    ReuseChoice,
+    decide_reuse,
+    prefetch_start_time,
+    should_start_prefetch,
+    wait_or_recompute,
+)
 from .types import (
     CacheLevel, CacheStatus, PathCost, PathEstimate, PrefetchResult, PrefixMatch, Stats, TierUsage, TransferEstimate,
 )
@@ -22,6 +31,7 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "CorruptPageError",
+    "Decision",
     "DeviceTier",
     "DiskTier",
     "HostTier",
@@ -33,15 +43,21 @@ __all__ = [
     "PageLayout",
     "PathCost",
     "PathEstimate",
+    "PrefillModel",
     "PrefetchResult",
     "PrefetchTask",
     "PrefixMatch",
     "RemoteTier",
+    "ReuseChoice",
     "Stats",
     "StorageIOError",
     "StoreConfig",
     "TierUsage",
     "TransferEstimate",
+    "decide_reuse",
+    "prefetch_start_time",
+    "should_start_prefetch",
+    "wait_or_recompute",
 ]
 
 __version__ = "0.1.0"

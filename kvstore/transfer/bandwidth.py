@@ -4,16 +4,17 @@ Owns the moving estimates behind ``mgr.bandwidth_estimates`` and ``mgr.transfer_
 calls :meth:`Bandwidth.begin` / :meth:`Bandwidth.end` once per transfer batch (never per page); the remote
 reader does the same per chunk of GETs. Everything here is synchronous bookkeeping on the loop thread.
 
-The model of one path is ``seconds = latency_s + nbytes / bytes_per_s``, fitted robustly:
+The model of one path is ``seconds = latency_s + nbytes / bytes_per_s``, fitted robustly: each settled batch
+informs the one parameter its time is sensitive to, judged by the estimates so far.
 
-- ``latency_s``: EWMA over batches that ran *alone* on their path (nothing else started or running meanwhile)
-  of ``elapsed - nbytes / bytes_per_s``, clamped to ``[0, elapsed]``;
-- ``bytes_per_s``: ratio of exponentially decayed sums of bytes and of *busy time* attributed to each batch:
-  a batch's share is the time since the previous completion on the path (or since the path became busy),
-  less the fixed latency once per busy period. Batches overlap (several are in flight on one path), so a
-  batch's own elapsed time would under-count the path's throughput by the overlap; busy time does not.
-  Only batches whose byte time is at least the current latency estimate count (a batch of a few small
-  pages is latency-bound and says nothing about bandwidth).
+- A *latency-bound* batch (byte time below ``latency_s``: a few small pages) that ran alone on its path
+  (nothing else started or in flight meanwhile) moves ``latency_s``: an EWMA of ``elapsed - nbytes /
+  bytes_per_s``, clamped to ``[0, elapsed]``. Overlapped small batches record nothing.
+- A *bandwidth-bound* batch moves ``bytes_per_s``: the ratio of exponentially decayed sums of bytes and of
+  the *busy time* attributed to each batch, which is the time since the previous completion on the path (or
+  since the path became busy), less ``latency_s`` once per busy period. Batches overlap (several are in
+  flight on one path), so a batch's own elapsed time would under-count the path's throughput by the
+  overlap; busy time does not.
 
 A batch that fails or never starts (stopped, cancelled before it began) records nothing. Before any sample
 the priors below hold (DESIGN.md's measured hardware limits, rounded down).
@@ -114,21 +115,23 @@ class PathMeter:
         if not ok or nbytes <= 0:
             return
         first, self._fresh = self._fresh, False
-        updated = False
         elapsed = now - ticket.started
-        if ticket.idle and self.active == 0 and self._starts == ticket.starts + 1 and elapsed > 0:
-            lat = min(max(elapsed - nbytes / self.bytes_per_s, 0.0), elapsed)
-            self.latency_s = lat if self.samples == 0 else self.latency_s + LATENCY_ALPHA * (lat - self.latency_s)
-            updated = True
-        busy = share - (self.latency_s if first else 0.0)
-        if busy > 0 and nbytes >= self.bytes_per_s * self.latency_s:
+        byte_time = nbytes / self.bytes_per_s
+        if byte_time < self.latency_s:  # latency-bound: says how long the fixed part takes, not the bandwidth
+            if not (ticket.idle and self.active == 0 and self._starts == ticket.starts + 1) or elapsed <= 0:
+                return  # overlapped: its elapsed time is not its own
+            lat = min(max(elapsed - byte_time, 0.0), elapsed)
+            first_lat = self.samples == self.bandwidth_samples  # no latency sample yet: the prior goes
+            self.latency_s = lat if first_lat else self.latency_s + LATENCY_ALPHA * (lat - self.latency_s)
+        else:
+            busy = share - (self.latency_s if first else 0.0)
+            if busy <= 0:
+                return
             self._sum_bytes = BANDWIDTH_DECAY * self._sum_bytes + nbytes
             self._sum_s = BANDWIDTH_DECAY * self._sum_s + busy
             self.bytes_per_s = self._sum_bytes / self._sum_s
             self.bandwidth_samples += 1
-            updated = True
-        if updated:
-            self.samples += 1
+        self.samples += 1
 
     def estimate(self) -> PathEstimate:
         src, dst = self.path
