@@ -69,8 +69,8 @@ class PathEstimate:
     """What moving pages from ``src`` to ``dst`` costs: ``latency_s + nbytes / bytes_per_s`` per transfer.
 
     ``measured`` is False while the numbers are the built-in priors (no batch on this path settled yet).
-    ``samples``: batches that updated the estimate; ``bandwidth_samples``: those large enough (byte time at
-    least the fixed latency) to move ``bytes_per_s`` too (small batches only move ``latency_s``)."""
+    ``samples``: batches that updated the estimate; ``bandwidth_samples``: those of them large enough (byte
+    time at least the fixed latency) to move ``bytes_per_s``; the others, small ones, moved ``latency_s``."""
 
     src: CacheLevel
     dst: CacheLevel

@@ -82,7 +82,8 @@ def test_chain_model_of_remote_pages_to_the_device_by_hand():
     n, pb = 100, 1 << 20
     est = estimate_moves({R: n}, D, pb, band)
     # hops pipelined: every hop's latency once, plus the slowest hop's byte time
-    assert est.seconds == pytest.approx(rh.latency_s + hd.latency_s + max(n * pb / rh.bytes_per_s, n * pb / hd.bytes_per_s))
+    slowest = max(n * pb / rh.bytes_per_s, n * pb / hd.bytes_per_s)
+    assert est.seconds == pytest.approx(rh.latency_s + hd.latency_s + slowest)
     assert set(est.paths) == {(R, H), (H, D)} and est.pages == n and est.bytes == n * pb
     # host pages share the host -> device hop with the remote pages; routes run concurrently: the slowest counts
     both = estimate_moves({R: n, H: 50}, D, pb, band)
