@@ -12,7 +12,18 @@ from .errors import (
     StorageIOError,
 )
 from .manager import KVCacheManager
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
+from .policy import (
+    Decision,
+    PrefillModel,
+    ReuseChoice,
+    decide_reuse,
+    prefetch_start_time,
+    should_start_prefetch,
+    wait_or_recompute,
+)
+from .types import (
+    CacheLevel, CacheStatus, PathCost, PathEstimate, PrefetchResult, PrefixMatch, Stats, TierUsage, TransferEstimate,
+)
 
 __all__ = [
     "CacheLevel",
@@ -20,6 +31,7 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "CorruptPageError",
+    "Decision",
     "DeviceTier",
     "DiskTier",
     "HostTier",
@@ -29,14 +41,23 @@ __all__ = [
     "KVCacheManager",
     "KVStoreError",
     "PageLayout",
+    "PathCost",
+    "PathEstimate",
+    "PrefillModel",
     "PrefetchResult",
     "PrefetchTask",
     "PrefixMatch",
     "RemoteTier",
+    "ReuseChoice",
     "Stats",
     "StorageIOError",
     "StoreConfig",
     "TierUsage",
+    "TransferEstimate",
+    "decide_reuse",
+    "prefetch_start_time",
+    "should_start_prefetch",
+    "wait_or_recompute",
 ]
 
 __version__ = "0.1.0"

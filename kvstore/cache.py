@@ -14,7 +14,7 @@ from ._args import describe, integral
 from .errors import InvalidArgumentError, InvalidStateError
 from .placement import PageList
 from .placement.prefix import as_token_array
-from .types import CacheLevel, CacheStatus, PrefetchResult
+from .types import CacheLevel, CacheStatus, PrefetchResult, TransferEstimate
 
 if TYPE_CHECKING:
     from .manager import KVCacheManager
@@ -229,6 +229,14 @@ class KVCache:
     def page_levels(self) -> dict[CacheLevel, int]:
         """Pages of this cache per level (a moving page counts at the level it is leaving)."""
         return self._mgr._placement.per_level(self._pages)
+
+    def transfer_estimate(self, target: CacheLevel) -> TransferEstimate:
+        """``mgr.transfer_estimate()`` of this cache's pages to ``target`` (any status): the pages not at ``target``
+        and not moving, plus the bytes queued on their paths, which include this cache's pages in flight (a
+        prefetch running now): the estimate of what is left."""
+        mgr = self._mgr
+        target = mgr._level_arg(target, "transfer_estimate(target)")
+        return mgr._estimate(mgr._placement.per_level(self._pages, settled=True), target)
 
     # ------------------------------------------------------------------ prefix reuse
     def commit(self, tokens: Sequence[int]) -> None:

@@ -14,7 +14,8 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union, cast
+from types import MappingProxyType
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -34,12 +35,15 @@ from .placement import Page, PageList, Placement, Plan, RoomCheck
 from .placement.pagelist import as_page_list
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
+from .transfer.bandwidth import LOCAL_PATHS, REMOTE_PATH, Bandwidth, estimate_moves
 from .transfer.copier import Copier
 from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
 from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
-from .types import CacheLevel, CacheStatus, PrefetchResult, PrefixMatch, Stats, TierUsage
+from .types import (
+    CacheLevel, CacheStatus, PathEstimate, PrefetchResult, PrefixMatch, Stats, TierUsage, TransferEstimate,
+)
 
 if TYPE_CHECKING:
     from .remote.engine import RemoteEngine
@@ -87,6 +91,8 @@ class KVCacheManager:
         )
         self._hasher = PrefixHasher(config.namespace, config.layout.fingerprint(), config.layout.tokens_per_page)
         self._stats: Counter[str] = Counter()
+        #: measured speed per path (transfer batches and remote GETs record into it; kept across start/close)
+        self._bandwidth = Bandwidth(cast(DeviceTier, config.tiers[0]).resolved_device().type == "cuda")
         self.timings = Timings()  # latency histograms for kvstore.metrics (one observation per operation)
         self._caches: set[KVCache] = set()
         self._gate = Gate()
@@ -145,7 +151,7 @@ class KVCacheManager:
             staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
             self._executor = TransferExecutor(
                 self._placement, self._device, self._host, self._disk, self._io, self._copier, staging,
-                cfg.batch_bytes, self._stats,
+                cfg.batch_bytes, self._stats, self._bandwidth,
             )
             self._placement.max_group = self._executor.batch_rows  # a move never spans batches
             if self._catalog is not None:
@@ -444,6 +450,73 @@ class KVCacheManager:
     def usage(self, level: CacheLevel) -> TierUsage:
         level = self._level_arg(level, "usage(level)")
         return self._placement.usage(level)
+
+    @property
+    def bandwidth_estimates(self) -> Mapping[tuple[CacheLevel, CacheLevel], PathEstimate]:
+        """Read-only snapshot of the moving estimate of every path between configured levels, keyed by
+        ``(src, dst)`` (``(REMOTE, HOST)`` too with a remote tier): ``latency_s + nbytes / bytes_per_s`` per
+        transfer batch, measured from every batch that settled (``measured`` False: still the prior)."""
+        levels = set(self.config.levels)
+        paths = [p for p in LOCAL_PATHS if p[0] in levels and p[1] in levels]
+        if self.config.remote is not None:
+            paths.append(REMOTE_PATH)
+        return MappingProxyType({p: self._bandwidth.estimate(p) for p in paths})
+
+    def transfer_estimate(self, pages_per_level: Mapping[CacheLevel, int], target: CacheLevel) -> TransferEstimate:
+        """Predicted seconds to bring ``pages_per_level`` (pages per level, as ``cache.page_levels()`` or a
+        ``PrefixMatch`` gives them) to ``target``, from the measured path estimates; holds and moves nothing.
+
+        Pages at ``target`` or hotter cost 0. A page takes the path a plan moves it along (local pages straight
+        to ``target``, disk -> device included; REMOTE pages through host memory); bytes already queued on a
+        path (batches in flight) go first. The hops of a route are pipelined and the routes of different
+        levels run concurrently, so the estimate is the slowest route's fixed latencies plus the byte time of
+        its slowest hop (:func:`kvstore.transfer.bandwidth.estimate_moves`). Bytes queued on paths this move
+        does not use (a write-back contending for the same disk) are not counted.
+        """
+        target = self._level_arg(target, "transfer_estimate(target)")
+        counts = self._counts_arg(pages_per_level, target, "transfer_estimate(pages_per_level)")
+        return self._estimate(counts, target)
+
+    def prefix_transfer_estimate(self, tokens: Sequence[int], target: CacheLevel) -> TransferEstimate:
+        """:meth:`transfer_estimate` of the local reusable prefix of ``tokens`` (:meth:`lookup`)."""
+        target = self._level_arg(target, "prefix_transfer_estimate(target)")
+        return self._estimate(self.lookup(tokens).pages_per_level, target)
+
+    def _estimate(self, counts: Mapping[CacheLevel, int], target: CacheLevel) -> TransferEstimate:
+        queued = self._executor.queued if self._executor is not None else None
+        return estimate_moves(counts, target, self._page_bytes, self._bandwidth, queued)
+
+    def _counts_arg(self, counts: object, target: CacheLevel, what: str) -> dict[CacheLevel, int]:
+        """``counts`` checked as {level: pages >= 0}: an unconfigured level (REMOTE without a remote tier) may only
+        hold 0 pages, and REMOTE pages only reach HOST or DEVICE."""
+        if not isinstance(counts, Mapping):
+            raise InvalidArgumentError(f"{what} must be a mapping {{CacheLevel: pages}}, got {describe(counts)}")
+        out: dict[CacheLevel, int] = {}
+        for key, value in counts.items():
+            index = integral(key)
+            if index is None or index not in CacheLevel._value2member_map_:
+                raise InvalidArgumentError(
+                    f"{what} keys must be CacheLevel (DEVICE, HOST, DISK, REMOTE), got {describe(key)}"
+                )
+            level = CacheLevel(index)
+            n = integral(value)
+            if n is None or n < 0:
+                raise InvalidArgumentError(f"{what}[{level.name}] must be a page count >= 0, got {describe(value)}")
+            if n == 0:
+                continue
+            configured = self.config.remote is not None if level == CacheLevel.REMOTE else level in self.config.levels
+            if not configured:
+                raise InvalidArgumentError(
+                    f"{what} has {n} pages at {level.name}, which is not configured here; configured levels are "
+                    f"{[l.name for l in self.config.levels]}{' and REMOTE' if self.config.remote else ''}"
+                )
+            if level == CacheLevel.REMOTE and target == CacheLevel.DISK:
+                raise InvalidArgumentError(
+                    f"{what}: remote pages arrive at HOST or DEVICE (fetch_prefix), never DISK; estimate them for "
+                    "target HOST"
+                )
+            out[level] = out.get(level, 0) + n
+        return out
 
     def stats(self) -> Stats:
         """Monotonic counters (bytes/pages per level pair, evictions, drops, prefetches, hits, I/O errors)."""

@@ -6,7 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-__all__ = ["CacheLevel", "CacheStatus", "PrefetchResult", "TierUsage", "PrefixMatch", "Stats"]
+__all__ = [
+    "CacheLevel", "CacheStatus", "PrefetchResult", "TierUsage", "PrefixMatch", "Stats", "PathEstimate", "PathCost",
+    "TransferEstimate",
+]
 
 
 class CacheLevel(enum.IntEnum):
@@ -59,6 +62,57 @@ class PrefixMatch:
 
     num_tokens: int
     pages_per_level: dict[CacheLevel, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PathEstimate:
+    """What moving pages from ``src`` to ``dst`` costs: ``latency_s + nbytes / bytes_per_s`` per transfer.
+
+    ``measured`` is False while the numbers are the built-in priors (no batch on this path settled yet).
+    ``samples``: batches that updated the estimate; ``bandwidth_samples``: those of them large enough (byte
+    time at least the fixed latency) to move ``bytes_per_s``; the others, small ones, moved ``latency_s``."""
+
+    src: CacheLevel
+    dst: CacheLevel
+    bytes_per_s: float
+    latency_s: float
+    samples: int = 0
+    bandwidth_samples: int = 0
+
+    @property
+    def measured(self) -> bool:
+        return self.samples > 0
+
+    def seconds(self, nbytes: int) -> float:
+        """Predicted seconds to move ``nbytes`` on this path alone."""
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """One hop of a :class:`TransferEstimate`: the pages and bytes it moves, the bytes already queued on it
+    (in-flight batches, moved first), and its predicted seconds (``latency_s + (bytes + queued_bytes) / bw``)."""
+
+    src: CacheLevel
+    dst: CacheLevel
+    pages: int
+    bytes: int
+    queued_bytes: int
+    seconds: float
+    estimate: PathEstimate
+
+
+@dataclass(frozen=True)
+class TransferEstimate:
+    """Predicted time to bring pages to ``target``: ``seconds`` (0 when nothing has to move), the ``pages`` and
+    ``bytes`` that move (each page once, whatever its hops), and the per-hop breakdown ``paths`` keyed by
+    (src, dst)."""
+
+    target: CacheLevel
+    seconds: float
+    pages: int
+    bytes: int
+    paths: dict[tuple[CacheLevel, CacheLevel], PathCost] = field(default_factory=dict)
 
 
 class Stats(TypedDict, total=False):

@@ -949,11 +949,14 @@ class Placement:
             mask &= t.move[pids] < 0
         return mask
 
-    def per_level(self, pages: Sequence[Page]) -> dict[CacheLevel, int]:
-        """Pages of ``pages`` per configured level (placed, live ones)."""
+    def per_level(self, pages: Sequence[Page], settled: bool = False) -> dict[CacheLevel, int]:
+        """Pages of ``pages`` per configured level (placed, live ones; ``settled``: and not moving)."""
         t = self.table
         pids = pids_of(pages, len(pages))
-        counts = np.bincount(t.level[pids][t.live[pids]] + 1, minlength=len(LEVEL_OF) + 1)
+        keep = t.live[pids]
+        if settled:
+            keep &= t.move[pids] < 0
+        counts = np.bincount(t.level[pids][keep] + 1, minlength=len(LEVEL_OF) + 1)
         return {lvl: int(counts[int(lvl) + 1]) for lvl in self.levels}
 
     def slots_of(self, pages: Sequence[Page]) -> np.ndarray:

@@ -115,7 +115,7 @@ class RemoteReader:
         started = 0  # chunks whose GETs were started
 
         async def get_checked(chunk: list[bytes]) -> Optional[_Checked]:
-            values = await self.client.get(self.keys.keys(chunk), pb)
+            values = await self._timed_get(self.keys.keys(chunk))
             if values is None:
                 return None
             if all(v is not None for v in values):
@@ -137,6 +137,19 @@ class RemoteReader:
                 for t in stopping:
                     t.cancel()
                 await asyncio.gather(*stopping, return_exceptions=True)
+
+    async def _timed_get(self, rkeys: list[bytes]) -> Optional[list[Optional[bytes]]]:
+        """``client.get`` of one chunk, recorded in the remote -> host bandwidth estimate (the one place remote
+        reads are measured): the values found count as bytes moved; a failed or cancelled GET records nothing."""
+        bandwidth, pb = self.mgr._bandwidth, self.mgr._page_bytes
+        ticket = bandwidth.begin(CacheLevel.REMOTE, CacheLevel.HOST)
+        values: Optional[list[Optional[bytes]]] = None
+        try:
+            values = await self.client.get(rkeys, pb)
+            return values
+        finally:
+            found = 0 if values is None else len(values) - values.count(None)
+            bandwidth.end(ticket, found * pb, ok=values is not None)
 
     async def _walk(
         self, chunks: list[list[bytes]], gets: list["asyncio.Task[Optional[_Checked]]"],

@@ -25,6 +25,7 @@ from ..errors import CorruptPageError, InvalidStateError, StorageIOError
 from ..placement import Move, MoveState, Placement, Plan
 from ..types import CacheLevel
 from .arenas import DeviceArena, HostArena, StagingPool
+from .bandwidth import Bandwidth, Ticket
 from .copier import Copier, Segment
 from .diskfile import DiskSlotFile
 from .io_backends import Extent, IOBackend
@@ -185,6 +186,7 @@ class TransferExecutor:
         staging: StagingPool,
         batch_bytes: int,
         stats: Counter[str],
+        bandwidth: Optional[Bandwidth] = None,
     ) -> None:
         self.placement = placement
         self.device = device
@@ -197,6 +199,9 @@ class TransferExecutor:
         self.batch_rows = max(1, min(batch_bytes // self.page_bytes, MAX_BATCH_PAGES))
         self.memory_batch_rows = max(self.batch_rows, min(MEMORY_BATCH_BYTES // self.page_bytes, MAX_BATCH_PAGES))
         self.stats = stats
+        self.bandwidth = bandwidth if bandwidth is not None else Bandwidth(copier.cuda)  # measured per batch
+        #: bytes of the batches submitted and not done yet, per (src, dst): what a new move on the path waits behind
+        self.queued: Counter[tuple[CacheLevel, CacheLevel]] = Counter()
         self.io_sched = IOScheduler(max(4 * batch_bytes, self.page_bytes))
         self.sums: dict[int, tuple[int, int]] = {}  # disk slot -> (page id, xxh3-64 of the bytes written there)
         #: awaited with the disk slots about to be written (a persistent tier makes stale records durable-deleted)
@@ -271,7 +276,19 @@ class TransferExecutor:
                     b.read_deps.add(dep)
                 elif dep is not b:
                     b.deps.add(dep)
+        for b in out:
+            if b.src is not None and b.src != b.dst:
+                self.queued[(b.src, b.dst)] += b.rows * self.page_bytes
         return out
+
+    def _batch_done(self, b: _Batch) -> None:
+        """The one end of every batch: its bytes leave the queue and its moves' ``settled`` is set."""
+        if b.src is not None and b.src != b.dst:
+            path = (b.src, b.dst)
+            self.queued[path] -= b.rows * self.page_bytes
+            if self.queued[path] <= 0:
+                del self.queued[path]
+        cast("asyncio.Future[None]", b.done).set_result(None)
 
     # ------------------------------------------------------------------ running
     async def run(self, plan: Plan, priority: int = BACKGROUND) -> RunResult:
@@ -324,7 +341,6 @@ class TransferExecutor:
         to its source slot. Swaps only move between memory levels, where copies do not fail.
         """
         src_l = cast(CacheLevel, b.src)  # a swap moves placed victims
-        done = cast("asyncio.Future[None]", b.done)  # made by submit(), as a swap batch's read_done
         read_done = cast("asyncio.Future[None]", b.read_done)
         buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
         try:
@@ -363,7 +379,7 @@ class TransferExecutor:
             self.staging.give_back(buf)
             if not read_done.done():
                 read_done.set_result(None)
-            done.set_result(None)
+            self._batch_done(b)
 
     def _segments_rows(
         self, buf: torch.Tensor, rows: list[int], level: CacheLevel, slots: list[int], to_buf: bool
@@ -387,7 +403,6 @@ class TransferExecutor:
             self.stats[f"relocations_{b.dst.label}"] += n
 
     async def _run_batch(self, b: _Batch, state: _RunState, after: Optional[torch.cuda.Event], priority: int) -> None:
-        done = cast("asyncio.Future[None]", b.done)  # made by submit()
         admitted = 0
         try:
             waits = b.waits()
@@ -411,7 +426,7 @@ class TransferExecutor:
             pids, src_slots, dst_slots = _flat(ready)
             try:
                 if pids.size and b.src is not None:
-                    bad = await self._transfer(b.src, b.dst, pids, src_slots, dst_slots, after)
+                    bad = await self._measured(b.src, b.dst, pids, src_slots, dst_slots, after)
             except Exception as exc:
                 for m, idx in ready:
                     self.placement.abort_many(m, idx)
@@ -431,7 +446,25 @@ class TransferExecutor:
         finally:
             if admitted:
                 self.io_sched.release(admitted)
-            done.set_result(None)
+            self._batch_done(b)
+
+    async def _measured(
+        self, src: CacheLevel, dst: CacheLevel, pid_a: np.ndarray, src_a: np.ndarray, dst_a: np.ndarray,
+        after: Optional[torch.cuda.Event],
+    ) -> set[int]:
+        """:meth:`_transfer`, timed for the path's bandwidth estimate (the one place batches are measured; swap
+        batches, which wait for promotions mid-way, and relocations within a level are not). A transfer that
+        raises records nothing."""
+        if src == dst:
+            return await self._transfer(src, dst, pid_a, src_a, dst_a, after)
+        ticket: Ticket = self.bandwidth.begin(src, dst)
+        ok = False
+        try:
+            bad = await self._transfer(src, dst, pid_a, src_a, dst_a, after)
+            ok = True
+            return bad
+        finally:
+            self.bandwidth.end(ticket, int(pid_a.size) * self.page_bytes, ok)
 
     def _corrupt(self, m: Move, i: int, state: _RunState) -> None:
         """A page read back from disk failed its checksum: never hand its bytes on.
