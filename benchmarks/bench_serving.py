@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""bench_serving: what kvstore buys a serving loop on the GPU, against recomputing, in one run.
+
+Parts (``--parts``, all by default):
+
+- ``ttft``: time to first token of a returning request (a committed history of ``L`` tokens plus a new
+  turn of ``--tail`` tokens) for ``L`` in ``--lengths``: recompute the whole prompt, or reuse the history's
+  pages from the device, from host memory after a prefetch finished and without one, and from disk with a
+  warm and a cold page cache (``drop_caches``; needs root, else the row says so). Each figure is the median
+  of ``--reps``. The fetch-or-recompute policy (:mod:`kvstore.policy`, fed by the manager's measured
+  bandwidths and the recompute rows' prefill times) picks per row; its figure is the TTFT of its pick
+  against the better of the two choices.
+- ``chat``: the multi-turn chat workload of ``examples/serve_chat.py`` (shared system prompt, think time,
+  continuous batching) at ``--oversubscribe`` times more sessions than HBM holds, with kvstore offloading
+  against an engine that drops evicted sessions and recomputes them: throughput and TTFT p50/p99.
+- ``overlap``: decode step time of a running batch alone and while other sessions are demoted and
+  prefetched at the same time, and the event-loop lag meanwhile.
+
+Model shapes (``--shapes``) are Llama-architecture configs with random seeded weights (no download):
+``1b`` (16 layers, 8 KV heads, head dim 64), ``8b`` (32 layers, 8 KV heads, head dim 128), ``tiny`` (CPU).
+
+    python benchmarks/bench_serving.py --device cuda --json results.json --plot   # the H200 run
+    python benchmarks/bench_serving.py --shapes tiny --lengths 64,128 --reps 1    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_ROOT))
+if str(_ROOT / "examples") not in sys.path:
+    sys.path.insert(0, str(_ROOT / "examples"))
+
+from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, StoreConfig  # noqa: E402
+from kvstore.integrations.hf import PagedGeneration, layout_for_model  # noqa: E402
+from kvstore.integrations.models import build_model  # noqa: E402
+from kvstore.policy import PrefillModel, decide_reuse  # noqa: E402
+
+RESULTS = _ROOT / "benchmarks" / "results"
+VARIANTS = ("device", "host_prefetched", "host", "disk_warm", "disk_cold")
+
+
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (root only); False when not allowed."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TTFTBench:
+    """One manager and model per shape; rows of (length, variant) TTFTs."""
+
+    def __init__(self, model: Any, mgr: KVCacheManager, device: torch.device, tail: int, seed: int) -> None:
+        self.model, self.mgr, self.device, self.tail = model, mgr, device, tail
+        self.rng = np.random.default_rng(seed)
+        self.vocab = int(model.config.vocab_size)
+        self.prefill = PrefillModel()
+
+    def tokens(self, n: int) -> list[int]:
+        return [int(t) for t in self.rng.integers(1, self.vocab, n)]
+
+    async def first_token(self, gen: PagedGeneration) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        token = await gen.step()  # returns an int: the logits were synchronised
+        return time.perf_counter() - t0, token
+
+    async def recompute(self, prompt: list[int]) -> float:
+        gen = PagedGeneration(self.model, self.mgr, prompt, reuse_prefix=False)
+        try:
+            seconds, _ = await self.first_token(gen)
+        finally:
+            gen.close()
+        self.prefill.observe(len(prompt), seconds)
+        return seconds
+
+    async def place(self, history: list[int], variant: str) -> dict[str, int]:
+        """Commit ``history`` (turn 1), then push its pages to the variant's level."""
+        gen = PagedGeneration(self.model, self.mgr, history + self.tokens(1), reuse_prefix=False)
+        await gen.step()
+        gen.close()
+        mgr, pb = self.mgr, self.mgr.layout.page_bytes
+        if variant.startswith("host") or variant.startswith("disk"):
+            dev = mgr.quota(CacheLevel.DEVICE)
+            await mgr.set_quota(CacheLevel.DEVICE, pb)  # demotes every evictable page to host
+            if variant.startswith("disk"):
+                host = mgr.quota(CacheLevel.HOST)
+                await mgr.set_quota(CacheLevel.HOST, pb)
+                await mgr.set_quota(CacheLevel.HOST, host)
+            await mgr.set_quota(CacheLevel.DEVICE, dev)
+        return {lvl.name.lower(): n for lvl, n in mgr.lookup(history).pages_per_level.items()}
+
+    async def reuse(self, history: list[int], variant: str) -> dict[str, Any]:
+        where = await self.place(history, variant)
+        prompt = history + self.tokens(self.tail)
+        dropped = drop_page_cache() if variant == "disk_cold" else None
+        estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
+        reusable = self.mgr.lookup(prompt).num_tokens
+        decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable)
+        gen = PagedGeneration(self.model, self.mgr, prompt)
+        try:
+            if variant == "host_prefetched":
+                await gen.prefetch(CacheLevel.DEVICE)
+            seconds, _ = await self.first_token(gen)
+        finally:
+            gen.close()
+        return {"seconds": seconds, "where": where, "reused_tokens": reusable, "cold": dropped,
+                "policy": decision.choice.name.lower(), "predicted_load_s": decision.load_s,
+                "predicted_recompute_s": decision.recompute_s}
+
+
+async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, tmp: str) -> list[dict[str, Any]]:
+    model = build_model(shape, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                        seed=args.seed)
+    layout = layout_for_model(model, args.tokens_per_page)
+    longest = max(args.lengths) + args.tail + 2 * args.tokens_per_page
+    pages = -(-longest // args.tokens_per_page)
+    pb = layout.page_bytes
+    tiers = [DeviceTier(4 * pages * pb, device=device), HostTier(3 * pages * pb),
+             DiskTier(3 * pages * pb, os.path.join(tmp, shape))]
+    rows: list[dict[str, Any]] = []
+    async with KVCacheManager(StoreConfig(layout, tiers)) as mgr:
+        bench = TTFTBench(model, mgr, device, args.tail, args.seed)
+        # warm-up: kernels, allocator, every path once
+        warm = min(args.lengths)
+        await bench.recompute(bench.tokens(warm + args.tail))
+        for variant in VARIANTS:
+            await bench.reuse(bench.tokens(warm), variant)
+        bench.prefill = PrefillModel()  # the warm-up's first prefill paid for the kernels' set-up
+        for length in args.lengths:
+            rec = [await bench.recompute(bench.tokens(length + args.tail)) for _ in range(args.reps)]
+            row: dict[str, Any] = {"shape": shape, "length": length, "recompute_s": statistics.median(rec)}
+            for variant in VARIANTS:
+                runs = [await bench.reuse(bench.tokens(length), variant) for _ in range(args.reps)]
+                runs.sort(key=lambda r: r["seconds"])
+                mid = runs[len(runs) // 2]
+                row[variant] = mid
+            rows.append(row)
+            print(ttft_line(row), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def ttft_line(row: dict[str, Any]) -> str:
+    rec = row["recompute_s"]
+    parts = [f"{row['shape']} L={row['length']}: recompute {rec * 1e3:.1f} ms"]
+    for v in VARIANTS:
+        parts.append(f"{v} {row[v]['seconds'] * 1e3:.1f} ms ({rec / row[v]['seconds']:.1f}x)")
+    return "; ".join(parts)
+
+
+def policy_check(row: dict[str, Any], variant: str) -> tuple[str, float, float]:
+    """(the policy's pick, its TTFT, the ratio to the better of recompute and reuse)."""
+    reuse, rec = row[variant]["seconds"], row["recompute_s"]
+    pick = row[variant]["policy"]
+    chosen = reuse if pick == "load" else rec
+    return pick, chosen, chosen / min(reuse, rec)
+
+
+def ttft_tables(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", "### TTFT of a returning request (ms; speed-up over recompute in brackets)", "",
+           "| shape | history tokens | recompute | " + " | ".join(VARIANTS) + " |",
+           "| --- | ---: | ---: | " + " | ".join("---:" for _ in VARIANTS) + " |"]
+    for r in rows:
+        rec = r["recompute_s"]
+        cells = [f"{r[v]['seconds'] * 1e3:.1f} ({rec / r[v]['seconds']:.1f}x)" for v in VARIANTS]
+        out.append(f"| {r['shape']} | {r['length']} | {rec * 1e3:.1f} | " + " | ".join(cells) + " |")
+    cold = [r["disk_cold"]["cold"] for r in rows]
+    if not all(cold):
+        out.append("")
+        out.append("disk_cold: the page cache could not be dropped (not root): those rows are warm reads.")
+    out += ["", "### Fetch-or-recompute policy: TTFT of its pick / the better choice (target <= 1.10)", "",
+            "| shape | history tokens | " + " | ".join(VARIANTS) + " |",
+            "| --- | ---: | " + " | ".join("---" for _ in VARIANTS) + " |"]
+    worst = 0.0
+    for r in rows:
+        cells = []
+        for v in VARIANTS:
+            pick, _, ratio = policy_check(r, v)
+            worst = max(worst, ratio)
+            cells.append(f"{pick} {ratio:.2f}")
+        out.append(f"| {r['shape']} | {r['length']} | " + " | ".join(cells) + " |")
+    out += ["", f"worst policy ratio: {worst:.2f} ({'met' if worst <= 1.10 else 'missed'}: <= 1.10)"]
+    return out
+
+
+def plot_ttft(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if r["shape"] == shape]
+        xs = [r["length"] for r in sub]
+        ax.plot(xs, [r["recompute_s"] * 1e3 for r in sub], "k-o", label="recompute")
+        for v in VARIANTS:
+            ax.plot(xs, [r[v]["seconds"] * 1e3 for r in sub], "-o", label=f"reuse: {v}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("history tokens")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"{shape}: time to first token of a returning request")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", default="ttft,chat,overlap", help="comma-separated: ttft, chat, overlap")
+    p.add_argument("--shapes", default=None, help="comma-separated model shapes (default 1b,8b on CUDA, tiny on CPU)")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="history tokens per TTFT row")
+    p.add_argument("--tail", type=int, default=64, help="new tokens of the returning turn")
+    p.add_argument("--tokens-per-page", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3, help="runs per TTFT figure (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--plot", nargs="?", const=str(RESULTS), default=None,
+                   help=f"write plots into this directory (default {RESULTS})")
+    args = p.parse_args(argv)
+    args.parts = [s for s in args.parts.split(",") if s]
+    if args.shapes is None:
+        args.shapes = "1b,8b" if args.device.startswith("cuda") else "tiny"
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        if "ttft" in args.parts:
+            rows: list[dict[str, Any]] = []
+            for shape in args.shapes:
+                rows += asyncio.run(run_ttft(args, shape, device, tmp))
+            doc["ttft"] = rows
+            lines += ttft_tables(rows)
+            if args.plot:
+                plot_ttft(rows, Path(args.plot) / "bench_serving_ttft.png")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
