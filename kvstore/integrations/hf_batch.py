@@ -98,7 +98,9 @@ class _BatchIndex:
         else:
             dst_page = dst_page[src[0], src[1]]
         host = [table.gather(1, tok // tokens_per_page), tok % tokens_per_page, dst_page, dst_tok % tokens_per_page]
-        moved = [t.to(device=device) for t in host + src]
+        host += src
+        flat = torch.cat([t.reshape(-1) for t in host]).to(device=device)  # one host-to-device copy
+        moved = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in host]), host)]
         self.gather_page, self.gather_off, self.scatter_page, self.scatter_off = moved[:4]
         self.src_row: torch.Tensor | None = moved[4] if src else None
         self.src_col: torch.Tensor | None = moved[5] if src else None
@@ -122,7 +124,8 @@ class _BatchLayer(_PoolLayer):  # type: ignore[no-untyped-call]  # transformers'
         """Only used when no 4D mask is passed, which is correct only when every row has the same length."""
         if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
             query_length = query_length.shape[0]
-        if len(set(self.lengths)) > 1:
+        plan = self._owner._plan
+        if len(set(self.lengths)) > 1 or (plan is not None and len(set(plan.new)) > 1):
             raise InvalidStateError(
                 "the batch rows have different lengths: pass attention_mask (and position_ids) from "
                 "PagedBatchCache.model_inputs() so padded positions are masked"
@@ -235,7 +238,7 @@ class PagedBatchCache(Cache):
         col = torch.arange(plan.width, device=device).unsqueeze(0)
         positions = (past + col - (plan.width - new)).clamp(min=0)  # (B, W); padding -> 0 (attends key 0 only)
         key = torch.arange(plan.length, device=device).view(1, 1, -1)
-        allowed = (key <= positions.unsqueeze(2)) & (key < (past + new).unsqueeze(2))  # (B, W, L)
+        allowed = key <= positions.unsqueeze(2)  # (B, W, L); a real token's position is < its row's length
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask.unsqueeze(1)}
