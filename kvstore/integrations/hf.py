@@ -13,8 +13,9 @@ Primitives:
   be suspended, its pages demoted and prefetched by the manager. A committed prompt prefix is
   reused on creation and its prefill skipped.
 
-Scope: batch size 1 per cache, decoder-only models whose layers all use full attention
-(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore-llm[hf]``.
+Scope: batch size 1 per cache (:mod:`kvstore.integrations.hf_batch` runs several caches in one forward),
+decoder-only models whose layers all use full attention (Llama, Mistral without sliding window, Qwen2, ...).
+Needs the optional extra ``kvstore-llm[hf]``.
 Tested with transformers 4.57.1 and 5.24.0 (``Cache`` built from per-layer ``CacheLayerMixin`` objects).
 """
 

@@ -100,7 +100,8 @@ class _BatchIndex:
         host = [table.gather(1, tok // tokens_per_page), tok % tokens_per_page, dst_page, dst_tok % tokens_per_page]
         host += src
         flat = torch.cat([t.reshape(-1) for t in host]).to(device=device)  # one host-to-device copy
-        moved = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in host]), host)]
+        parts = torch.split(flat, [t.numel() for t in host])
+        moved = [part.view(t.shape) for part, t in zip(parts, host)]
         self.gather_page, self.gather_off, self.scatter_page, self.scatter_off = moved[:4]
         self.src_row: torch.Tensor | None = moved[4] if src else None
         self.src_col: torch.Tensor | None = moved[5] if src else None
