@@ -45,6 +45,14 @@ async def _settle(awaitables: Sequence[Awaitable[Any]]) -> None:
             raise result
 
 
+def _to_device(host: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device``; to a GPU from pinned memory without blocking the host."""
+    target = torch.device(device) if device is not None else host.device
+    if target.type == "cuda":
+        return host.pin_memory().to(device=target, non_blocking=True)
+    return host.to(device=target)
+
+
 class _Plan:
     """Token counts of one forward pass: row ``b`` has ``past[b]`` cached tokens and ``new[b]`` new ones."""
 
@@ -99,7 +107,7 @@ class _BatchIndex:
             dst_page = dst_page[src[0], src[1]]
         host = [table.gather(1, tok // tokens_per_page), tok % tokens_per_page, dst_page, dst_tok % tokens_per_page]
         host += src
-        flat = torch.cat([t.reshape(-1) for t in host]).to(device=device)  # one host-to-device copy
+        flat = _to_device(torch.cat([t.reshape(-1) for t in host]), device)  # one host-to-device copy
         parts = torch.split(flat, [t.numel() for t in host])
         moved = [part.view(t.shape) for part, t in zip(parts, host)]
         self.gather_page, self.gather_off, self.scatter_page, self.scatter_off = moved[:4]
@@ -233,9 +241,9 @@ class PagedBatchCache(Cache):
                 f"new_tokens have lengths {[len(t) for t in new_tokens]} but reserve() planned {list(plan.new)}"
             )
         rows = [[pad_token_id] * (plan.width - len(t)) + [int(x) for x in t] for t in new_tokens]
-        input_ids = torch.tensor(rows, dtype=torch.long, device=device)
-        past = torch.tensor(plan.past, dtype=torch.long, device=device).unsqueeze(1)
-        new = torch.tensor(plan.new, dtype=torch.long, device=device).unsqueeze(1)
+        input_ids = _to_device(torch.tensor(rows, dtype=torch.long), device)
+        counts = _to_device(torch.tensor([plan.past, plan.new], dtype=torch.long), device)
+        past, new = counts[0].unsqueeze(1), counts[1].unsqueeze(1)
         col = torch.arange(plan.width, device=device).unsqueeze(0)
         positions = (past + col - (plan.width - new)).clamp(min=0)  # (B, W); padding -> 0 (attends key 0 only)
         key = torch.arange(plan.length, device=device).view(1, 1, -1)
