@@ -234,6 +234,8 @@ async def test_each_layer_does_one_pool_gather_and_one_pool_scatter_whatever_the
                 model(**inputs, use_cache=True, **{_cache_kw(model): batch})
             assert (ops.gets, ops.sets) == (num_layers, num_layers)
             assert batch.seq_lengths == tuple(p + n for p, n in zip(past, new))
+        batch.rollback()  # a finished forward is undone too (the generator discards a step's every forward)
+        assert batch.seq_lengths == tuple(lengths)
         for kv in kvs:
             kv.close()
 

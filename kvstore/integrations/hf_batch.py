@@ -91,20 +91,14 @@ class _BatchIndex:
         tok = torch.where(k < total.unsqueeze(1), k, 0)  # (B, length)
         col = torch.arange(plan.width).unsqueeze(0)
         first = plan.width - new.unsqueeze(1)  # first real column of each row
-        dst = past.unsqueeze(1) + col - first  # (B, width): token position of each input column
+        dst = past.unsqueeze(1) + col - first  # (B, width): token position of each input column (< 0: padding)
+        dst_page = table.gather(1, dst.clamp(min=0) // tokens_per_page)
+        src: list[torch.Tensor] = []
         if plan.dense:
-            dst_tok = dst.reshape(-1)
-            src: list[torch.Tensor] = []
+            dst_page, dst_tok = dst_page.reshape(-1), dst.reshape(-1)
         else:
-            valid = col >= first
-            rows, cols = valid.nonzero(as_tuple=True)
-            dst_tok = dst[rows, cols]
-            src = [rows, cols]
-        dst_page = table.gather(1, (dst.clamp(min=0) // tokens_per_page))
-        if plan.dense:
-            dst_page = dst_page.reshape(-1)
-        else:
-            dst_page = dst_page[src[0], src[1]]
+            src = list((col >= first).nonzero(as_tuple=True))  # (row, column) of every real new token
+            dst_page, dst_tok = dst_page[src[0], src[1]], dst[src[0], src[1]]
         host = [table.gather(1, tok // tokens_per_page), tok % tokens_per_page, dst_page, dst_tok % tokens_per_page]
         host += src
         flat = _to_device(torch.cat([t.reshape(-1) for t in host]), device)  # one host-to-device copy
@@ -182,10 +176,10 @@ class PagedBatchCache(Cache):
         self._geometry = _PoolGeometry(manager)
         self._manager = manager
         self._kvs = tuple(kv_caches)
-        self._base = tuple(int(p) for p in past_lengths)
+        self._undo = tuple(int(p) for p in past_lengths)  # lengths that rollback() restores
         self._plan: _Plan | None = None
         self._index: _BatchIndex | None = None
-        layers: list[Any] = [_BatchLayer(self, i, self._base) for i in range(self._geometry.num_layers)]
+        layers: list[Any] = [_BatchLayer(self, i, self._undo) for i in range(self._geometry.num_layers)]
         super().__init__(layers=layers)
 
     @property
@@ -217,6 +211,7 @@ class PagedBatchCache(Cache):
             raise InvalidArgumentError(f"every row needs >= 1 new token, got {list(num_new_tokens)}")
         past = self.seq_lengths
         self._plan = self._index = None
+        self._undo = past
         await _settle([_ensure_capacity(kv, p + n) for kv, p, n in zip(self._kvs, past, num_new_tokens)])
         self._plan = _Plan(past, [int(n) for n in num_new_tokens])
 
@@ -253,10 +248,9 @@ class PagedBatchCache(Cache):
         return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask.unsqueeze(1)}
 
     def rollback(self) -> None:
-        """Undo the planned or partly run forward: every layer forgets the tokens it wrote since the last reserve."""
-        base = self._plan.past if self._plan is not None else self.seq_lengths
+        """Forget every token written since the last :meth:`reserve` (e.g. after a failed or discarded forward)."""
         for layer in cast("list[_BatchLayer]", self.layers):
-            layer.lengths = base
+            layer.lengths = self._undo
         self._plan = self._index = None
 
     def _require_plan(self, what: str) -> _Plan:
