@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kvstore import (
     CacheLevel,
@@ -41,6 +41,7 @@ from kvstore import (
     PrefetchTask,
     StoreConfig,
 )
+from kvstore.integrations import models
 from kvstore.integrations.hf import PagedGeneration, layout_for_model
 
 VOCAB_SIZE = 128
@@ -50,21 +51,7 @@ def build_model(
     seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LlamaForCausalLM:
     """A tiny seeded Llama (2 layers, hidden 64, 4 heads, 2 KV heads, vocab 128) in eval mode."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.1,  # peakier logits than the default 0.02: clear greedy choices
-        bos_token_id=None,
-        eos_token_id=None,  # never stop early: fixed-length generations compare token by token
-        pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return models.build_model("tiny", device=device, dtype=dtype, seed=seed, vocab_size=VOCAB_SIZE)
 
 
 def reference_tokens(model: LlamaForCausalLM, prompt: Sequence[int], max_new_tokens: int) -> list[int]:

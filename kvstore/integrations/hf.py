@@ -13,8 +13,9 @@ Primitives:
   be suspended, its pages demoted and prefetched by the manager. A committed prompt prefix is
   reused on creation and its prefill skipped.
 
-Scope: batch size 1 per cache, decoder-only models whose layers all use full attention
-(Llama, Mistral without sliding window, Qwen2, ...). Needs the optional extra ``kvstore-llm[hf]``.
+Scope: batch size 1 per cache (:mod:`kvstore.integrations.hf_batch` runs several caches in one forward),
+decoder-only models whose layers all use full attention (Llama, Mistral without sliding window, Qwen2, ...).
+Needs the optional extra ``kvstore-llm[hf]``.
 Tested with transformers 4.57.1 and 5.24.0 (``Cache`` built from per-layer ``CacheLayerMixin`` objects).
 """
 
@@ -29,7 +30,8 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore-llm[hf]' (or pip install -e '.[hf]' in a checkout; not 'kvstore', an unrelated PyPI project)"
+        "kvstore.integrations.hf needs Hugging Face transformers: pip install 'kvstore-llm[hf]' "
+        "(or pip install -e '.[hf]' in a checkout; not 'kvstore', an unrelated PyPI project)"
     ) from exc
 
 from kvstore import CacheLevel, CacheStatus, PageLayout
@@ -97,22 +99,46 @@ class _Binding:
         self.tok_off = torch.arange(tokens_per_page, device=device).repeat(pages.numel())
 
 
-class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
-    """One model layer's view of the shared pages; tracks how many tokens this layer has written."""
+class _PoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
+    """Shared base of the layers whose storage is the kvstore device pool (no lazy allocation, no offload)."""
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, owner: PagedKVCache, layer_idx: int, num_tokens: int) -> None:
+    def __init__(self, layer_idx: int) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._owner = owner
         self._layer_idx = layer_idx
-        self.num_tokens = num_tokens
         self.is_initialized = True  # storage is the kvstore pages; nothing to allocate lazily
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to allocate: the storage is the kvstore device pool."""
+
+    def get_max_length(self) -> int:
+        """No fixed maximum: the KVCache grows with ``reserve``."""
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """transformers 4.5x name of :meth:`get_max_length`."""
+        return -1
+
+    def offload(self) -> None:
+        """Tier placement belongs to kvstore (suspend / prefetch), not to transformers."""
+
+    def prefetch(self) -> None:
+        """Tier placement belongs to kvstore (suspend / prefetch), not to transformers."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__}: beam search is not supported over kvstore pages")
+
+
+class _PagedLayer(_PoolLayer):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
+    """One model layer's view of the shared pages; tracks how many tokens this layer has written."""
+
+    def __init__(self, owner: PagedKVCache, layer_idx: int, num_tokens: int) -> None:
+        super().__init__(layer_idx)
+        self._owner = owner
+        self.num_tokens = num_tokens
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -132,26 +158,39 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transfor
         """Tokens whose K/V this layer holds."""
         return self.num_tokens
 
-    def get_max_length(self) -> int:
-        """No fixed maximum: the KVCache grows with ``reserve``."""
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        """transformers 4.5x name of :meth:`get_max_length`."""
-        return -1
-
-    def offload(self) -> None:
-        """Tier placement belongs to kvstore (suspend / prefetch), not to transformers."""
-
-    def prefetch(self) -> None:
-        """Tier placement belongs to kvstore (suspend / prefetch), not to transformers."""
-
     def reset(self) -> None:
         """Forget every token (pages stay allocated and are overwritten)."""
         self.num_tokens = 0
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("PagedKVCache holds one sequence; beam search is not supported")
+
+class _PoolGeometry:
+    """Shape facts of ``manager.device_pool`` that a paged Cache checks the model's K/V against."""
+
+    __slots__ = ("num_layers", "tokens_per_page", "kv_shape")
+
+    def __init__(self, manager: KVCacheManager) -> None:
+        pool = manager.device_pool
+        if pool.dim() != 6:
+            raise InvalidStateError(f"manager.device_pool has shape {tuple(pool.shape)}, expected 6 dims")
+        self.num_layers = int(pool.shape[1])
+        self.tokens_per_page = int(pool.shape[3])
+        self.kv_shape = (int(pool.shape[4]), int(pool.shape[5]))
+
+    def check_heads(self, heads: int, head_dim: int) -> None:
+        """Raise :class:`ConfigError` when the model's K/V heads do not match the page layout."""
+        if (heads, head_dim) != self.kv_shape:
+            raise ConfigError(
+                f"model K/V have {heads} heads x {head_dim} dims but the PageLayout has "
+                f"num_kv_heads x head_dim = {self.kv_shape[0]} x {self.kv_shape[1]}"
+            )
+
+
+async def _ensure_capacity(kv: KVCache, num_tokens: int) -> None:
+    """Grow the ACTIVE ``kv`` to hold ``num_tokens`` tokens (never shrinks it)."""
+    if kv.status is not CacheStatus.ACTIVE:
+        raise InvalidStateError(f"reserve() needs an ACTIVE cache, it is {kv.status.name}; resume() it")
+    if num_tokens > kv.num_tokens:
+        await kv.resize(num_tokens)
 
 
 class PagedKVCache(Cache):
@@ -165,20 +204,16 @@ class PagedKVCache(Cache):
     """
 
     def __init__(self, manager: KVCacheManager, kv_cache: KVCache, num_tokens: int = 0) -> None:
-        pool = manager.device_pool
-        if pool.dim() != 6:
-            raise InvalidStateError(f"manager.device_pool has shape {tuple(pool.shape)}, expected 6 dims")
+        self._geometry = _PoolGeometry(manager)
         self._manager = manager
         self._kv = kv_cache
-        self._num_layers = int(pool.shape[1])
-        self._tokens_per_page = int(pool.shape[3])
-        self._kv_shape = (int(pool.shape[4]), int(pool.shape[5]))
+        self._tokens_per_page = self._geometry.tokens_per_page
         if num_tokens < 0 or num_tokens > kv_cache.num_tokens:
             raise InvalidArgumentError(
                 f"num_tokens={num_tokens} must be within the KVCache's capacity of {kv_cache.num_tokens} tokens"
             )
         self._binding: _Binding | None = None
-        layers: list[Any] = [_PagedLayer(self, i, num_tokens) for i in range(self._num_layers)]
+        layers: list[Any] = [_PagedLayer(self, i, num_tokens) for i in range(self._geometry.num_layers)]
         super().__init__(layers=layers)
 
     @property
@@ -190,11 +225,7 @@ class PagedKVCache(Cache):
         """Make room for ``num_new_tokens`` more tokens (the KVCache must be ACTIVE)."""
         if num_new_tokens < 0:
             raise InvalidArgumentError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        if self._kv.status is not CacheStatus.ACTIVE:
-            raise InvalidStateError(f"reserve() needs an ACTIVE cache, it is {self._kv.status.name}; resume() it")
-        need = self.get_seq_length() + num_new_tokens
-        if need > self._kv.num_tokens:
-            await self._kv.resize(need)
+        await _ensure_capacity(self._kv, self.get_seq_length() + num_new_tokens)
         self._binding = None
 
     def rollback(self, num_tokens: int) -> None:
@@ -215,11 +246,7 @@ class PagedKVCache(Cache):
         batch, heads, n, head_dim = key_states.shape
         if batch != 1:
             raise InvalidArgumentError(f"PagedKVCache holds one sequence; got a batch of {batch}")
-        if (heads, head_dim) != self._kv_shape:
-            raise ConfigError(
-                f"model K/V have {heads} heads x {head_dim} dims but the PageLayout has "
-                f"num_kv_heads x head_dim = {self._kv_shape[0]} x {self._kv_shape[1]}"
-            )
+        self._geometry.check_heads(heads, head_dim)
         pool = self._manager.device_pool
         binding = self._binding
         if binding is None or layer_idx == 0:
