@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import types
 from typing import AsyncIterator
@@ -29,6 +30,7 @@ from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError 
 from kvstore.integrations.hf import layout_for_model  # noqa: E402
 from kvstore.integrations.hf_batch import BatchedGenerator, BatchRequest, PagedBatchCache  # noqa: E402
 from kvstore.integrations.models import LLAMA_SHAPES, build_model, llama_config  # noqa: E402
+from .conftest import until  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -274,7 +276,8 @@ async def test_a_forward_beyond_the_reserved_pages_raises_invalid_state(model, t
         await batch.reserve([9, 2])
         inputs = batch.model_inputs([_prompt(9, 1), _prompt(2, 2)], dtype=model.dtype)
         await kvs[0].resize(4)  # shrunk behind the batch's back: 9 tokens no longer fit
-        with pytest.raises(InvalidStateError, match="batch row 0: 9 tokens do not fit in its 4"), torch.no_grad():
+        with pytest.raises(InvalidStateError, match="batch row 0: the KVCache was resized to 4 tokens after reserve"), \
+                torch.no_grad():
             model(**inputs, use_cache=True, **{_cache_kw(model): batch})
         batch.rollback()
         with pytest.raises(InvalidStateError, match="reserve"), torch.no_grad():  # no plan: no forward
@@ -382,6 +385,77 @@ async def test_a_cancelled_step_changes_no_request(model, tmp_path):
         assert [(r.tokens, r.num_cached) for r in reqs] == before
         await gen.run()
     assert [r.generated for r in reqs] == refs
+
+
+async def test_the_forward_runs_off_the_event_loop_which_keeps_ticking(model, tmp_path, monkeypatch):
+    """While the model computes (held here for 0.2 s), the loop's thread is free: a 5 ms ticker keeps running and
+    the forward is on another thread. Cancelling the step then waits for the forward and changes no request."""
+    import threading
+    import time
+
+    prompts = [_prompt(n, seed=110 + n) for n in (9, 6)]
+    refs = [_reference(model, p, 4) for p in prompts]
+    threads: list[int] = []
+    hold = {"s": 0.0}
+    real = type(model).forward
+
+    @functools.wraps(real)  # the same signature: the generator picks the same keyword arguments
+    def forward(self, *args, **kwargs):
+        threads.append(threading.get_ident())
+        time.sleep(hold["s"])  # a slow forward (a GPU one waits for its logits)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr)
+        reqs = [gen.add(p, 4) for p in prompts]
+        await gen.step()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        tick = asyncio.ensure_future(ticker())
+        hold["s"] = 0.2
+        before = [(list(r.tokens), r.num_cached) for r in reqs]
+        task = asyncio.ensure_future(gen.step())
+        await until(lambda: len(threads) == 2, "the forward started")
+        ticks_then = ticks
+        await asyncio.sleep(0.05)
+        assert ticks >= ticks_then + 3  # the loop ran while the forward slept
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(r.tokens, r.num_cached) for r in reqs] == before
+        tick.cancel()
+        hold["s"] = 0.0
+        await gen.run()
+    assert threading.get_ident() not in threads
+    assert [r.generated for r in reqs] == refs
+
+
+async def test_the_forward_can_run_on_the_loop_thread(model, tmp_path, monkeypatch):
+    import threading
+
+    threads: list[int] = []
+    real = type(model).forward
+
+    @functools.wraps(real)
+    def forward(self, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    prompt = _prompt(7, seed=120)
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr, forward_thread=False)
+        req = gen.add(prompt, 3)
+        await gen.run()
+    assert set(threads) == {threading.get_ident()}
+    assert req.generated == _reference(model, prompt, 3)
 
 
 # --------------------------------------------------------------------------- GPU (bf16, realistic shapes)

@@ -20,12 +20,15 @@ attention implementation (the ones that take a 4D mask).
 from __future__ import annotations
 
 import asyncio
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Collection, Sequence, cast
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvstore import CacheLevel, CacheStatus
+from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer
 
@@ -178,6 +181,7 @@ class PagedBatchCache(Cache):
         self._kvs = tuple(kv_caches)
         self._undo = tuple(int(p) for p in past_lengths)  # lengths that rollback() restores
         self._plan: _Plan | None = None
+        self._pages: tuple[torch.Tensor, ...] = ()  # each row's page indices, read by reserve()
         self._index: _BatchIndex | None = None
         layers: list[Any] = [_BatchLayer(self, i, self._undo) for i in range(self._geometry.num_layers)]
         super().__init__(layers=layers)
@@ -213,6 +217,8 @@ class PagedBatchCache(Cache):
         self._plan = self._index = None
         self._undo = past
         await _settle([_ensure_capacity(kv, p + n) for kv, p, n in zip(self._kvs, past, num_new_tokens)])
+        # the page table is read here, on the event loop's thread (the forward may run on another one)
+        self._pages = tuple(kv.page_indices() for kv in self._kvs)
         self._plan = _Plan(past, [int(n) for n in num_new_tokens])
 
     def model_inputs(
@@ -261,21 +267,24 @@ class PagedBatchCache(Cache):
         return self._plan
 
     def _bind(self, plan: _Plan, device: torch.device) -> _BatchIndex:
-        """Layer 0: read every cache's page indices once and build the batch's index tensors on ``device``."""
-        pages = []
-        for b, kv in enumerate(self._kvs):
+        """Layer 0: check the page table read by :meth:`reserve` still holds and build the batch's device index
+        tensors from it (no call into the manager: the forward may run off the event loop's thread)."""
+        for b, (kv, idx) in enumerate(zip(self._kvs, self._pages)):
             if kv.status is not CacheStatus.ACTIVE:
                 raise InvalidStateError(
                     f"batch row {b}: the KVCache is {kv.status.name}; resume() it and reserve() before the forward"
                 )
-            idx = kv.page_indices()
+            if idx.numel() != kv.num_pages:
+                raise InvalidStateError(
+                    f"batch row {b}: the KVCache was resized to {kv.num_tokens} tokens after reserve() read its "
+                    "pages; await reserve() again before the forward"
+                )
             if idx.numel() * self._geometry.tokens_per_page < plan.total[b]:
                 raise InvalidStateError(
                     f"batch row {b}: {plan.total[b]} tokens do not fit in its "
                     f"{idx.numel() * self._geometry.tokens_per_page} reserved; await reserve() before the forward"
                 )
-            pages.append(idx)
-        self._index = _BatchIndex(plan, pages, self._geometry.tokens_per_page, device)
+        self._index = _BatchIndex(plan, self._pages, self._geometry.tokens_per_page, device)
         return self._index
 
     def _update(
@@ -362,6 +371,11 @@ class BatchedGenerator:
     ``suspend(req)`` takes a request out between steps (its pages may be demoted); ``resume(req)`` puts it back,
     and the next step awaits its ``KVCache.resume()`` before the forward. A step that raises, or is cancelled,
     changes no request: token counts stay as before the step.
+
+    The forwards run on a thread of the generator's own (``forward_thread=True``, the default), so the event loop
+    keeps serving prefetches, demotions and other requests while the model computes and the step awaits its
+    logits; a cancelled step waits for its forward to end, then rolls back. The page tables are read on the loop's
+    thread, in ``reserve()``; the manager is never called from the forward thread.
     """
 
     def __init__(
@@ -372,6 +386,7 @@ class BatchedGenerator:
         max_batch_size: int | None = None,
         keep_logits: bool = False,
         pad_token_id: int = 0,
+        forward_thread: bool = True,
     ) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl not in _MASKED_ATTENTION:
@@ -391,6 +406,12 @@ class BatchedGenerator:
         self._requests: list[BatchRequest] = []  # not done, in join order
         self._next_rid = 0
         self._stepping = False
+        # the forward runs on this thread, so the event loop serves transfers meanwhile (a GPU forward waits for
+        # its logits; a CPU one computes); None: on the loop's thread
+        self._compute: ThreadPoolExecutor | None = None
+        if forward_thread:
+            self._compute = ThreadPoolExecutor(1, thread_name_prefix="kvstore-forward")
+            weakref.finalize(self, self._compute.shutdown, wait=False)
 
     @property
     def requests(self) -> tuple[BatchRequest, ...]:
@@ -469,7 +490,11 @@ class BatchedGenerator:
             batches = [PagedBatchCache(self.manager, [r._kv for r in g], [r.num_cached for r in g]) for g in groups]
             await _settle([b.reserve([len(r.tokens) - r.num_cached for r in g]) for g, b in zip(groups, batches)])
             try:
-                chosen = [self._forward(g, b) for g, b in zip(groups, batches)]
+                if self._compute is None:
+                    chosen = self._forward_all(groups, batches)
+                else:  # finishes even if the step is cancelled meanwhile: the pages are written to the end
+                    run = asyncio.get_running_loop().run_in_executor(self._compute, self._forward_all, groups, batches)
+                    chosen = await settle(run)
             except BaseException:
                 for b in batches:
                     b.rollback()
@@ -482,6 +507,11 @@ class BatchedGenerator:
         """Step until no request runs (suspended ones stay)."""
         while self.running:
             await self.step()
+
+    def _forward_all(
+        self, groups: Sequence[Sequence[BatchRequest]], batches: Sequence[PagedBatchCache]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        return [self._forward(g, b) for g, b in zip(groups, batches)]
 
     def _forward(self, group: Sequence[BatchRequest], batch: PagedBatchCache) -> tuple[list[int], torch.Tensor]:
         inputs = batch.model_inputs(
