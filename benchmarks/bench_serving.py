@@ -116,13 +116,14 @@ class TTFTBench:
         where = await self.place(history, variant)
         prompt = history + self.tokens(self.tail)
         dropped = drop_page_cache() if variant == "disk_cold" else None
-        estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
-        reusable = self.mgr.lookup(prompt).num_tokens
-        decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable)
         gen = PagedGeneration(self.model, self.mgr, prompt)
         try:
-            if variant == "host_prefetched":
+            if variant == "host_prefetched":  # the prefetch finished before the request arrives
                 await gen.prefetch(CacheLevel.DEVICE)
+            # the policy decides when the request arrives, from where its pages are then
+            estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
+            reusable = self.mgr.lookup(prompt).num_tokens
+            decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable)
             seconds, _ = await self.first_token(gen)
         finally:
             gen.close()
