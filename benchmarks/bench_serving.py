@@ -51,7 +51,18 @@ from kvstore.integrations.hf import PagedGeneration, layout_for_model  # noqa: E
 from kvstore.integrations.models import build_model  # noqa: E402
 from kvstore.policy import PrefillModel, decide_reuse  # noqa: E402
 
+from serve_chat import ChatConfig, LagMeter, run_chat  # noqa: E402
+
 RESULTS = _ROOT / "benchmarks" / "results"
+#: chat workload per shape (GPU shapes: 1k-token system prompt, 4 turns of 256 user + 32 reply tokens)
+CHAT = {
+    "tiny": dict(hbm_sessions=4, turns=3, system_tokens=64, user_tokens=32, reply_tokens=8, think_s=0.02,
+                 tokens_per_page=4, max_batch=8),
+    "1b": dict(hbm_sessions=8, turns=4, system_tokens=1024, user_tokens=256, reply_tokens=32, think_s=0.3,
+               tokens_per_page=16, max_batch=16),
+    "8b": dict(hbm_sessions=8, turns=4, system_tokens=1024, user_tokens=256, reply_tokens=32, think_s=0.3,
+               tokens_per_page=16, max_batch=16),
+}
 VARIANTS = ("device", "host_prefetched", "host", "disk_warm", "disk_cold")
 
 
@@ -133,8 +144,7 @@ class TTFTBench:
 
 
 async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, tmp: str) -> list[dict[str, Any]]:
-    model = build_model(shape, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                        seed=args.seed)
+    model = model_for(shape, device, args.seed)
     layout = layout_for_model(model, args.tokens_per_page)
     longest = max(args.lengths) + args.tail + 2 * args.tokens_per_page
     pages = -(-longest // args.tokens_per_page)
@@ -236,6 +246,145 @@ def plot_ttft(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def model_for(shape: str, device: torch.device, seed: int) -> Any:
+    return build_model(shape, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       seed=seed)
+
+
+async def run_chats(args: argparse.Namespace, shape: str, model: Any, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for factor in args.oversubscribe:
+        for offload in (True, False):
+            base = dict(CHAT[shape])
+            cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed, **base)
+            rep = await run_chat(model, cfg, device)
+            row = {"shape": shape, "oversubscribe": factor, "offload": offload, "sessions": cfg.sessions,
+                   "tokens_per_s": rep.tokens_per_s, "ttft_p50_ms": rep.ttft_ms(0.5), "ttft_p99_ms": rep.ttft_ms(0.99),
+                   "history_tokens_from": rep.history_tokens_from, "recomputed_turns": rep.recomputed_turns,
+                   "loaded_turns": rep.loaded_turns, "max_lag_ms": rep.max_lag_ms, "p99_lag_ms": rep.p99_lag_ms,
+                   "pages_moved": rep.pages_moved, "wall_s": rep.wall_s}
+            rows.append(row)
+            print("\n".join(rep.lines()), flush=True)
+    return rows
+
+
+def chat_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", "### Chat workload: kvstore offloading vs drop-and-recompute", "",
+           "| shape | sessions / HBM | engine | tokens/s | TTFT p50 ms | TTFT p99 ms "
+           "| history from (dev/host/disk/recomp %) | loop lag max / p99 ms |",
+           "| --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for r in rows:
+        w = r["history_tokens_from"]
+        total = sum(w.values()) or 1
+        where = "/".join(f"{100 * w[k] / total:.0f}" for k in ("device", "host", "disk", "recomputed"))
+        out.append(f"| {r['shape']} | {r['oversubscribe']}x | {'kvstore' if r['offload'] else 'drop+recompute'} | "
+                   f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {where} | "
+                   f"{r['max_lag_ms']:.2f} / {r['p99_lag_ms']:.2f} |")
+    for shape in sorted({r["shape"] for r in rows}):
+        for f in sorted({r["oversubscribe"] for r in rows}):
+            pair = {r["offload"]: r for r in rows if r["shape"] == shape and r["oversubscribe"] == f}
+            if len(pair) == 2:
+                gain = pair[True]["tokens_per_s"] / pair[False]["tokens_per_s"]
+                out.append(f"\n{shape} at {f}x: throughput {gain:.2f}x, "
+                           f"TTFT p50 {pair[False]['ttft_p50_ms'] / pair[True]['ttft_p50_ms']:.2f}x lower, "
+                           f"p99 {pair[False]['ttft_p99_ms'] / pair[True]['ttft_p99_ms']:.2f}x lower with kvstore")
+    return out
+
+
+async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: torch.device,
+                      tmp: str) -> dict[str, Any]:
+    """Decode steps of a running batch, alone and while other sessions' pages are prefetched and demoted."""
+    from kvstore.integrations.hf_batch import BatchedGenerator
+
+    batch, context, steps = args.overlap_batch, args.overlap_context, args.overlap_steps
+    tpp = args.tokens_per_page
+    layout = layout_for_model(model, tpp)
+    max_new = 3 * steps + 10  # prefill, 3 warm-up steps, three phases of ``steps``
+    run_pages = batch * (-(-(context + max_new) // tpp) + 1)
+    mover_pages = -(-context * 2 // tpp)  # one background session of twice the context
+    movers = 4
+    pb = layout.page_bytes
+    tiers = [DeviceTier((run_pages + mover_pages + 4) * pb, device=device), HostTier(movers * (mover_pages + 2) * pb),
+             DiskTier(movers * (mover_pages + 2) * pb, os.path.join(tmp, f"overlap-{shape}"))]
+    rng = np.random.default_rng(args.seed)
+    vocab = int(model.config.vocab_size)
+    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context}
+    async with KVCacheManager(StoreConfig(layout, tiers)) as mgr:
+        holders = []
+        for _ in range(movers):  # background sessions: committed, then held suspended
+            hist = [int(t) for t in rng.integers(1, vocab, 2 * context)]
+            g = PagedGeneration(model, mgr, hist, reuse_prefix=False)
+            await g.step()
+            g.close()
+            holders.append(mgr.create_cache(hist))
+        gen = BatchedGenerator(model, mgr)
+        for _ in range(batch):
+            gen.add([int(t) for t in rng.integers(1, vocab, context)], max_new)
+        await gen.step()  # prefill
+        for _ in range(3):
+            await gen.step()  # warm
+
+        async def timed_steps() -> list[float]:
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                await gen.step()
+                times.append(time.perf_counter() - t0)
+            return times
+
+        moved = {"pages": 0, "incomplete": 0}
+
+        async def traffic(stop: asyncio.Event) -> None:
+            i = 0
+            while not stop.is_set():
+                res = await holders[i % movers].prefetch(CacheLevel.DEVICE)  # evicts the one before to host
+                moved["pages"] += res.pages_moved
+                if not res.complete:
+                    moved["incomplete"] += 1
+                    await asyncio.sleep(0.001)  # no room: never spin
+                i += 1
+
+        for phase in ("alone", "with_transfers", "alone_again"):
+            lag = LagMeter()
+            lag.start()
+            stop = asyncio.Event()
+            mover = asyncio.ensure_future(traffic(stop)) if phase == "with_transfers" else None
+            before = moved["pages"]
+            t0 = time.perf_counter()
+            times = await timed_steps()
+            wall = time.perf_counter() - t0
+            stop.set()
+            if mover is not None:
+                await mover
+            max_lag, p99_lag = await lag.stop()
+            out[phase] = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[-1],
+                          "max_lag_ms": max_lag, "p99_lag_ms": p99_lag,
+                          "gb_per_s_moved": (moved["pages"] - before) * pb / wall / 1e9,
+                          "incomplete_prefetches": moved["incomplete"]}
+        gen.close()
+        for h in holders:
+            h.close()
+    base = min(out["alone"]["step_ms_median"], out["alone_again"]["step_ms_median"])
+    out["slowdown"] = out["with_transfers"]["step_ms_median"] / base
+    print(f"{shape} overlap: step {base:.2f} ms alone, {out['with_transfers']['step_ms_median']:.2f} ms with "
+          f"transfers ({out['with_transfers']['gb_per_s_moved']:.1f} GB/s moved): {out['slowdown']:.3f}x", flush=True)
+    return out
+
+
+def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", "### Overlap: decode step of a running batch with prefetches and demotions running "
+           "(target < 5 % slower)", "",
+           "| shape | batch x context | step alone ms | step with transfers ms | slower by | moved GB/s | "
+           "loop lag max / p99 ms (alone, with) |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        a, w = r["alone"], r["with_transfers"]
+        base = min(a["step_ms_median"], r["alone_again"]["step_ms_median"])
+        out.append(f"| {r['shape']} | {r['batch']} x {r['context']} | {base:.2f} | {w['step_ms_median']:.2f} | "
+                   f"{100 * (r['slowdown'] - 1):+.1f} % | {w['gb_per_s_moved']:.1f} | "
+                   f"{a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, {w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} |")
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -246,6 +395,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tokens-per-page", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="runs per TTFT figure (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oversubscribe", default="2,4", help="chat: sessions per session HBM holds")
+    p.add_argument("--overlap-batch", type=int, default=8)
+    p.add_argument("--overlap-context", type=int, default=2048)
+    p.add_argument("--overlap-steps", type=int, default=40)
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", nargs="?", const=str(RESULTS), default=None,
                    help=f"write plots into this directory (default {RESULTS})")
@@ -255,6 +408,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.shapes = "1b,8b" if args.device.startswith("cuda") else "tiny"
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.oversubscribe = [int(x) for x in args.oversubscribe.split(",") if x]
     return args
 
 
@@ -265,18 +419,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
     lines: list[str] = []
+
+    def save() -> None:  # after every part: a run stopped midway keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         if "ttft" in args.parts:
             rows: list[dict[str, Any]] = []
             for shape in args.shapes:
                 rows += asyncio.run(run_ttft(args, shape, device, tmp))
             doc["ttft"] = rows
+            save()
             lines += ttft_tables(rows)
             if args.plot:
                 plot_ttft(rows, Path(args.plot) / "bench_serving_ttft.png")
+        if "chat" in args.parts or "overlap" in args.parts:
+            chats: list[dict[str, Any]] = []
+            overlaps: list[dict[str, Any]] = []
+            for shape in args.shapes:
+                model = model_for(shape, device, args.seed)
+                if "chat" in args.parts:
+                    chats += asyncio.run(run_chats(args, shape, model, device))
+                    doc["chat"] = chats
+                    save()
+                if "overlap" in args.parts:
+                    overlaps.append(asyncio.run(run_overlap(args, shape, model, device, tmp)))
+                    doc["overlap"] = overlaps
+                    save()
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if chats:
+                doc["chat"] = chats
+                lines += chat_table(chats)
+            if overlaps:
+                doc["overlap"] = overlaps
+                lines += overlap_table(overlaps)
     print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    save()
     return 0
 
 

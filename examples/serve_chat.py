@@ -150,8 +150,8 @@ def store_config(model: Any, cfg: ChatConfig, disk_dir: str, device: torch.devic
     pages = -(-(cfg.session_tokens + cfg.tokens_per_page) // cfg.tokens_per_page)
     tiers: list[Any] = [DeviceTier(cfg.hbm_sessions * pages * layout.page_bytes, device=device)]
     if cfg.offload:
-        tiers += [HostTier(2 * cfg.sessions * pages * layout.page_bytes),
-                  DiskTier(2 * cfg.sessions * pages * layout.page_bytes, disk_dir)]
+        every = cfg.sessions * pages * layout.page_bytes  # every session's pages: nothing is ever dropped
+        tiers += [HostTier(every // 2), DiskTier(every, disk_dir)]  # host holds half of them
     return StoreConfig(layout, tiers)
 
 

@@ -91,3 +91,24 @@ def test_bench_commit_measures_list_and_numpy_tokens(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["list_us"] > 0 and res["numpy_us"] > 0
     assert "list" in capsys.readouterr().out
+
+
+def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    serving = load("bench_serving")
+    out = tmp_path / "serving.json"
+    assert serving.main(["--device", "cpu", "--shapes", "tiny", "--lengths", "32,64", "--reps", "1", "--tail", "8",
+                         "--tokens-per-page", "4", "--oversubscribe", "2", "--overlap-batch", "2",
+                         "--overlap-context", "64", "--overlap-steps", "4", "--json", str(out),
+                         "--plot", str(tmp_path)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["length"] for r in doc["ttft"]] == [32, 64]
+    for row in doc["ttft"]:
+        assert row["recompute_s"] > 0 and all(row[v]["seconds"] > 0 for v in serving.VARIANTS)
+        assert row["disk_warm"]["where"]["disk"] > 0 and row["host"]["where"]["host"] > 0
+        assert row["device"]["where"]["device"] * 4 == row["device"]["reused_tokens"]
+    assert {(r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {(True, 2), (False, 2)}
+    assert doc["overlap"][0]["with_transfers"]["gb_per_s_moved"] > 0
+    assert (tmp_path / "bench_serving_ttft.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "worst policy ratio" in text and "drop+recompute" in text and "slower by" in text
