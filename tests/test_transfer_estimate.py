@@ -114,7 +114,7 @@ async def test_estimates_start_as_the_priors_for_the_configured_paths(make_store
     async with make_store(device=4, host=4, disk=32) as mgr:
         est = mgr.bandwidth_estimates
         assert set(est) == {(a, b) for a in (D, H, K) for b in (D, H, K) if a != b}  # no remote tier: no (R, H)
-        pri = bw.priors(cuda=False)
+        pri = bw.priors(cuda=mgr.device_pool.is_cuda)  # the store's device tier is CUDA on a GPU machine
         for path, e in est.items():
             assert not e.measured and e.samples == 0
             assert (e.bytes_per_s, e.latency_s) == pytest.approx(pri[path])

@@ -304,13 +304,14 @@ class PagedBatchCache(Cache):
         index = self._index
         if index is None or layer._layer_idx == 0:
             index = self._bind(plan, pool.device)
-        new_kv = torch.stack((key_states, value_states), dim=1)  # (B, 2, heads, W, head_dim)
+        # (B, 2, heads, W, head_dim) on the pool's device, where the index tensors are
+        new_kv = torch.stack((key_states, value_states), dim=1).to(device=pool.device, dtype=pool.dtype)
         if index.src_row is None or index.src_col is None:
             new_kv = new_kv.permute(0, 3, 1, 2, 4).reshape(batch * width, 2, heads, head_dim)
         else:
             new_kv = new_kv[index.src_row, :, :, index.src_col]  # (N, 2, heads, head_dim)
         li = layer._layer_idx
-        pool[index.scatter_page, li, :, index.scatter_off] = new_kv.to(device=pool.device, dtype=pool.dtype)
+        pool[index.scatter_page, li, :, index.scatter_off] = new_kv
         past_kv = pool[index.gather_page, li, :, index.gather_off]  # (B, L, 2, heads, head_dim)
         past_kv = past_kv.permute(2, 0, 3, 1, 4).to(device=key_states.device, dtype=key_states.dtype)
         layer.lengths = plan.total
