@@ -54,14 +54,14 @@ from kvstore.policy import PrefillModel, decide_reuse  # noqa: E402
 from serve_chat import ChatConfig, LagMeter, run_chat  # noqa: E402
 
 RESULTS = _ROOT / "benchmarks" / "results"
-#: chat workload per shape (GPU shapes: 1k-token system prompt, 4 turns of 256 user + 32 reply tokens)
+#: chat workload per shape (GPU shapes: a 2k-token system prompt, 3 turns of 1k user + 32 reply tokens, 1 s think)
 CHAT = {
     "tiny": dict(hbm_sessions=4, turns=3, system_tokens=64, user_tokens=32, reply_tokens=8, think_s=0.02,
                  tokens_per_page=4, max_batch=8),
-    "1b": dict(hbm_sessions=8, turns=4, system_tokens=1024, user_tokens=256, reply_tokens=32, think_s=0.3,
-               tokens_per_page=16, max_batch=16),
-    "8b": dict(hbm_sessions=8, turns=4, system_tokens=1024, user_tokens=256, reply_tokens=32, think_s=0.3,
-               tokens_per_page=16, max_batch=16),
+    "1b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=1.0,
+               tokens_per_page=16, max_batch=8),
+    "8b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=1.0,
+               tokens_per_page=16, max_batch=8),
 }
 VARIANTS = ("device", "host_prefetched", "host", "disk_warm", "disk_cold")
 

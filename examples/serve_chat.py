@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import statistics
 import tempfile
@@ -344,6 +345,8 @@ async def run_chat(model: Any, cfg: ChatConfig, device: torch.device) -> ChatRep
     with tempfile.TemporaryDirectory(prefix="serve-chat-") as disk_dir:
         async with KVCacheManager(store_config(model, cfg, disk_dir, device)) as mgr:
             server = ChatServer(model, mgr, cfg)
+            gc.collect()
+            gc.freeze()  # the model's objects never need collecting: no multi-ms collection pauses on the loop
             lag = LagMeter()
             t0 = time.perf_counter()
             lag.start()
@@ -351,6 +354,7 @@ async def run_chat(model: Any, cfg: ChatConfig, device: torch.device) -> ChatRep
                 await server.run()
             finally:
                 max_lag, p99_lag = await lag.stop()
+                gc.unfreeze()
             wall = time.perf_counter() - t0
             stats = mgr.stats()
             moved = {k[len("pages_"):]: int(v) for k, v in stats.items() if k.startswith("pages_") and v}

@@ -458,6 +458,16 @@ async def test_the_forward_can_run_on_the_loop_thread(model, tmp_path, monkeypat
     assert req.generated == _reference(model, prompt, 3)
 
 
+def test_paged_forwards_run_without_cudnn_attention_and_restore_it():
+    from kvstore.integrations.hf import attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 # --------------------------------------------------------------------------- GPU (bf16, realistic shapes)
 
 

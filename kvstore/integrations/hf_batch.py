@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
-from kvstore.integrations.hf import _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer
+from kvstore.integrations.hf import _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends
 
 if TYPE_CHECKING:
     from kvstore import KVCache, KVCacheManager, PrefetchTask
@@ -524,7 +524,7 @@ class BatchedGenerator:
         kwargs: dict[str, Any] = {self._cache_kw: batch, "use_cache": True}
         if self._keep_kw is not None:
             kwargs[self._keep_kw] = 1
-        with torch.no_grad():
+        with torch.no_grad(), attention_backends():
             logits = self.model(**inputs, **kwargs).logits[:, -1]
         return [int(t) for t in logits.argmax(dim=-1).tolist()], logits
 
