@@ -439,13 +439,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overlaps: list[dict[str, Any]] = []
             for shape in args.shapes:
                 model = model_for(shape, device, args.seed)
-                if "chat" in args.parts:
-                    chats += asyncio.run(run_chats(args, shape, model, device))
-                    doc["chat"] = chats
-                    save()
                 if "overlap" in args.parts:
                     overlaps.append(asyncio.run(run_overlap(args, shape, model, device, tmp)))
                     doc["overlap"] = overlaps
+                    save()
+                if "chat" in args.parts:
+                    chats += asyncio.run(run_chats(args, shape, model, device))
+                    doc["chat"] = chats
                     save()
                 del model
                 if device.type == "cuda":
