@@ -12,11 +12,8 @@ docs/hf_integration.md, "Batched decoding", for why bf16 is not compared against
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import inspect
 import types
-from typing import AsyncIterator
 
 import pytest
 
@@ -25,8 +22,9 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from kvstore import CacheLevel, CacheStatus, DeviceTier, DiskTier, HostTier, KVCacheManager, StoreConfig  # noqa: E402
+from kvstore import CacheLevel, CacheStatus, KVCacheManager  # noqa: E402
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError  # noqa: E402
+from .hf_support import cache_kw, paged_manager  # noqa: E402
 from kvstore.integrations.hf import layout_for_model  # noqa: E402
 from kvstore.integrations.hf_batch import BatchedGenerator, BatchRequest, PagedBatchCache  # noqa: E402
 from kvstore.integrations.models import LLAMA_SHAPES, build_model, llama_config  # noqa: E402
@@ -57,20 +55,13 @@ def _reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@contextlib.asynccontextmanager
-async def _manager(model, tmp_path, tokens_per_page: int, *, device_pages: int = DEVICE_PAGES,
-                   host_pages: int = HOST_PAGES, device: str | None = None) -> AsyncIterator[KVCacheManager]:
-    layout = layout_for_model(model, tokens_per_page)
-    page = layout.page_bytes
-    cfg = StoreConfig(layout, [DeviceTier(device_pages * page, device=device), HostTier(host_pages * page),
-                               DiskTier(DISK_PAGES * page, tmp_path / "disk")])
-    async with KVCacheManager(cfg) as mgr:
-        yield mgr
-        mgr.check_invariants()
+def _manager(model, tmp_path, tokens_per_page: int, *, device_pages: int = DEVICE_PAGES,
+             host_pages: int = HOST_PAGES, device: str | None = None):
+    return paged_manager(model, tmp_path, tokens_per_page, device_pages=device_pages, host_pages=host_pages,
+                         disk_pages=DISK_PAGES, device=device)
 
 
-def _cache_kw(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+_cache_kw = cache_kw
 
 
 async def _demote_to_disk(mgr: KVCacheManager, req: BatchRequest) -> None:

@@ -7,12 +7,9 @@ prefetched and resumed between every step, and when a committed prompt prefix is
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
 import pathlib
 import sys
-from typing import AsyncIterator
 
 import pytest
 
@@ -23,13 +20,10 @@ import torch  # noqa: E402
 from kvstore import (  # noqa: E402
     CacheLevel,
     CacheStatus,
-    DeviceTier,
-    DiskTier,
-    HostTier,
     KVCacheManager,
-    StoreConfig,
 )
 from kvstore.errors import InvalidArgumentError, InvalidStateError  # noqa: E402
+from .hf_support import cache_kw, paged_manager  # noqa: E402
 from kvstore.integrations.hf import PagedGeneration, PagedKVCache, layout_for_model  # noqa: E402
 
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "hf_generate.py"
@@ -55,20 +49,13 @@ def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(0, example.VOCAB_SIZE, (length,), generator=g).tolist()
 
 
-@contextlib.asynccontextmanager
-async def _manager(model, tmp_path, tokens_per_page: int, *, device_pages: int = DEVICE_PAGES,
-                   host_pages: int = HOST_PAGES, device: str | None = None) -> AsyncIterator[KVCacheManager]:
-    layout = layout_for_model(model, tokens_per_page)
-    page = layout.page_bytes
-    cfg = StoreConfig(layout, [DeviceTier(device_pages * page, device=device), HostTier(host_pages * page),
-                               DiskTier(256 * page, tmp_path / "disk")])
-    async with KVCacheManager(cfg) as mgr:
-        yield mgr
-        mgr.check_invariants()
+def _manager(model, tmp_path, tokens_per_page: int, *, device_pages: int = DEVICE_PAGES,
+             host_pages: int = HOST_PAGES, device: str | None = None):
+    return paged_manager(model, tmp_path, tokens_per_page, device_pages=device_pages, host_pages=host_pages,
+                         disk_pages=256, device=device)
 
 
-def _cache_kw(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+_cache_kw = cache_kw
 
 
 async def _demote_all_to_disk(mgr: KVCacheManager, tokens_per_page: int) -> None:

@@ -55,7 +55,12 @@ def run(model, **kw):
     return cfg, asyncio.run(chat.run_chat(model, cfg, torch.device("cpu")))
 
 
-def test_offloaded_sessions_come_back_from_host_and_disk_and_reply_exactly(model):
+def test_offloaded_sessions_come_back_from_host_and_disk_and_reply_exactly(model, monkeypatch):
+    """With a prefill predicted dear (1 s + 1 ms per token), every turn loads its history: none is recomputed."""
+    async def dear_prefill(gen, vocab, cfg, rng):
+        return PrefillModel(fixed_s=1.0, per_token_s=1e-3)
+
+    monkeypatch.setattr(chat, "calibrate", dear_prefill)
     cfg, report = run(model)
     check_replies(model, report, cfg)
     assert report.pages_moved.get("device_to_host", 0) > 0

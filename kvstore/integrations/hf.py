@@ -293,7 +293,23 @@ def _forward_kwargs(model: Any) -> tuple[str, str | None]:
     return cache_kw, keep_kw
 
 
-class PagedGeneration:
+class _CacheOwner:
+    """A request that owns one kvstore :class:`KVCache` (``_kv``)."""
+
+    _kv: KVCache
+
+    @property
+    def kv_cache(self) -> KVCache:
+        """The kvstore cache of this request (CLOSED once the request is done)."""
+        return self._kv
+
+    @property
+    def num_reused_tokens(self) -> int:
+        """Prompt tokens whose K/V came from committed pages of earlier requests."""
+        return self._kv.num_reused_tokens
+
+
+class PagedGeneration(_CacheOwner):
     """Greedy generation of one request whose KV cache lives in kvstore pages.
 
     Creating it reuses the longest committed prefix of ``prompt`` (never the last prompt token,
@@ -322,16 +338,6 @@ class PagedGeneration:
         self._kv = manager.create_cache(self.tokens[:-1] if reuse_prefix else None, priority=priority)
         self.cache = PagedKVCache(manager, self._kv, num_tokens=self._kv.num_reused_tokens)
         self._cache_kw, self._keep_kw = _forward_kwargs(model)
-
-    @property
-    def kv_cache(self) -> KVCache:
-        """The kvstore cache of this request."""
-        return self._kv
-
-    @property
-    def num_reused_tokens(self) -> int:
-        """Prompt tokens whose K/V came from committed pages of earlier requests."""
-        return self._kv.num_reused_tokens
 
     @property
     def status(self) -> CacheStatus:

@@ -30,7 +30,9 @@ from transformers.cache_utils import Cache
 from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
-from kvstore.integrations.hf import _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends
+from kvstore.integrations.hf import (
+    _CacheOwner, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends,
+)
 
 if TYPE_CHECKING:
     from kvstore import KVCache, KVCacheManager, PrefetchTask
@@ -320,7 +322,7 @@ class PagedBatchCache(Cache):
         return past_kv[0], past_kv[1]
 
 
-class BatchRequest:
+class BatchRequest(_CacheOwner):
     """Handle of one request of a :class:`BatchedGenerator` (read its fields; act through the generator)."""
 
     def __init__(
@@ -339,16 +341,6 @@ class BatchRequest:
         self.finish_reason: str | None = None  # "length", "stop" or "closed" once done
         self.last_logits: torch.Tensor | None = None  # kept when the generator has keep_logits=True
         self._kv = kv_cache
-
-    @property
-    def kv_cache(self) -> KVCache:
-        """The kvstore cache of this request (CLOSED once done)."""
-        return self._kv
-
-    @property
-    def num_reused_tokens(self) -> int:
-        """Prompt tokens whose K/V came from committed pages of earlier requests."""
-        return self._kv.num_reused_tokens
 
     @property
     def done(self) -> bool:
