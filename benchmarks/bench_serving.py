@@ -8,8 +8,8 @@ Parts (``--parts``, all by default):
   pages from the device, from host memory after a prefetch finished and without one, and from disk with a
   warm and a cold page cache (``drop_caches``; needs root, else the row says so). Each figure is the median
   of ``--reps``. The fetch-or-recompute policy (:mod:`kvstore.policy`, fed by the manager's measured
-  bandwidths and the recompute rows' prefill times) picks per row; its figure is the TTFT of its pick
-  against the better of the two choices.
+  bandwidths, the recompute rows' prefill times and the device rows' reuse forwards) picks per row; its
+  figure is the TTFT of its pick against the better of the two choices.
 - ``chat``: the multi-turn chat workload of ``examples/serve_chat.py`` (shared system prompt, think time,
   continuous batching) at ``--oversubscribe`` times more sessions than HBM holds, with kvstore offloading
   against an engine that drops evicted sessions and recomputes them: throughput and TTFT p50/p99.
@@ -89,6 +89,7 @@ class TTFTBench:
         self.rng = np.random.default_rng(seed)
         self.vocab = int(model.config.vocab_size)
         self.prefill = PrefillModel()
+        self.reuse_forward = PrefillModel()  # the turn's forward over a reused history, by history length
 
     def tokens(self, n: int) -> list[int]:
         return [int(t) for t in self.rng.integers(1, self.vocab, n)]
@@ -134,10 +135,14 @@ class TTFTBench:
             # the policy decides when the request arrives, from where its pages are then
             estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
             reusable = self.mgr.lookup(prompt).num_tokens
-            decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable)
+            reuse_forward = self.reuse_forward if self.reuse_forward.measured else None
+            decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable,
+                                    reuse_forward=reuse_forward)
             seconds, _ = await self.first_token(gen)
         finally:
             gen.close()
+        if variant == "device" and reusable:  # nothing moved: the whole TTFT is the forward over the history
+            self.reuse_forward.observe(reusable, seconds)
         return {"seconds": seconds, "where": where, "reused_tokens": reusable, "cold": dropped,
                 "policy": decision.choice.name.lower(), "predicted_load_s": decision.load_s,
                 "predicted_recompute_s": decision.recompute_s}
@@ -160,6 +165,7 @@ async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, t
         for variant in VARIANTS:
             await bench.reuse(bench.tokens(warm), variant)
         bench.prefill = PrefillModel()  # the warm-up's first prefill paid for the kernels' set-up
+        bench.reuse_forward = PrefillModel()
         for length in args.lengths:
             rec = [await bench.recompute(bench.tokens(length + args.tail)) for _ in range(args.reps)]
             row: dict[str, Any] = {"shape": shape, "length": length, "recompute_s": statistics.median(rec)}

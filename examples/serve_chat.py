@@ -156,17 +156,27 @@ def store_config(model: Any, cfg: ChatConfig, disk_dir: str, device: torch.devic
     return StoreConfig(layout, tiers)
 
 
-async def calibrate(gen: BatchedGenerator, vocab: int, cfg: ChatConfig, rng: np.random.Generator) -> PrefillModel:
-    """The model's prefill speed, measured on a few prompts of this workload's sizes (not reused)."""
-    prefill = PrefillModel()
+async def calibrate(
+    gen: BatchedGenerator, vocab: int, cfg: ChatConfig, rng: np.random.Generator
+) -> tuple[PrefillModel, PrefillModel]:
+    """(the model's prefill speed, its reuse forwards'): prompts of this workload's sizes prefilled from nothing,
+    then a user turn after each of them, reusing it (the forward over a reused history, by its length)."""
+    prefill, reuse_forward = PrefillModel(), PrefillModel()
     for n in (cfg.user_tokens, cfg.session_tokens // 2, cfg.session_tokens, cfg.user_tokens, cfg.session_tokens):
-        req = gen.add([int(t) for t in rng.integers(1, vocab, n)], 1, reuse_prefix=False)
-        t0 = time.perf_counter()
-        await gen.step()
-        prefill.observe(n, time.perf_counter() - t0)
-        if not req.done:
-            gen.close(req)
-    return prefill
+        prompt = [int(t) for t in rng.integers(1, vocab, n)]
+        for reuse in (False, True):
+            turn = prompt + ([int(t) for t in rng.integers(1, vocab, cfg.user_tokens)] if reuse else [])
+            req = gen.add(turn, 1, reuse_prefix=reuse)
+            t0 = time.perf_counter()
+            await gen.step()
+            seconds = time.perf_counter() - t0
+            if reuse and req.num_reused_tokens:
+                reuse_forward.observe(req.num_reused_tokens, seconds)
+            elif not reuse:
+                prefill.observe(n, seconds)
+            if not req.done:
+                gen.close(req)
+    return prefill, reuse_forward
 
 
 class ChatServer:
@@ -178,6 +188,7 @@ class ChatServer:
         self.vocab = int(model.config.vocab_size)
         self.gen = BatchedGenerator(model, mgr, max_batch_size=cfg.max_batch)
         self.prefill = PrefillModel()
+        self.reuse_forward: Optional[PrefillModel] = None
         self.ttft: list[float] = []
         self.where = {k: 0 for k in LEVELS}
         self.loaded = self.recomputed = 0
@@ -254,14 +265,16 @@ class ChatServer:
             return True  # nothing to move
         if s.prefetch is None:
             est = self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
-            if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=new).choice is ReuseChoice.RECOMPUTE:
+            if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=new,
+                            reuse_forward=self.reuse_forward).choice is ReuseChoice.RECOMPUTE:
                 return False
             self.start_prefetch(s)  # the pages come up while the batch runs; admitted once they are there
             return None
         if s.prefetch.done():
             return True
         est = self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
-        choice = wait_or_recompute(est, self.prefill, match.num_tokens, new_tokens=new).choice
+        choice = wait_or_recompute(est, self.prefill, match.num_tokens, new_tokens=new,
+                                   reuse_forward=self.reuse_forward).choice
         return False if choice is ReuseChoice.RECOMPUTE else None
 
     def admit(self) -> None:
@@ -288,7 +301,8 @@ class ChatServer:
         warm = self.gen.add(system + self.tokens(1), 1)  # commits the shared system prompt once
         await self.gen.run()
         del warm
-        self.prefill = await calibrate(self.gen, self.vocab, cfg, self.rng)
+        self.prefill, reuse_forward = await calibrate(self.gen, self.vocab, cfg, self.rng)
+        self.reuse_forward = reuse_forward if reuse_forward.measured else None
         now = self.clock()
         sessions = [Session(i, list(system), cfg.turns) for i in range(cfg.sessions)]
         for s in sessions:

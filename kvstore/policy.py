@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from ._args import describe, integral, seconds as _real
 from .errors import InvalidArgumentError
@@ -152,21 +152,32 @@ class Decision:
 
 
 def decide_reuse(
-    estimate: Estimate, reusable_tokens: int, prefill: PrefillModel, *, new_tokens: int = 0
+    estimate: Estimate, reusable_tokens: int, prefill: PrefillModel, *, new_tokens: int = 0,
+    reuse_forward: Optional[PrefillModel] = None,
 ) -> Decision:
     """Load the reusable prefix from its tier or recompute it, whichever is predicted faster (a tie loads: it
     spends no compute).
 
     ``estimate``: the transfer of the prefix's pages to the device (``mgr.prefix_transfer_estimate(tokens,
     DEVICE)``); ``reusable_tokens``: the tokens those pages hold; ``new_tokens``: tokens after the prefix that
-    are prefilled either way. Loading takes ``estimate.seconds + prefill.seconds(new_tokens)`` (the suffix
-    needs the prefix's KV first), recomputing ``prefill.seconds(reusable_tokens + new_tokens)``."""
+    are prefilled either way. Recomputing takes ``prefill.seconds(reusable_tokens + new_tokens)``; loading takes
+    ``estimate.seconds`` plus the forward of the new tokens over the loaded prefix. That forward attends the whole
+    prefix, so its cost grows with the prefix, not only with ``new_tokens``: pass ``reuse_forward``, a
+    :class:`PrefillModel` of the loop's own reuse forwards observed as ``observe(reused tokens, seconds)`` at its
+    usual turn size, and it predicts that part as ``reuse_forward.seconds(reusable_tokens)``. Without it the part
+    is ``prefill.seconds(new_tokens)``, which misses the attention over the prefix (on the H200 a 64-token turn
+    over 1-32k reused tokens took 20-53 ms, a fresh 64-token prefill a few ms; docs/serving_benchmarks.md)."""
     if not isinstance(prefill, PrefillModel):
         raise InvalidArgumentError(f"decide_reuse() prefill must be a PrefillModel, got {describe(prefill)}")
+    if reuse_forward is not None and not isinstance(reuse_forward, PrefillModel):
+        raise InvalidArgumentError(
+            f"decide_reuse() reuse_forward must be a PrefillModel or None, got {describe(reuse_forward)}"
+        )
     transfer = _estimate_s(estimate)
     reused = _count(reusable_tokens, "decide_reuse() reusable_tokens")
     new = _count(new_tokens, "decide_reuse() new_tokens")
-    load_s = transfer + prefill.seconds(new)
+    forward = reuse_forward.seconds(reused) if reuse_forward is not None and reused else prefill.seconds(new)
+    load_s = transfer + forward
     recompute_s = prefill.seconds(reused + new)
     choice = ReuseChoice.LOAD if load_s <= recompute_s else ReuseChoice.RECOMPUTE
     return Decision(choice, load_s, recompute_s)
@@ -195,10 +206,13 @@ def should_start_prefetch(
 
 
 def wait_or_recompute(
-    remaining_estimate: Estimate, prefill: PrefillModel, reusable_tokens: int, *, new_tokens: int = 0
+    remaining_estimate: Estimate, prefill: PrefillModel, reusable_tokens: int, *, new_tokens: int = 0,
+    reuse_forward: Optional[PrefillModel] = None,
 ) -> Decision:
     """At request time, with the prefix's prefetch still in flight: LOAD (wait for it) when what is left of the
     transfer (``cache.transfer_estimate(DEVICE)``, which counts the bytes still queued) plus the prefill of the
     other tokens is predicted no slower than recomputing, else RECOMPUTE (then cancel the prefetch: it must not
     delay the request, nor hold device memory and bandwidth). The arithmetic of :func:`decide_reuse`."""
-    return decide_reuse(remaining_estimate, reusable_tokens, prefill, new_tokens=new_tokens)
+    return decide_reuse(
+        remaining_estimate, reusable_tokens, prefill, new_tokens=new_tokens, reuse_forward=reuse_forward
+    )

@@ -164,3 +164,23 @@ async def test_the_policy_runs_on_a_stores_estimates(make_store):
         due = 50.0
         assert should_start_prefetch(due - est.seconds, due, est) and not should_start_prefetch(0.0, due, est)
         cache.close()
+
+
+def test_a_reuse_forward_model_prices_the_attention_over_the_loaded_prefix():
+    """Recomputing 2,000 tokens and loading them cost the same by the prefill line alone (transfer 0.1 s + a
+    64-token prefill); a reuse forward measured at 0.2 s over 2,000 reused tokens makes recompute the faster."""
+    prefill = PrefillModel(fixed_s=0.0, per_token_s=1e-4)
+    reuse = PrefillModel(fixed_s=0.0, per_token_s=1e-4)
+    reuse.observe(1000, 0.1)
+    reuse.observe(3000, 0.3)  # 1e-4 s per reused token, no fixed cost
+    transfer = 2064 * 1e-4 - 64 * 1e-4  # = the prefill of the reused 2,000 tokens
+    plain = decide_reuse(transfer, 2000, prefill, new_tokens=64)
+    assert plain.choice is ReuseChoice.LOAD
+    assert plain.load_s == pytest.approx(transfer + 64 * 1e-4)
+    priced = decide_reuse(transfer, 2000, prefill, new_tokens=64, reuse_forward=reuse)
+    assert priced.load_s == pytest.approx(transfer + reuse.seconds(2000)) and reuse.seconds(2000) == pytest.approx(0.2)
+    assert priced.choice is ReuseChoice.RECOMPUTE and priced.recompute_s == plain.recompute_s
+    late = wait_or_recompute(transfer, prefill, 2000, new_tokens=64, reuse_forward=reuse)
+    assert late == priced
+    with pytest.raises(InvalidArgumentError, match="reuse_forward"):
+        decide_reuse(transfer, 2000, prefill, reuse_forward=0.2)
