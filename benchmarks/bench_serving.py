@@ -314,7 +314,7 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
              DiskTier(movers * (mover_pages + 2) * pb, os.path.join(tmp, f"overlap-{shape}"))]
     rng = np.random.default_rng(args.seed)
     vocab = int(model.config.vocab_size)
-    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context}
+    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context, "paced_gbps": args.overlap_gbps}
     async with KVCacheManager(StoreConfig(layout, tiers)) as mgr:
         holders = []
         for _ in range(movers):  # background sessions: committed, then held suspended
@@ -338,16 +338,22 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 times.append(time.perf_counter() - t0)
             return times
 
-        moved = {"pages": 0, "incomplete": 0}
+        moved = {"pages": 0, "bytes": 0, "incomplete": 0}
 
         async def traffic(stop: asyncio.Event) -> None:
-            i = 0
+            """Prefetch the background sessions in turn, flat out or paced to ``--overlap-gbps`` of moved bytes."""
+            i, t0 = 0, time.perf_counter()
             while not stop.is_set():
                 res = await holders[i % movers].prefetch(CacheLevel.DEVICE)  # evicts the one before to host
                 moved["pages"] += res.pages_moved
+                moved["bytes"] += res.bytes_moved
                 if not res.complete:
                     moved["incomplete"] += 1
                     await asyncio.sleep(0.001)  # no room: never spin
+                if args.overlap_gbps > 0:  # pace: the bytes so far at the given rate, counting the demotions too
+                    ahead = 2 * moved["bytes"] / (args.overlap_gbps * 1e9) - (time.perf_counter() - t0)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
                 i += 1
 
         for phase in ("alone", "with_transfers", "alone_again"):
@@ -386,7 +392,7 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
         a, w = r["alone"], r["with_transfers"]
         base = min(a["step_ms_median"], r["alone_again"]["step_ms_median"])
         out.append(f"| {r['shape']} | {r['batch']} x {r['context']} | {base:.2f} | {w['step_ms_median']:.2f} | "
-                   f"{100 * (r['slowdown'] - 1):+.1f} % | {w['gb_per_s_moved']:.1f} | "
+                   f"{100 * (r['slowdown'] - 1):+.1f} % | {w['gb_per_s_moved']:.2f} | "
                    f"{a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, {w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} |")
     return out
 
@@ -405,6 +411,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--overlap-batch", type=int, default=8)
     p.add_argument("--overlap-context", type=int, default=2048)
     p.add_argument("--overlap-steps", type=int, default=40)
+    p.add_argument("--overlap-gbps", type=float, default=0.0,
+                   help="overlap: pace the background transfers (prefetched + demoted GB/s; 0: flat out)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", nargs="?", const=str(RESULTS), default=None,
                    help=f"write plots into this directory (default {RESULTS})")

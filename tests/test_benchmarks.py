@@ -99,8 +99,8 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "serving.json"
     assert serving.main(["--device", "cpu", "--shapes", "tiny", "--lengths", "32,64", "--reps", "1", "--tail", "8",
                          "--tokens-per-page", "4", "--oversubscribe", "2", "--overlap-batch", "2",
-                         "--overlap-context", "64", "--overlap-steps", "4", "--json", str(out),
-                         "--plot", str(tmp_path)]) == 0
+                         "--overlap-context", "64", "--overlap-steps", "4", "--overlap-gbps", "0.05",
+                         "--json", str(out), "--plot", str(tmp_path)]) == 0
     doc = json.loads(out.read_text())
     assert [r["length"] for r in doc["ttft"]] == [32, 64]
     for row in doc["ttft"]:
@@ -108,7 +108,7 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
         assert row["disk_warm"]["where"]["disk"] > 0 and row["host"]["where"]["host"] > 0
         assert row["device"]["where"]["device"] * 4 == row["device"]["reused_tokens"]
     assert {(r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {(True, 2), (False, 2)}
-    assert doc["overlap"][0]["with_transfers"]["gb_per_s_moved"] > 0
+    assert doc["overlap"][0]["with_transfers"]["gb_per_s_moved"] > 0 and doc["overlap"][0]["paced_gbps"] == 0.05
     assert (tmp_path / "bench_serving_ttft.png").stat().st_size > 0
     text = capsys.readouterr().out
     assert "worst policy ratio" in text and "drop+recompute" in text and "slower by" in text
