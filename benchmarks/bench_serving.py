@@ -133,8 +133,9 @@ class TTFTBench:
             if variant == "host_prefetched":  # the prefetch finished before the request arrives
                 await gen.prefetch(CacheLevel.DEVICE)
             # the policy decides when the request arrives, from where its pages are then
-            estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
-            reusable = self.mgr.lookup(prompt).num_tokens
+            match = self.mgr.lookup(prompt)
+            estimate = self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
+            reusable = match.num_tokens
             reuse_forward = self.reuse_forward if self.reuse_forward.measured else None
             decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable,
                                     reuse_forward=reuse_forward)

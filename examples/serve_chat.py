@@ -36,7 +36,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCache, KVCacheManager, PrefetchTask, StoreConfig
+from kvstore import (
+    CacheLevel, DeviceTier, DiskTier, HostTier, KVCache, KVCacheManager, PrefetchTask, PrefixMatch, StoreConfig,
+)
 from kvstore.integrations.hf import layout_for_model
 from kvstore.integrations.hf_batch import BatchedGenerator, BatchRequest
 from kvstore.integrations.models import build_model
@@ -80,6 +82,7 @@ class Session:
     prompt: list[int] = field(default_factory=list)
     arrived: bool = False
     located: bool = False  # where its history was is counted
+    match: Optional[PrefixMatch] = None  # its prompt's reusable prefix, looked up when first needed this turn
     request: Optional[BatchRequest] = None
 
 
@@ -210,7 +213,7 @@ class ChatServer:
         """Schedule ``s``'s next turn after a pause, and when its prefetch should start."""
         s.due = now + float(self.rng.exponential(self.cfg.think_s))
         s.prompt = s.history + self.tokens(self.cfg.user_tokens)
-        s.arrived, s.located, s.request = False, False, None
+        s.arrived, s.located, s.request, s.match = False, False, None, None
         s.start_prefetch_at = math.inf
         if self.cfg.offload and self.cfg.prefetch:
             est = self.mgr.prefix_transfer_estimate(s.prompt, CacheLevel.DEVICE)
@@ -258,24 +261,25 @@ class ChatServer:
 
     def ready(self, s: Session) -> Optional[bool]:
         """None: keep waiting for its pages; True: admit reusing them; False: admit recomputing its history."""
-        match = self.mgr.lookup(s.prompt[:-1])
-        new = len(s.prompt) - match.num_tokens
+        if s.holder is not None:  # being prefetched: admit once there, or recompute if waiting is slower
+            if s.prefetch is None or s.prefetch.done():
+                return True
+            reusable = s.holder.num_reused_tokens
+            choice = wait_or_recompute(s.holder.transfer_estimate(CacheLevel.DEVICE), self.prefill, reusable,
+                                       new_tokens=len(s.prompt) - reusable, reuse_forward=self.reuse_forward).choice
+            return False if choice is ReuseChoice.RECOMPUTE else None
+        if s.match is None:  # looked up once per turn (a lookup hashes the whole prompt on the loop's thread)
+            s.match = self.mgr.lookup(s.prompt[:-1])
+        match = s.match
         if match.num_tokens == 0 or match.pages_per_level.get(CacheLevel.DEVICE, 0) * self.cfg.tokens_per_page \
                 == match.num_tokens:
             return True  # nothing to move
-        if s.prefetch is None:
-            est = self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
-            if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=new,
-                            reuse_forward=self.reuse_forward).choice is ReuseChoice.RECOMPUTE:
-                return False
-            self.start_prefetch(s)  # the pages come up while the batch runs; admitted once they are there
-            return None
-        if s.prefetch.done():
-            return True
         est = self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
-        choice = wait_or_recompute(est, self.prefill, match.num_tokens, new_tokens=new,
-                                   reuse_forward=self.reuse_forward).choice
-        return False if choice is ReuseChoice.RECOMPUTE else None
+        if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=len(s.prompt) - match.num_tokens,
+                        reuse_forward=self.reuse_forward).choice is ReuseChoice.RECOMPUTE:
+            return False
+        self.start_prefetch(s)  # the pages come up while the batch runs; admitted once they are there
+        return None
 
     def admit(self) -> None:
         """Admit arrived turns in order while the batch and the device have room for them to the end."""

@@ -449,6 +449,27 @@ async def test_the_forward_can_run_on_the_loop_thread(model, tmp_path, monkeypat
     assert req.generated == _reference(model, prompt, 3)
 
 
+async def test_a_step_commits_only_when_it_completes_a_page(model, tmp_path, monkeypatch):
+    """A commit reads the whole history; steps whose K/V complete no page skip it, and every full page is still
+    committed and reusable afterwards."""
+    from kvstore.cache import KVCache
+
+    calls: list[int] = []
+    real = KVCache.commit
+    monkeypatch.setattr(KVCache, "commit", lambda self, tokens: (calls.append(len(tokens)), real(self, tokens))[1])
+    prompt = _prompt(5, seed=130)
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr)
+        req = gen.add(prompt, 8)
+        await gen.run()
+        written = [5 + i for i in range(8)]  # tokens whose K/V each step wrote: the prompt, then one per step
+        before = [0] + written[:-1]
+        assert calls == [n for n, b in zip(written, before) if n // 4 > b // 4] == [5, 8, 12]
+        again = gen.add(req.tokens[:13], 1)  # the history's 3 full pages are reused
+        assert again.num_reused_tokens == 12
+        gen.close()
+
+
 def test_paged_forwards_run_without_cudnn_attention_and_restore_it():
     from kvstore.integrations.hf import attention_backends
 

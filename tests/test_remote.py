@@ -344,7 +344,7 @@ async def test_fetch_prefix_refuses_misuse(tmp_path, redis_server):
 
 
 async def test_the_writer_reads_and_packs_each_pipeline_in_one_worker_hop(tmp_path, redis_server, monkeypatch):
-    """Pages go out in groups of ``GROUP_BYTES`` of page bytes, each group held, read and packed as ready SET
+    """Pages go out in groups of ``writer_shape()[0]`` page bytes, each group held, read and packed as ready SET
     commands in one worker-thread call — not one call per page — and all arrive intact."""
     from kvstore.remote import gather
     from kvstore.remote.writer import writer_shape

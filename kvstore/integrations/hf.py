@@ -194,6 +194,13 @@ async def _ensure_capacity(kv: KVCache, num_tokens: int) -> None:
         await kv.resize(num_tokens)
 
 
+def _commit_full_pages(kv: KVCache, tokens: Sequence[int], before: int, tokens_per_page: int) -> None:
+    """``kv.commit(tokens)`` when the K/V written since ``before`` tokens completed a page: a commit reads the
+    whole history (O(tokens) on the loop's thread), and one that completes no page changes nothing."""
+    if len(tokens) // tokens_per_page > before // tokens_per_page:
+        kv.commit(tokens)
+
+
 class PagedKVCache(Cache):
     """A ``transformers`` Cache whose K/V live in the device pages of one kvstore :class:`KVCache`.
 
@@ -362,7 +369,7 @@ class PagedGeneration(_CacheOwner):
         except BaseException:
             self.cache.rollback(past)
             raise
-        self._kv.commit(self.tokens)  # K/V of every token so far is in the pages
+        _commit_full_pages(self._kv, self.tokens, past, self.cache._tokens_per_page)  # K/V of every token is written
         if past < self.num_prompt_tokens:
             self.num_prefilled_tokens += min(len(new), self.num_prompt_tokens - past)
         self.last_logits = out.logits[0, -1]

@@ -31,7 +31,7 @@ from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
-    _CacheOwner, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends,
+    _CacheOwner, _commit_full_pages, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends,
 )
 
 if TYPE_CHECKING:
@@ -527,12 +527,13 @@ class BatchedGenerator:
         chosen: Sequence[tuple[list[int], torch.Tensor]],
     ) -> dict[BatchRequest, int]:
         new: dict[BatchRequest, int] = {}
+        tpp = self.manager.layout.tokens_per_page
         for group, batch, (tokens, logits) in zip(groups, batches, chosen):
             for row, (req, token, length) in enumerate(zip(group, tokens, batch.seq_lengths)):
                 if not req.generated:
                     req.num_prefilled_tokens = length - req.num_cached
+                _commit_full_pages(req._kv, req.tokens, req.num_cached, tpp)  # K/V of every token is written
                 req.num_cached = length
-                req._kv.commit(req.tokens)  # K/V of every token so far is in the pages
                 req.tokens.append(token)
                 req.generated.append(token)
                 if self.keep_logits:

@@ -43,7 +43,6 @@ _ATTEMPTS = 3  # a page found moving this many times is given up
 #: one big pipeline does.
 FEW_CPUS_SHAPE = (1 << 20, 1)
 MANY_CPUS_SHAPE = (2 << 20, 3)
-GROUP_BYTES = FEW_CPUS_SHAPE[0]  # the smallest group (tests)
 
 
 def writer_shape(cpus: Optional[int] = None) -> tuple[int, int]:
