@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -260,41 +261,43 @@ def model_for(shape: str, device: torch.device, seed: int) -> Any:
 
 async def run_chats(args: argparse.Namespace, shape: str, model: Any, device: torch.device) -> list[dict[str, Any]]:
     rows = []
-    for factor in args.oversubscribe:
-        for offload in (True, False):
-            base = dict(CHAT[shape])
-            cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed, **base)
-            rep = await run_chat(model, cfg, device)
-            row = {"shape": shape, "oversubscribe": factor, "offload": offload, "sessions": cfg.sessions,
-                   "tokens_per_s": rep.tokens_per_s, "ttft_p50_ms": rep.ttft_ms(0.5), "ttft_p99_ms": rep.ttft_ms(0.99),
-                   "history_tokens_from": rep.history_tokens_from, "recomputed_turns": rep.recomputed_turns,
-                   "loaded_turns": rep.loaded_turns, "max_lag_ms": rep.max_lag_ms, "p99_lag_ms": rep.p99_lag_ms,
-                   "pages_moved": rep.pages_moved, "wall_s": rep.wall_s}
-            rows.append(row)
-            print("\n".join(rep.lines()), flush=True)
+    for decode, factor, offload in itertools.product(args.decode, args.oversubscribe, (True, False)):
+        base = dict(CHAT[shape])
+        cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed,
+                         cuda_graphs=decode == "graphs", **base)
+        rep = await run_chat(model, cfg, device)
+        row = {"shape": shape, "decode": decode, "oversubscribe": factor, "offload": offload,
+               "sessions": cfg.sessions,
+               "tokens_per_s": rep.tokens_per_s, "ttft_p50_ms": rep.ttft_ms(0.5), "ttft_p99_ms": rep.ttft_ms(0.99),
+               "history_tokens_from": rep.history_tokens_from, "recomputed_turns": rep.recomputed_turns,
+               "loaded_turns": rep.loaded_turns, "max_lag_ms": rep.max_lag_ms, "p99_lag_ms": rep.p99_lag_ms,
+               "pages_moved": rep.pages_moved, "wall_s": rep.wall_s}
+        rows.append(row)
+        print("\n".join(rep.lines()), flush=True)
     return rows
 
 
 def chat_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Chat workload: kvstore offloading vs drop-and-recompute", "",
-           "| shape | sessions / HBM | engine | tokens/s | TTFT p50 ms | TTFT p99 ms "
+           "| shape | decode | sessions / HBM | engine | tokens/s | TTFT p50 ms | TTFT p99 ms "
            "| history from (dev/host/disk/recomp %) | loop lag max / p99 ms |",
-           "| --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
+           "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         w = r["history_tokens_from"]
         total = sum(w.values()) or 1
         where = "/".join(f"{100 * w[k] / total:.0f}" for k in ("device", "host", "disk", "recomputed"))
-        out.append(f"| {r['shape']} | {r['oversubscribe']}x | {'kvstore' if r['offload'] else 'drop+recompute'} | "
+        engine = "kvstore" if r["offload"] else "drop+recompute"
+        out.append(f"| {r['shape']} | {r['decode']} | {r['oversubscribe']}x | {engine} | "
                    f"{r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {where} | "
                    f"{r['max_lag_ms']:.2f} / {r['p99_lag_ms']:.2f} |")
-    for shape in sorted({r["shape"] for r in rows}):
-        for f in sorted({r["oversubscribe"] for r in rows}):
-            pair = {r["offload"]: r for r in rows if r["shape"] == shape and r["oversubscribe"] == f}
-            if len(pair) == 2:
-                gain = pair[True]["tokens_per_s"] / pair[False]["tokens_per_s"]
-                out.append(f"\n{shape} at {f}x: throughput {gain:.2f}x, "
-                           f"TTFT p50 {pair[False]['ttft_p50_ms'] / pair[True]['ttft_p50_ms']:.2f}x lower, "
-                           f"p99 {pair[False]['ttft_p99_ms'] / pair[True]['ttft_p99_ms']:.2f}x lower with kvstore")
+    for shape, decode, f in sorted({(r["shape"], r["decode"], r["oversubscribe"]) for r in rows}):
+        pair = {r["offload"]: r for r in rows
+                if (r["shape"], r["decode"], r["oversubscribe"]) == (shape, decode, f)}
+        if len(pair) == 2:
+            gain = pair[True]["tokens_per_s"] / pair[False]["tokens_per_s"]
+            out.append(f"\n{shape} ({decode} decode) at {f}x: throughput {gain:.2f}x, "
+                       f"TTFT p50 {pair[False]['ttft_p50_ms'] / pair[True]['ttft_p50_ms']:.2f}x lower, "
+                       f"p99 {pair[False]['ttft_p99_ms'] / pair[True]['ttft_p99_ms']:.2f}x lower with kvstore")
     return out
 
 
@@ -306,7 +309,7 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
     batch, context, steps = args.overlap_batch, args.overlap_context, args.overlap_steps
     tpp = args.tokens_per_page
     layout = layout_for_model(model, tpp)
-    max_new = 3 * steps + 10  # prefill, 3 warm-up steps, three phases of ``steps``
+    max_new = (2 + len(args.overlap_gbps)) * steps + 10  # prefill, 3 warm-up steps, the phases of ``steps``
     run_pages = batch * (-(-(context + max_new) // tpp) + 1)
     mover_pages = -(-context * 2 // tpp)  # one background session of twice the context
     movers = 4
@@ -315,7 +318,7 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
              DiskTier(movers * (mover_pages + 2) * pb, os.path.join(tmp, f"overlap-{shape}"))]
     rng = np.random.default_rng(args.seed)
     vocab = int(model.config.vocab_size)
-    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context, "paced_gbps": args.overlap_gbps}
+    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context, "runs": []}
     async with KVCacheManager(StoreConfig(layout, tiers)) as mgr:
         holders = []
         for _ in range(movers):  # background sessions: committed, then held suspended
@@ -324,26 +327,11 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
             await g.step()
             g.close()
             holders.append(mgr.create_cache(hist))
-        gen = BatchedGenerator(model, mgr)
-        for _ in range(batch):
-            gen.add([int(t) for t in rng.integers(1, vocab, context)], max_new)
-        await gen.step()  # prefill
-        for _ in range(3):
-            await gen.step()  # warm
-
-        async def timed_steps() -> list[float]:
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                await gen.step()
-                times.append(time.perf_counter() - t0)
-            return times
-
         moved = {"pages": 0, "bytes": 0, "incomplete": 0}
 
-        async def traffic(stop: asyncio.Event) -> None:
-            """Prefetch the background sessions in turn, flat out or paced to ``--overlap-gbps`` of moved bytes."""
-            i, t0 = 0, time.perf_counter()
+        async def traffic(stop: asyncio.Event, gbps: float) -> None:
+            """Prefetch the background sessions in turn, flat out (0) or paced to ``gbps`` of moved bytes."""
+            i, t0, start = 0, time.perf_counter(), moved["bytes"]
             while not stop.is_set():
                 res = await holders[i % movers].prefetch(CacheLevel.DEVICE)  # evicts the one before to host
                 moved["pages"] += res.pages_moved
@@ -351,50 +339,80 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 if not res.complete:
                     moved["incomplete"] += 1
                     await asyncio.sleep(0.001)  # no room: never spin
-                if args.overlap_gbps > 0:  # pace: the bytes so far at the given rate, counting the demotions too
-                    ahead = 2 * moved["bytes"] / (args.overlap_gbps * 1e9) - (time.perf_counter() - t0)
+                if gbps > 0:  # pace: the bytes so far at the given rate, counting the demotions too
+                    ahead = 2 * (moved["bytes"] - start) / (gbps * 1e9) - (time.perf_counter() - t0)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
                 i += 1
 
-        for phase in ("alone", "with_transfers", "alone_again"):
-            lag = LagMeter()
-            lag.start()
-            stop = asyncio.Event()
-            mover = asyncio.ensure_future(traffic(stop)) if phase == "with_transfers" else None
-            before = moved["pages"]
-            t0 = time.perf_counter()
-            times = await timed_steps()
-            wall = time.perf_counter() - t0
-            stop.set()
-            if mover is not None:
-                await mover
-            max_lag, p99_lag = await lag.stop()
-            out[phase] = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[-1],
-                          "max_lag_ms": max_lag, "p99_lag_ms": p99_lag,
-                          "gb_per_s_moved": (moved["pages"] - before) * pb / wall / 1e9,
-                          "incomplete_prefetches": moved["incomplete"]}
-        gen.close()
+        for decode in args.decode:
+            gen = BatchedGenerator(model, mgr, cuda_graphs=decode == "graphs")
+            for _ in range(batch):
+                gen.add([int(t) for t in rng.integers(1, vocab, context)], max_new)
+            await gen.step()  # prefill
+            for _ in range(3):
+                await gen.step()  # warm
+
+            async def timed_steps() -> list[float]:
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    await gen.step()
+                    times.append(time.perf_counter() - t0)
+                return times
+
+            run: dict[str, Any] = {"decode": decode, "with": []}
+            for phase in ["alone"] + [f"with {r:g}" for r in args.overlap_gbps] + ["alone_again"]:
+                lag = LagMeter()
+                lag.start()
+                stop = asyncio.Event()
+                gbps = float(phase.split()[1]) if phase.startswith("with") else None
+                mover = asyncio.ensure_future(traffic(stop, gbps)) if gbps is not None else None
+                before, incomplete = moved["pages"], moved["incomplete"]
+                t0 = time.perf_counter()
+                times = await timed_steps()
+                wall = time.perf_counter() - t0
+                stop.set()
+                if mover is not None:
+                    await mover
+                max_lag, p99_lag = await lag.stop()
+                fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_p99": 1e3 * sorted(times)[-1],
+                       "max_lag_ms": max_lag, "p99_lag_ms": p99_lag,
+                       "gb_per_s_moved": (moved["pages"] - before) * pb / wall / 1e9,
+                       "incomplete_prefetches": moved["incomplete"] - incomplete}
+                if gbps is None:
+                    run[phase] = fig
+                else:
+                    run["with"].append(dict(fig, paced_gbps=gbps))
+            gen.close()
+            base = min(run["alone"]["step_ms_median"], run["alone_again"]["step_ms_median"])
+            for w in run["with"]:
+                w["slowdown"] = w["step_ms_median"] / base
+                print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
+                      f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
+                      f"{w['slowdown']:.3f}x", flush=True)
+            out["runs"].append(run)
         for h in holders:
             h.close()
-    base = min(out["alone"]["step_ms_median"], out["alone_again"]["step_ms_median"])
-    out["slowdown"] = out["with_transfers"]["step_ms_median"] / base
-    print(f"{shape} overlap: step {base:.2f} ms alone, {out['with_transfers']['step_ms_median']:.2f} ms with "
-          f"transfers ({out['with_transfers']['gb_per_s_moved']:.1f} GB/s moved): {out['slowdown']:.3f}x", flush=True)
     return out
 
 
 def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Overlap: decode step of a running batch with prefetches and demotions running "
            "(target < 5 % slower)", "",
-           "| shape | batch x context | step alone ms | step with transfers ms | slower by | moved GB/s | "
-           "loop lag max / p99 ms (alone, with) |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+           "| shape | decode | batch x context | paced GB/s | step alone ms | step with transfers ms | slower by | "
+           "moved GB/s | loop lag max / p99 ms (alone, with) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        a, w = r["alone"], r["with_transfers"]
-        base = min(a["step_ms_median"], r["alone_again"]["step_ms_median"])
-        out.append(f"| {r['shape']} | {r['batch']} x {r['context']} | {base:.2f} | {w['step_ms_median']:.2f} | "
-                   f"{100 * (r['slowdown'] - 1):+.1f} % | {w['gb_per_s_moved']:.2f} | "
-                   f"{a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, {w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} |")
+        for run in r["runs"]:
+            a = run["alone"]
+            base = min(a["step_ms_median"], run["alone_again"]["step_ms_median"])
+            for w in run["with"]:
+                paced = f"{w['paced_gbps']:g}" if w["paced_gbps"] > 0 else "flat out"
+                out.append(f"| {r['shape']} | {run['decode']} | {r['batch']} x {r['context']} | {paced} | {base:.2f} | "
+                           f"{w['step_ms_median']:.2f} | {100 * (w['slowdown'] - 1):+.1f} % | "
+                           f"{w['gb_per_s_moved']:.2f} | {a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, "
+                           f"{w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} |")
     return out
 
 
@@ -412,8 +430,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--overlap-batch", type=int, default=8)
     p.add_argument("--overlap-context", type=int, default=2048)
     p.add_argument("--overlap-steps", type=int, default=40)
-    p.add_argument("--overlap-gbps", type=float, default=0.0,
-                   help="overlap: pace the background transfers (prefetched + demoted GB/s; 0: flat out)")
+    p.add_argument("--overlap-gbps", default="0",
+                   help="overlap: comma-separated rates to pace the background transfers at (prefetched + demoted "
+                        "GB/s; 0: flat out), one phase each")
+    p.add_argument("--decode", default="graphs",
+                   help="overlap and chat: comma-separated decode paths, graphs (captured CUDA graphs; their static "
+                        "step eagerly on CPU) and/or eager (the model's forward on the forward thread)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", nargs="?", const=str(RESULTS), default=None,
                    help=f"write plots into this directory (default {RESULTS})")
@@ -424,6 +446,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.oversubscribe = [int(x) for x in args.oversubscribe.split(",") if x]
+    args.overlap_gbps = [float(x) for x in args.overlap_gbps.split(",") if x]
+    args.decode = [x for x in args.decode.split(",") if x]
+    if not set(args.decode) <= {"graphs", "eager"}:
+        p.error(f"--decode takes graphs and/or eager, got {args.decode}")
     return args
 
 

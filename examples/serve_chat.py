@@ -64,6 +64,7 @@ class ChatConfig:
     prefetch: bool = True  # prefetch a session's pages before its turn is due
     margin_s: float = 0.002  # prefetches start this much earlier than the estimate says
     seed: int = 0
+    cuda_graphs: Optional[bool] = None  # decode through captured CUDA graphs (None: on a GPU)
 
     @property
     def session_tokens(self) -> int:
@@ -189,7 +190,7 @@ class ChatServer:
         self.model, self.mgr, self.cfg = model, mgr, cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.vocab = int(model.config.vocab_size)
-        self.gen = BatchedGenerator(model, mgr, max_batch_size=cfg.max_batch)
+        self.gen = BatchedGenerator(model, mgr, max_batch_size=cfg.max_batch, cuda_graphs=cfg.cuda_graphs)
         self.prefill = PrefillModel()
         self.reuse_forward: Optional[PrefillModel] = None
         self.ttft: list[float] = []
@@ -392,10 +393,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     p.add_argument("--think-s", type=float, default=d.think_s)
     p.add_argument("--no-offload", action="store_true", help="device tier only: drop and recompute")
     p.add_argument("--no-prefetch", action="store_true", help="bring pages up only when a turn arrives")
+    p.add_argument("--eager-decode", action="store_true", help="decode with the model's forward, no CUDA graphs")
     args = p.parse_args(argv)
     cfg = ChatConfig(args.sessions, args.hbm_sessions, args.turns, args.system_tokens, args.user_tokens,
                      args.reply_tokens, args.think_s, args.tokens_per_page, args.max_batch, not args.no_offload,
-                     not args.no_prefetch, seed=args.seed)
+                     not args.no_prefetch, seed=args.seed, cuda_graphs=False if args.eager_decode else None)
     return args, cfg
 
 

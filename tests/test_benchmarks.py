@@ -99,7 +99,8 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "serving.json"
     assert serving.main(["--device", "cpu", "--shapes", "tiny", "--lengths", "32,64", "--reps", "1", "--tail", "8",
                          "--tokens-per-page", "4", "--oversubscribe", "2", "--overlap-batch", "2",
-                         "--overlap-context", "64", "--overlap-steps", "4", "--overlap-gbps", "0.05",
+                         "--overlap-context", "64", "--overlap-steps", "4", "--overlap-gbps", "0.05,0",
+                         "--decode", "graphs,eager",
                          "--json", str(out), "--plot", str(tmp_path)]) == 0
     doc = json.loads(out.read_text())
     assert [r["length"] for r in doc["ttft"]] == [32, 64]
@@ -107,8 +108,13 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
         assert row["recompute_s"] > 0 and all(row[v]["seconds"] > 0 for v in serving.VARIANTS)
         assert row["disk_warm"]["where"]["disk"] > 0 and row["host"]["where"]["host"] > 0
         assert row["device"]["where"]["device"] * 4 == row["device"]["reused_tokens"]
-    assert {(r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {(True, 2), (False, 2)}
-    assert doc["overlap"][0]["with_transfers"]["gb_per_s_moved"] > 0 and doc["overlap"][0]["paced_gbps"] == 0.05
+    assert {(r["decode"], r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {
+        (d, o, 2) for d in ("graphs", "eager") for o in (True, False)}
+    runs = doc["overlap"][0]["runs"]
+    assert [r["decode"] for r in runs] == ["graphs", "eager"]
+    for run in runs:
+        assert [w["paced_gbps"] for w in run["with"]] == [0.05, 0]
+        assert all(w["gb_per_s_moved"] > 0 and w["slowdown"] > 0 for w in run["with"])
     assert (tmp_path / "bench_serving_ttft.png").stat().st_size > 0
     text = capsys.readouterr().out
     assert "worst policy ratio" in text and "drop+recompute" in text and "slower by" in text

@@ -131,8 +131,9 @@ def test_build_model_is_seeded_and_matches_its_config():
 # --------------------------------------------------------------------------- continuous batching on CPU
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "static-decode"])
 @pytest.mark.parametrize("tokens_per_page", [3, 4, 16])
-async def test_continuous_batching_matches_unbatched_generate(model, tmp_path, tokens_per_page):
+async def test_continuous_batching_matches_unbatched_generate(model, tmp_path, tokens_per_page, cuda_graphs):
     shared = _prompt(17, seed=1)
     prompts = {
         "a": shared + _prompt(4, seed=2),
@@ -144,7 +145,7 @@ async def test_continuous_batching_matches_unbatched_generate(model, tmp_path, t
     max_new = {"a": 9, "b": 4, "c": 7, "d": 6, "e": 8}
     expected = {k: _reference(model, p, max_new[k]) for k, p in prompts.items()}
     async with _manager(model, tmp_path, tokens_per_page) as mgr:
-        gen = BatchedGenerator(model, mgr)
+        gen = BatchedGenerator(model, mgr, cuda_graphs=cuda_graphs)  # True on CPU: the graphs' static step, eager
         reqs = {k: gen.add(prompts[k], max_new[k]) for k in "abc"}
         assert await gen.step() == {r: r.generated[0] for r in reqs.values()}  # batched prefill, 3 lengths
         await gen.step()

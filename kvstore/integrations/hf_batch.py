@@ -33,6 +33,7 @@ from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
     _CacheOwner, _commit_full_pages, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends,
 )
+from kvstore.integrations.hf_graph import DecodeGraphs
 
 if TYPE_CHECKING:
     from kvstore import KVCache, KVCacheManager, PrefetchTask
@@ -271,6 +272,12 @@ class PagedBatchCache(Cache):
     def _bind(self, plan: _Plan, device: torch.device) -> _BatchIndex:
         """Layer 0: check the page table read by :meth:`reserve` still holds and build the batch's device index
         tensors from it (no call into the manager: the forward may run off the event loop's thread)."""
+        self._check_pages(plan)
+        self._index = _BatchIndex(plan, self._pages, self._geometry.tokens_per_page, device)
+        return self._index
+
+    def _check_pages(self, plan: _Plan) -> None:
+        """Raise :class:`InvalidStateError` unless every row is ACTIVE with the pages :meth:`reserve` read."""
         for b, (kv, idx) in enumerate(zip(self._kvs, self._pages)):
             if kv.status is not CacheStatus.ACTIVE:
                 raise InvalidStateError(
@@ -286,8 +293,22 @@ class PagedBatchCache(Cache):
                     f"batch row {b}: {plan.total[b]} tokens do not fit in its "
                     f"{idx.numel() * self._geometry.tokens_per_page} reserved; await reserve() before the forward"
                 )
-        self._index = _BatchIndex(plan, self._pages, self._geometry.tokens_per_page, device)
-        return self._index
+
+    def _decode_inputs(self) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...]]:
+        """For a forward that runs outside this cache (a captured decode step): each row's length after its one
+        new token and its page table, after the checks a forward's layer 0 makes."""
+        plan = self._require_plan("a decode step")
+        if plan.width != 1 or not plan.dense:
+            raise InvalidStateError(f"a decode step feeds one new token per row; reserve() planned {list(plan.new)}")
+        self._check_pages(plan)
+        return plan.total, self._pages
+
+    def _written(self) -> None:
+        """The planned forward wrote every layer's K/V outside this cache (a captured decode step)."""
+        plan = self._require_plan("a decode step")
+        for layer in cast("list[_BatchLayer]", self.layers):
+            layer.lengths = plan.total
+        self._plan = self._index = None
 
     def _update(
         self, layer: _BatchLayer, key_states: torch.Tensor, value_states: torch.Tensor
@@ -380,6 +401,7 @@ class BatchedGenerator:
         keep_logits: bool = False,
         pad_token_id: int = 0,
         forward_thread: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl not in _MASKED_ATTENTION:
@@ -405,6 +427,16 @@ class BatchedGenerator:
         if forward_thread:
             self._compute = ThreadPoolExecutor(1, thread_name_prefix="kvstore-forward")
             weakref.finalize(self, self._compute.shutdown, wait=False)
+        on_gpu = manager.device_pool.is_cuda and torch.device(model.device).type == "cuda"
+        # decode steps through captured graphs (hf_graph); off a GPU the same static step runs eagerly
+        self._graphs: DecodeGraphs | None = None
+        if on_gpu if cuda_graphs is None else cuda_graphs:
+            self._graphs = DecodeGraphs(model, manager, self._cache_kw, self._keep_kw, self._compute, capture=on_gpu)
+
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The captured decode steps (None with ``cuda_graphs=False``; on CPU their static step runs eagerly)."""
+        return self._graphs
 
     @property
     def requests(self) -> tuple[BatchRequest, ...]:
@@ -469,6 +501,8 @@ class BatchedGenerator:
         for r in [req] if req is not None else list(self._requests):
             if not r.done:
                 self._finish(r, "closed")
+        if req is None and self._graphs is not None:
+            self._graphs.close()
 
     async def step(self) -> dict[BatchRequest, int]:
         """One token for every running request: the new token of each, by handle (empty when none runs)."""
@@ -483,11 +517,7 @@ class BatchedGenerator:
             batches = [PagedBatchCache(self.manager, [r._kv for r in g], [r.num_cached for r in g]) for g in groups]
             await _settle([b.reserve([len(r.tokens) - r.num_cached for r in g]) for g, b in zip(groups, batches)])
             try:
-                if self._compute is None:
-                    chosen = self._forward_all(groups, batches)
-                else:  # finishes even if the step is cancelled meanwhile: the pages are written to the end
-                    run = asyncio.get_running_loop().run_in_executor(self._compute, self._forward_all, groups, batches)
-                    chosen = await settle(run)
+                chosen = [await self._run_group(g, b) for g, b in zip(groups, batches)]
             except BaseException:
                 for b in batches:
                     b.rollback()
@@ -501,10 +531,17 @@ class BatchedGenerator:
         while self.running:
             await self.step()
 
-    def _forward_all(
-        self, groups: Sequence[Sequence[BatchRequest]], batches: Sequence[PagedBatchCache]
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        return [self._forward(g, b) for g, b in zip(groups, batches)]
+    async def _run_group(self, group: Sequence[BatchRequest], batch: PagedBatchCache) -> tuple[list[int], torch.Tensor]:
+        """One forward of a group: a decode group through the graphs, else eagerly (on the forward thread, to its
+        end even if the step is cancelled meanwhile: the pages are written to the end)."""
+        if self._graphs is not None and group[0].generated:
+            lengths, pages = batch._decode_inputs()
+            chosen = await self._graphs.run([r.tokens[-1] for r in group], lengths, pages)
+            batch._written()
+            return chosen
+        if self._compute is None:
+            return self._forward(group, batch)
+        return await settle(asyncio.get_running_loop().run_in_executor(self._compute, self._forward, group, batch))
 
     def _forward(self, group: Sequence[BatchRequest], batch: PagedBatchCache) -> tuple[list[int], torch.Tensor]:
         inputs = batch.model_inputs(

@@ -1,0 +1,297 @@
+"""CUDA-graph decode steps for :class:`~kvstore.integrations.hf_batch.BatchedGenerator`.
+
+Owns :class:`DecodeGraphs`: one captured decode forward per (batch bucket, page bucket), replayed from the
+event loop's thread. A captured step reads everything it needs from one small device tensor (each row's last
+token, its length after that token and its page table) and computes the page-index gather/scatter tensors, the
+positions and the 4D additive mask on the GPU, so a step costs the host one ``(B, 2 + P)`` int64 copy, one graph
+launch and one event: no Python per layer, no kernel launches from Python. That matters twice: the eager forward
+of a 1B model spends ~20 ms of Python launching kernels per step, and while kvstore moves pages the eager forward's
+thread fights the loop and copy threads for the GIL (every torch op releases and re-takes it).
+
+Buckets: a row's page count is padded up to a bucket (at most 1/8 more beyond 64 pages; keys beyond a row's
+length are masked) and the batch up to a power of two (8 or more: a multiple of 8). A padding row repeats row 0
+and writes row 0's own new K/V values to row 0's slot (the same elements twice: the duplicate write cannot change
+them). A bucket's first step runs eagerly on the capture stream (that run IS the step: its K/V land in the pages),
+is then captured, and every later step of the bucket replays the graph. Graphs are captured on the generator's
+forward thread (``capture_error_mode="thread_local"``, so kvstore's copy threads go on meanwhile) and dropped when
+the device pool is reallocated (``set_quota``) or more than ``max_graphs`` are held (least recently used first).
+
+The same static forward runs eagerly (``capture=False``) on any device: the CPU tests check it token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from kvstore._aio import settle
+from kvstore.integrations.hf import _PoolGeometry, _PoolLayer, attention_backends
+
+if TYPE_CHECKING:
+    from kvstore import KVCacheManager
+
+__all__ = ["DecodeGraphs", "page_bucket", "batch_bucket"]
+
+T = TypeVar("T")
+
+
+def page_bucket(pages: int) -> int:
+    """Pages per row of the graph that serves rows of up to ``pages`` pages: the next multiple of a step that is
+    an eighth of the power of two below ``pages`` (>= 8), so at most 1/8 of the keys are padding (beyond 64 pages)."""
+    step = max(8, 1 << max(0, pages.bit_length() - 4))
+    return -(-pages // step) * step
+
+
+def batch_bucket(rows: int) -> int:
+    """Rows of the graph that serves ``rows`` rows: a power of two up to 8, then a multiple of 8."""
+    if rows <= 8:
+        return 1 << max(0, (rows - 1).bit_length())
+    return -(-rows // 8) * 8
+
+
+class _StaticLayer(_PoolLayer):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
+    """One layer of a :class:`_StaticCache`: its update is one scatter and one gather with the step's indices."""
+
+    def __init__(self, owner: _StaticCache, layer_idx: int) -> None:
+        super().__init__(layer_idx)
+        self._owner = owner
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scatter the new token's K/V of every row into its page and return every row's padded K/V history."""
+        return self._owner._update(self._layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        """Not used: the forward always gets a 4D mask."""
+        return self._owner.keys, 0
+
+    def get_seq_length(self) -> int:
+        """Keys of the padded history (the graph's fixed length); the real lengths are in the device inputs."""
+        return self._owner.keys - 1
+
+    def reset(self) -> None:
+        """Nothing to forget: the lengths live in the step's device inputs."""
+
+
+class _StaticCache(Cache):
+    """The ``transformers`` Cache of a captured decode step; its indices are tensors computed in the graph."""
+
+    def __init__(self, pool: torch.Tensor, geometry: _PoolGeometry, keys: int) -> None:
+        self._pool = pool
+        self._geometry = geometry
+        self.keys = keys
+        self.scatter: tuple[torch.Tensor, torch.Tensor] | None = None  # (B,) page and offset of each new token
+        self.gather: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, keys) page and offset of each key
+        self.source: torch.Tensor | None = None  # (B,) the row whose new K/V each row writes
+        layers: list[Any] = [_StaticLayer(self, i) for i in range(geometry.num_layers)]
+        super().__init__(layers=layers)
+
+    def _update(
+        self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scatter is None or self.gather is None or self.source is None:
+            raise RuntimeError("a static decode step runs only inside DecodeGraphs")  # internal misuse
+        pool = self._pool
+        self._geometry.check_heads(key_states.shape[1], key_states.shape[3])
+        new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), dim=1).to(pool.dtype)  # (B, 2, heads, hd)
+        new = new.index_select(0, self.source)
+        pool[self.scatter[0], layer, :, self.scatter[1]] = new
+        past = pool[self.gather[0], layer, :, self.gather[1]]  # (B, keys, 2, heads, hd)
+        past = past.permute(2, 0, 3, 1, 4).to(key_states.dtype)
+        return past[0], past[1]
+
+
+class _Graph:
+    """One (rows, pages) bucket: static input/output tensors, the forward that reads them and its CUDA graph."""
+
+    def __init__(self, rows: int, pages: int, owner: DecodeGraphs) -> None:
+        self.rows, self.pages = rows, pages
+        self.owner = owner
+        device = owner.pool.device
+        # per row: token, length after it, the row whose new K/V it writes (itself; 0 for padding), page table
+        self.inputs = torch.zeros((rows, 3 + pages), dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self.staging = torch.zeros((rows, 3 + pages), dtype=torch.long, pin_memory=pin)
+        self.tokens_host = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        self.cache = _StaticCache(owner.pool, owner.geometry, pages * owner.geometry.tokens_per_page)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens: torch.Tensor | None = None  # outputs of the captured forward (static)
+        self.logits: torch.Tensor | None = None
+
+    def eager(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step without a graph: the staged inputs, then :meth:`forward`."""
+        self.inputs.copy_(self.staging)
+        return self.forward()
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step of every row from :attr:`inputs` alone (this is what is captured)."""
+        o = self.owner
+        tpp = o.geometry.tokens_per_page
+        token, total, source, table = self.inputs[:, :1], self.inputs[:, 1], self.inputs[:, 2], self.inputs[:, 3:]
+        self.cache.source = source
+        last = (total - 1).unsqueeze(1)  # (B, 1): the new token's position
+        key = torch.arange(self.cache.keys, device=table.device).unsqueeze(0)
+        valid = key <= last  # (B, keys)
+        tok = torch.where(valid, key, 0)
+        self.cache.gather = (table.gather(1, tok // tpp), tok % tpp)
+        self.cache.scatter = (table.gather(1, last // tpp).squeeze(1), (last % tpp).squeeze(1))
+        mask = torch.zeros(valid.shape, dtype=o.dtype, device=table.device)
+        mask.masked_fill_(~valid, torch.finfo(o.dtype).min)
+        kwargs: dict[str, Any] = {o.cache_kw: self.cache, "use_cache": True}
+        if o.keep_kw is not None:
+            kwargs[o.keep_kw] = 1
+        with torch.no_grad(), attention_backends():
+            out = o.model(input_ids=token, position_ids=last, attention_mask=mask[:, None, None, :], **kwargs)
+        logits = out.logits[:, -1]
+        return logits.argmax(dim=-1), logits
+
+
+class DecodeGraphs:
+    """Captured decode steps of one generator (see the module docstring).
+
+    ``await run(caches, tokens, lengths, pages)``: row ``b`` of the batch is ``caches[b]``, which holds
+    ``lengths[b]`` tokens once ``tokens[b]`` (its last token, the one this step feeds) is written, in the pages
+    ``pages[b]`` (its page table, read on the loop's thread). Returns every row's next token and its logits.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        manager: KVCacheManager,
+        cache_kw: str,
+        keep_kw: str | None,
+        compute: ThreadPoolExecutor | None,
+        *,
+        capture: bool = True,
+        max_graphs: int = 32,
+    ) -> None:
+        self.model = model
+        self.manager = manager
+        self.cache_kw, self.keep_kw = cache_kw, keep_kw
+        self.dtype: torch.dtype = model.dtype
+        self.capture = capture and manager.device_pool.is_cuda
+        self.max_graphs = max_graphs
+        self._compute = compute
+        self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
+        self._pool_ptr = -1
+        self.geometry = _PoolGeometry(manager)
+        self.captures = 0  # graphs captured so far (a figure for benchmarks and tests)
+        self._stream = torch.cuda.Stream(manager.device_pool.device) if self.capture else None  # type: ignore[no-untyped-call]
+        self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._waiter: ThreadPoolExecutor | None = None  # waits for each step's event, GIL released
+        if self.capture:
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="kvstore-graph-wait")
+            weakref.finalize(self, self._waiter.shutdown, wait=False)
+
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        """(rows, pages per row) of every graph held, least recently used first."""
+        return tuple(self._graphs)
+
+    @property
+    def pool(self) -> torch.Tensor:
+        return self.manager.device_pool
+
+    async def run(
+        self, tokens: Sequence[int], lengths: Sequence[int], pages: Sequence[torch.Tensor]
+    ) -> tuple[list[int], torch.Tensor]:
+        """The decode step of ``len(tokens)`` rows (see the class docstring)."""
+        n = len(tokens)
+        rows = batch_bucket(n)
+        width = page_bucket(max(int(p.numel()) for p in pages))
+        self._check_pool()
+        graph = self._graphs.get((rows, width))
+        if graph is None:
+            graph = self._graphs[(rows, width)] = _Graph(rows, width, self)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end((rows, width))
+        self._fill(graph, tokens, lengths, pages)
+        if not self.capture:  # eager (CPU, or capture off): the same static forward, off the loop
+            chosen, logits = await self._off_loop(graph.eager)
+            return [int(t) for t in chosen[:n].tolist()], logits[:n]
+        if graph.graph is None:  # first step of this bucket: run it eagerly and capture it, off the loop
+            logits = await self._off_loop(lambda: self._first_step(graph))
+        else:
+            logits = self._replay(graph)
+        stream = self._stream
+        if stream is None:  # pragma: no cover - capture implies a stream
+            raise RuntimeError("no capture stream")
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+        loop = asyncio.get_running_loop()
+        await settle(loop.run_in_executor(self._waiter, event.synchronize))
+        return [int(t) for t in graph.tokens_host[:n].tolist()], logits[:n]
+
+    def close(self) -> None:
+        """Drop every graph; the generator can still step (graphs are captured again)."""
+        self._graphs.clear()
+
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the forward thread (to its end even if the step is cancelled), or here without one."""
+        if self._compute is None:
+            return fn()
+        return await settle(asyncio.get_running_loop().run_in_executor(self._compute, fn))
+
+    def _check_pool(self) -> None:
+        """Drop every graph when the device pool moved (a captured graph addresses the old one)."""
+        ptr = self.pool.data_ptr()
+        if ptr != self._pool_ptr:
+            self._graphs.clear()
+            self._pool_ptr = ptr
+            self.geometry = _PoolGeometry(self.manager)
+
+    def _fill(
+        self, graph: _Graph, tokens: Sequence[int], lengths: Sequence[int], pages: Sequence[torch.Tensor]
+    ) -> None:
+        """Write the step's inputs into the graph's host staging tensor (numpy: no torch op, no GIL release)."""
+        host = graph.staging.numpy()
+        n = len(tokens)
+        host[:n, 0] = np.asarray(tokens, dtype=np.int64)
+        host[:n, 1] = np.asarray(lengths, dtype=np.int64)
+        host[:n, 2] = np.arange(n)
+        for b, p in enumerate(pages):  # one slice per row (rows are few); pad with the row's first page
+            row = p.numpy() if p.device.type == "cpu" else p.cpu().numpy()
+            host[b, 3 : 3 + row.size] = row
+            host[b, 3 + row.size :] = row[0]
+        host[n:] = host[0]  # padding rows repeat row 0 ...
+        host[n:, 2] = 0  # ... and write row 0's K/V
+
+    def _first_step(self, graph: _Graph) -> torch.Tensor:
+        """Run the bucket's first step eagerly on the capture stream, then capture it (its K/V are written once,
+        by the eager run; capturing runs nothing)."""
+        stream = self._stream
+        if stream is None:  # pragma: no cover
+            raise RuntimeError("no capture stream")
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            graph.inputs.copy_(graph.staging, non_blocking=True)
+            chosen, logits = graph.forward()
+            graph.tokens_host.copy_(chosen, non_blocking=True)
+            logits = logits.clone()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, pool=self._mempool, stream=stream, capture_error_mode="thread_local"):
+            graph.tokens, graph.logits = graph.forward()
+        graph.graph = cuda_graph
+        self.captures += 1
+        return logits
+
+    def _replay(self, graph: _Graph) -> torch.Tensor:
+        """Queue one step of a captured bucket on the capture stream (all asynchronous: fit for the loop's
+        thread)."""
+        stream = self._stream
+        if stream is None or graph.graph is None or graph.tokens is None or graph.logits is None:  # pragma: no cover
+            raise RuntimeError("replay of a graph not captured")
+        with torch.cuda.stream(stream):
+            graph.inputs.copy_(graph.staging, non_blocking=True)
+            graph.graph.replay()
+            graph.tokens_host.copy_(graph.tokens, non_blocking=True)
+            return graph.logits.clone()
