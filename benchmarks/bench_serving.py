@@ -59,9 +59,9 @@ RESULTS = _ROOT / "benchmarks" / "results"
 CHAT = {
     "tiny": dict(hbm_sessions=4, turns=3, system_tokens=64, user_tokens=32, reply_tokens=8, think_s=0.02,
                  tokens_per_page=4, max_batch=8),
-    "1b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=1.0,
+    "1b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=0.25,
                tokens_per_page=16, max_batch=8),
-    "8b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=1.0,
+    "8b": dict(hbm_sessions=4, turns=3, system_tokens=2048, user_tokens=1024, reply_tokens=32, think_s=0.25,
                tokens_per_page=16, max_batch=8),
 }
 VARIANTS = ("device", "host_prefetched", "host", "disk_warm", "disk_cold")

@@ -49,7 +49,8 @@ LEVELS = ("device", "host", "disk", "recomputed")
 
 @dataclass
 class ChatConfig:
-    """The workload and the engine's sizes (HBM holds ``hbm_sessions`` whole sessions)."""
+    """The workload and the engine's sizes (HBM holds ``hbm_sessions`` whole sessions, the shared system prompt
+    counted once)."""
 
     sessions: int = 12
     hbm_sessions: int = 4
@@ -152,8 +153,10 @@ class LagMeter:
 
 def store_config(model: Any, cfg: ChatConfig, disk_dir: str, device: torch.device) -> StoreConfig:
     layout = layout_for_model(model, cfg.tokens_per_page)
-    pages = -(-(cfg.session_tokens + cfg.tokens_per_page) // cfg.tokens_per_page)
-    tiers: list[Any] = [DeviceTier(cfg.hbm_sessions * pages * layout.page_bytes, device=device)]
+    tpp = cfg.tokens_per_page
+    pages = -(-(cfg.session_tokens + tpp) // tpp)
+    shared = cfg.system_tokens // tpp  # the system prompt's full pages, shared by every session: counted once
+    tiers: list[Any] = [DeviceTier((shared + cfg.hbm_sessions * (pages - shared)) * layout.page_bytes, device=device)]
     if cfg.offload:
         every = cfg.sessions * pages * layout.page_bytes  # every session's pages: nothing is ever dropped
         tiers += [HostTier(every // 2), DiskTier(every, disk_dir)]  # host holds half of them
