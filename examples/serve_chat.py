@@ -286,12 +286,17 @@ class ChatServer:
         return None
 
     def admit(self) -> None:
-        """Admit arrived turns in order while the batch and the device have room for them to the end."""
+        """Admit arrived turns in order while the batch and the device have room for them to the end. A turn
+        waiting for its prefetch lets later turns run meanwhile, but none overtakes into room that a turn before it
+        needs for its prefetch in flight (otherwise long histories starve behind short ones)."""
+        ahead = 0  # device pages that earlier waiting turns' prefetches in flight need
         for s in list(self.waiting):
-            if len(self.gen.running) >= self.cfg.max_batch or self.reserved + self.need(s) > self.device_pages:
+            if len(self.gen.running) >= self.cfg.max_batch or \
+                    self.reserved + ahead + self.need(s) > self.device_pages:
                 break
             reuse = self.ready(s)
             if reuse is None:
+                ahead += self.need(s) if s.holder is not None else 0
                 continue
             self.waiting.remove(s)
             s.request = self.gen.add(s.prompt, self.cfg.reply_tokens, reuse_prefix=reuse)

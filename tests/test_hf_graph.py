@@ -36,6 +36,56 @@ def test_page_buckets_pad_by_at_most_an_eighth_and_batch_buckets_are_powers_of_t
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 24)] == [1, 2, 4, 8, 8, 16, 24, 24]
 
 
+def test_folded_gqa_decode_attention_equals_sdpa_with_repeated_heads():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvstore.integrations.hf_graph import _gqa_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 40, 16, generator=g), torch.randn(3, 2, 40, 16, generator=g)
+    mask = torch.zeros(3, 1, 1, 40)
+    mask[0, ..., 30:] = mask[2, ..., 7:] = torch.finfo(torch.float32).min
+    got, _ = _gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    q2 = torch.randn(3, 8, 2, 16, generator=g)  # two query tokens: SDPA's own path
+    mask2 = torch.zeros(3, 1, 2, 40)
+    torch.testing.assert_close(_gqa_decode_attention(module, q2, k, v, mask2)[0],
+                               sdpa_attention_forward(module, q2, k, v, mask2)[0])
+
+
+async def test_static_decode_steps_use_the_folded_attention_and_restore_the_model_config(model, tmp_path):
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kvstore.integrations import hf_graph
+
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return hf_graph._gqa_decode_attention(module, query, *args, **kwargs)
+
+    AttentionInterface.register(hf_graph._GQA_DECODE, counting)
+    try:
+        prompt = _prompt(9, seed=280)
+        async with _manager(model, tmp_path, 4) as mgr:
+            gen = BatchedGenerator(model, mgr, cuda_graphs=True)
+            req = gen.add(prompt, 4)
+            await gen.run()
+    finally:
+        AttentionInterface.register(hf_graph._GQA_DECODE, hf_graph._gqa_decode_attention)
+    assert calls == [1] * (3 * model.config.num_hidden_layers)  # the 3 decode steps, every layer; not the prefill
+    assert model.config._attn_implementation == "sdpa"
+    assert ALL_ATTENTION_FUNCTIONS[hf_graph._GQA_DECODE] is hf_graph._gqa_decode_attention
+    assert req.generated == _reference(model, prompt, 4)
+
+
 async def test_padding_rows_leave_every_real_row_exact(model, tmp_path):
     """3 and 5 rows run in buckets of 4 and 8 (padding rows repeat row 0); every row's tokens are generate()'s."""
     prompts = [_prompt(n, seed=200 + n) for n in (4, 11, 7, 19, 2)]
