@@ -157,11 +157,12 @@ class _StaticCache(Cache):
             raise RuntimeError("a static decode step runs only inside DecodeGraphs")  # internal misuse
         pool = self._pool
         self._geometry.check_heads(key_states.shape[1], key_states.shape[3])
-        new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), dim=1).to(pool.dtype)  # (B, 2, heads, hd)
+        new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), dim=1)  # (B, 2, heads, hd)
+        new = new.to(device=pool.device, dtype=pool.dtype)
         new = new.index_select(0, self.source)
         pool[self.scatter[0], layer, :, self.scatter[1]] = new
         past = pool[self.gather[0], layer, :, self.gather[1]]  # (B, keys, 2, heads, hd)
-        past = past.permute(2, 0, 3, 1, 4).to(key_states.dtype)
+        past = past.permute(2, 0, 3, 1, 4).to(device=key_states.device, dtype=key_states.dtype)
         return past[0], past[1]
 
 
@@ -171,7 +172,7 @@ class _Graph:
     def __init__(self, rows: int, pages: int, owner: DecodeGraphs) -> None:
         self.rows, self.pages = rows, pages
         self.owner = owner
-        device = owner.pool.device
+        device = owner.device  # the model's: the inputs feed it; the indices move to the pool once per step
         # per row: token, length after it, the row whose new K/V it writes (itself; 0 for padding), page table
         self.inputs = torch.zeros((rows, 3 + pages), dtype=torch.long, device=device)
         pin = device.type == "cuda"
@@ -192,13 +193,14 @@ class _Graph:
         o = self.owner
         tpp = o.geometry.tokens_per_page
         token, total, source, table = self.inputs[:, :1], self.inputs[:, 1], self.inputs[:, 2], self.inputs[:, 3:]
-        self.cache.source = source
         last = (total - 1).unsqueeze(1)  # (B, 1): the new token's position
         key = torch.arange(self.cache.keys, device=table.device).unsqueeze(0)
         valid = key <= last  # (B, keys)
         tok = torch.where(valid, key, 0)
-        self.cache.gather = (table.gather(1, tok // tpp), tok % tpp)
-        self.cache.scatter = (table.gather(1, last // tpp).squeeze(1), (last % tpp).squeeze(1))
+        on_pool = o.pool.device
+        self.cache.gather = (table.gather(1, tok // tpp).to(on_pool), (tok % tpp).to(on_pool))
+        self.cache.scatter = (table.gather(1, last // tpp).squeeze(1).to(on_pool), (last % tpp).squeeze(1).to(on_pool))
+        self.cache.source = source.to(on_pool)
         mask = torch.zeros(valid.shape, dtype=o.dtype, device=table.device)
         mask.masked_fill_(~valid, torch.finfo(o.dtype).min)
         kwargs: dict[str, Any] = {o.cache_kw: self.cache, "use_cache": True}
@@ -233,7 +235,8 @@ class DecodeGraphs:
         self.manager = manager
         self.cache_kw, self.keep_kw = cache_kw, keep_kw
         self.dtype: torch.dtype = model.dtype
-        self.capture = capture and manager.device_pool.is_cuda
+        self.device = torch.device(model.device)
+        self.capture = capture and manager.device_pool.is_cuda and self.device == manager.device_pool.device
         self.max_graphs = max_graphs
         self._compute = compute
         self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
