@@ -431,7 +431,8 @@ class BatchedGenerator:
         # decode steps through captured graphs (hf_graph); off a GPU the same static step runs eagerly
         self._graphs: DecodeGraphs | None = None
         if on_gpu if cuda_graphs is None else cuda_graphs:
-            self._graphs = DecodeGraphs(model, manager, self._cache_kw, self._keep_kw, self._compute, capture=on_gpu)
+            self._graphs = DecodeGraphs(model, manager, self._cache_kw, self._keep_kw, self._compute,
+                                        keep_logits=keep_logits, capture=on_gpu)
 
     @property
     def decode_graphs(self) -> DecodeGraphs | None:

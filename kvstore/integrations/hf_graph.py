@@ -228,12 +228,14 @@ class DecodeGraphs:
         keep_kw: str | None,
         compute: ThreadPoolExecutor | None,
         *,
+        keep_logits: bool = False,
         capture: bool = True,
         max_graphs: int = 32,
     ) -> None:
         self.model = model
         self.manager = manager
         self.cache_kw, self.keep_kw = cache_kw, keep_kw
+        self.keep_logits = keep_logits  # False: a step's logits are the graph's, overwritten by its next replay
         self.dtype: torch.dtype = model.dtype
         self.device = torch.device(model.device)
         self.capture = capture and manager.device_pool.is_cuda and self.device == manager.device_pool.device
@@ -245,6 +247,7 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured so far (a figure for benchmarks and tests)
         self._stream = torch.cuda.Stream(manager.device_pool.device) if self.capture else None  # type: ignore[no-untyped-call]
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._event = torch.cuda.Event() if self.capture else None  # type: ignore[no-untyped-call]
         self._waiter: ThreadPoolExecutor | None = None  # waits for each step's event, GIL released
         if self.capture:
             self._waiter = ThreadPoolExecutor(1, thread_name_prefix="kvstore-graph-wait")
@@ -284,8 +287,10 @@ class DecodeGraphs:
         stream = self._stream
         if stream is None:  # pragma: no cover - capture implies a stream
             raise RuntimeError("no capture stream")
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(stream)
+        event = self._event
+        if event is None:  # pragma: no cover - capture implies an event
+            raise RuntimeError("no step event")
+        event.record(stream)  # one event, reused: steps run one at a time
         loop = asyncio.get_running_loop()
         await settle(loop.run_in_executor(self._waiter, event.synchronize))
         return [int(t) for t in graph.tokens_host[:n].tolist()], logits[:n]
@@ -353,4 +358,5 @@ class DecodeGraphs:
             graph.inputs.copy_(graph.staging, non_blocking=True)
             graph.graph.replay()
             graph.tokens_host.copy_(graph.tokens, non_blocking=True)
-            return graph.logits.clone()
+            # no allocation on the loop's thread unless the logits are kept (the static ones live until the next step)
+            return graph.logits.clone() if self.keep_logits else graph.logits
