@@ -97,3 +97,30 @@ def test_the_example_runs_from_the_command_line(capsys):
                       "--user-tokens", "8", "--reply-tokens", "4", "--tokens-per-page", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "kvstore offloading: 4 sessions, HBM holds 2" in out and "TTFT p50" in out
+
+
+def test_no_turn_overtakes_into_room_an_earlier_turns_prefetch_needs(model, tmp_path):
+    """Admission is in arrival order: a turn waiting for its prefetch lets a later turn run only if the room that
+    prefetch needs stays free; otherwise the later turn waits (long histories do not starve behind short ones)."""
+    cfg = chat.ChatConfig(**SMALL)
+
+    async def scenario(first_need: int) -> list[int]:
+        async with chat.KVCacheManager(chat.store_config(model, cfg, str(tmp_path / f"d{first_need}"),
+                                                         torch.device("cpu"))) as mgr:
+            server = chat.ChatServer(model, mgr, cfg)
+            first, second = chat.Session(0, [1] * 5, 1), chat.Session(1, [2] * 5, 1)
+            for s, tokens in ((first, 4 * first_need - cfg.reply_tokens), (second, 4 * 3 - cfg.reply_tokens)):
+                s.prompt = [7] * tokens  # need(): prompt + reply tokens, in pages of 4
+            first.holder = mgr.create_cache(None)  # its prefetch is in flight
+            server.prefetching = server.need(first)
+            server.device_pages, server.reserved = 10, 2
+            server.waiting = [first, second]
+            server.ready = lambda s: None if s is first else True  # the first waits for its pages
+            server.admit()
+            admitted = [s.sid for s in (first, second) if s.request is not None]
+            server.gen.close()
+            first.holder.close()
+            return admitted
+
+    assert asyncio.run(scenario(3)) == [1]  # 2 + 3 + 3 <= 10: the later turn runs meanwhile
+    assert asyncio.run(scenario(6)) == []  # 2 + 6 + 3 > 10: waits behind the first turn
