@@ -44,7 +44,6 @@ def test_runs_refuse_mismatched_row_lists():
 
 
 def test_load_without_a_driver_library_is_none(monkeypatch):
-    import ctypes
 
     def no_lib(name):
         raise OSError(f"{name}: cannot open shared object file")

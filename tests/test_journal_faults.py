@@ -17,7 +17,7 @@ import torch
 from kvstore import InvalidStateError, KVCacheManager, StorageIOError
 from kvstore.persistence import DiskCatalog
 
-from .conftest import LAYOUT, read_pages
+from .conftest import read_pages
 from .test_persistence import TPP, _commit_to_disk, persistent
 
 SLOT = 64  # bytes of a slot of the toy data file
