@@ -390,6 +390,11 @@ class BatchedGenerator:
     keeps serving prefetches, demotions and other requests while the model computes and the step awaits its
     logits; a cancelled step waits for its forward to end, then rolls back. The page tables are read on the loop's
     thread, in ``reserve()``; the manager is never called from the forward thread.
+
+    Decode steps (every row one new token) run as captured CUDA graphs when the model and the device pool share a
+    GPU (``cuda_graphs=None``, the default; :mod:`kvstore.integrations.hf_graph`): no Python per layer, launched
+    from the loop's thread. ``cuda_graphs=True`` off a GPU runs the same static step eagerly; ``False`` decodes
+    with the model's own forward. Prefills always run eagerly.
     """
 
     def __init__(

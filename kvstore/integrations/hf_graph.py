@@ -1,10 +1,12 @@
 """CUDA-graph decode steps for :class:`~kvstore.integrations.hf_batch.BatchedGenerator`.
 
 Owns :class:`DecodeGraphs`: one captured decode forward per (batch bucket, page bucket), replayed from the
-event loop's thread. A captured step reads everything it needs from one small device tensor (each row's last
-token, its length after that token and its page table) and computes the page-index gather/scatter tensors, the
-positions and the 4D additive mask on the GPU, so a step costs the host one ``(B, 2 + P)`` int64 copy, one graph
-launch and one event: no Python per layer, no kernel launches from Python. That matters twice: the eager forward
+event loop's thread; and the attention a static step runs under ``sdpa`` (:func:`_gqa_decode_attention`: grouped
+K/V heads read once, not copied per query head). A captured step reads everything it needs from one small device
+tensor (per row: its last token, its length after that token, the row whose K/V it writes, its page table) and
+computes the page-index gather/scatter tensors, the positions and the 4D additive mask on the GPU, so a step
+costs the host one ``(B, 3 + P)`` int64 copy, one graph launch and one event: no Python per layer, no kernel
+launches from Python. That matters twice: the eager forward
 of a 1B model spends ~20 ms of Python launching kernels per step, and while kvstore moves pages the eager forward's
 thread fights the loop and copy threads for the GIL (every torch op releases and re-takes it).
 
@@ -215,10 +217,11 @@ class _Graph:
 class DecodeGraphs:
     """Captured decode steps of one generator (see the module docstring).
 
-    ``await run(caches, tokens, lengths, pages)``: row ``b`` of the batch is ``caches[b]``, which holds
-    ``lengths[b]`` tokens once ``tokens[b]`` (its last token, the one this step feeds) is written, in the pages
-    ``pages[b]`` (its page table, read on the loop's thread). Returns every row's next token and its logits.
-    """
+    ``await run(tokens, lengths, pages)``: row ``b`` holds ``lengths[b]`` tokens once ``tokens[b]`` (its last
+    token, the one this step feeds) is written, in the pages ``pages[b]`` (its page table, read on the loop's
+    thread). Returns every row's next token and its logits (with ``keep_logits=False`` the graph's own output
+    tensor, overwritten by the bucket's next step). A failed or cancelled run leaves the rows' token counts to
+    the caller (the K/V it wrote are overwritten by the next step)."""
 
     def __init__(
         self,
