@@ -236,7 +236,7 @@ class KVCache:
         prefetch running now): the estimate of what is left."""
         mgr = self._mgr
         target = mgr._level_arg(target, "transfer_estimate(target)")
-        return mgr._estimate(mgr._placement.per_level(self._pages, settled=True), target)
+        return mgr._estimate(mgr._placement.per_level(self._pages, settled=True), target, self._pages)
 
     # ------------------------------------------------------------------ prefix reuse
     def commit(self, tokens: Sequence[int]) -> None:

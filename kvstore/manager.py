@@ -36,6 +36,7 @@ from .placement.pagelist import as_page_list
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.bandwidth import LOCAL_PATHS, REMOTE_PATH, Bandwidth, estimate_moves
+from .transfer.residency import Residency
 from .transfer.copier import Copier
 from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
@@ -242,6 +243,8 @@ class KVCacheManager:
             recovered = self._catalog.open(self._slots[CacheLevel.DISK])
         self._disk = DiskSlotFile(directory, self._page_bytes, persistent)
         self._disk.open(self._slots[CacheLevel.DISK])
+        probe = Residency(self._disk.fd, self._disk.stride, self._page_bytes)
+        self._bandwidth.residency = probe.fraction if probe.available else None
         name, why = choose_backend(directory)
         if name == "kvikio":
             self._io = KvikioBackend(self._disk.path, self.config.resolved_io_threads())
@@ -288,6 +291,7 @@ class KVCacheManager:
 
     def _release(self) -> None:
         """Free memory, threads and files (blocking; run on a worker thread)."""
+        self._bandwidth.residency = None  # the slot file closes: never probe its number once reused
         for closer in (self._copier, self._io, self._disk):
             if closer is not None:
                 closer.close()
@@ -462,6 +466,17 @@ class KVCacheManager:
             paths.append(REMOTE_PATH)
         return MappingProxyType({p: self._bandwidth.estimate(p) for p in paths})
 
+    @property
+    def page_cache_read_estimates(self) -> Mapping[tuple[CacheLevel, CacheLevel], PathEstimate]:
+        """Read-only snapshot of the estimates of disk reads that the OS page cache serves, keyed by ``(DISK,
+        dst)`` (a disk tier only; empty without one). :attr:`bandwidth_estimates` has the cold reads: every
+        disk-read batch is filed under one of the two by probing its pages (``mincore``) before the read."""
+        if CacheLevel.DISK not in set(self.config.levels):
+            return MappingProxyType({})
+        meters = self._bandwidth.cached_meters
+        return MappingProxyType({p: self._bandwidth.estimate(p, cached=True) for p in meters
+                                 if p[1] in set(self.config.levels)})
+
     def transfer_estimate(self, pages_per_level: Mapping[CacheLevel, int], target: CacheLevel) -> TransferEstimate:
         """Predicted seconds to bring ``pages_per_level`` (pages per level, as ``cache.page_levels()`` or a
         ``PrefixMatch`` gives them) to ``target``, from the measured path estimates; holds and moves nothing.
@@ -471,20 +486,32 @@ class KVCacheManager:
         path (batches in flight) go first. The hops of a route are pipelined and the routes of different
         levels run concurrently, so the estimate is the slowest route's fixed latencies plus the byte time of
         its slowest hop (:func:`kvstore.transfer.bandwidth.estimate_moves`). Bytes queued on paths this move
-        does not use (a write-back contending for the same disk) are not counted.
+        does not use (a write-back contending for the same disk) are not counted. Counts do not say which disk
+        pages the OS page cache holds, so DISK pages are priced as cold reads here;
+        :meth:`prefix_transfer_estimate` and ``cache.transfer_estimate()`` know the pages and probe them.
         """
         target = self._level_arg(target, "transfer_estimate(target)")
         counts = self._counts_arg(pages_per_level, target, "transfer_estimate(pages_per_level)")
         return self._estimate(counts, target)
 
     def prefix_transfer_estimate(self, tokens: Sequence[int], target: CacheLevel) -> TransferEstimate:
-        """:meth:`transfer_estimate` of the local reusable prefix of ``tokens`` (:meth:`lookup`)."""
+        """:meth:`transfer_estimate` of the local reusable prefix of ``tokens`` (:meth:`lookup`), with its disk
+        pages probed: those the OS page cache holds are priced at the cached-read rate."""
         target = self._level_arg(target, "prefix_transfer_estimate(target)")
-        return self._estimate(self.lookup(tokens).pages_per_level, target)
+        self._check_running()
+        pages, _ = self._match(as_token_array(tokens))
+        return self._estimate(self._placement.per_level(pages), target, pages)
 
-    def _estimate(self, counts: Mapping[CacheLevel, int], target: CacheLevel) -> TransferEstimate:
+    def _estimate(self, counts: Mapping[CacheLevel, int], target: CacheLevel,
+                  pages: Optional[Sequence[Page]] = None) -> TransferEstimate:
+        """``estimate_moves`` of ``counts``; with the ``pages`` counted, the share of their disk pages in the page
+        cache (a probe of at most a few of them) is priced as cached reads."""
         queued = self._executor.queued if self._executor is not None else None
-        return estimate_moves(counts, target, self._page_bytes, self._bandwidth, queued)
+        cached = 0
+        if pages is not None and counts.get(CacheLevel.DISK, 0) and target < CacheLevel.DISK:
+            share = self._bandwidth.cached_share(self._placement.slots_at(pages, CacheLevel.DISK, settled=True))
+            cached = round(share * counts[CacheLevel.DISK]) if share is not None else 0
+        return estimate_moves(counts, target, self._page_bytes, self._bandwidth, queued, cached)
 
     def _counts_arg(self, counts: object, target: CacheLevel, what: str) -> dict[CacheLevel, int]:
         """``counts`` checked as {level: pages >= 0}: an unconfigured level (REMOTE without a remote tier) may only

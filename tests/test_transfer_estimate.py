@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 
+import numpy as np
 import pytest
 
 from kvstore import CacheLevel, InvalidArgumentError, PageLayout, PathEstimate, TransferEstimate
 from kvstore.transfer import bandwidth as bw
 from kvstore.transfer.bandwidth import Bandwidth, PathMeter, estimate_moves
+from kvstore.transfer.residency import Residency
 
 from .conftest import LAYOUT, PAGE, gated_io, io_hook, levels, new_cache_on_disk, new_filled_cache, slow_io, until
 
@@ -130,10 +133,13 @@ async def test_demotions_and_prefetches_measure_their_paths(make_store):
         est = mgr.bandwidth_estimates
         assert est[(D, H)].measured and est[(H, K)].measured
         assert not est[(K, D)].measured
+        share = mgr._bandwidth.cached_share(mgr._placement.slots_at(cache._pages, K))
         result = await cache.prefetch(D)
         assert result.complete
-        est = mgr.bandwidth_estimates
-        assert est[(K, D)].measured and est[(K, D)].samples >= 1  # disk -> device is a direct path here
+        est, hot = mgr.bandwidth_estimates, mgr.page_cache_read_estimates
+        filed, other = (hot, est) if share is not None and share >= bw.CACHED_FROM else (est, hot)
+        assert filed[(K, D)].measured and filed[(K, D)].samples >= 1  # disk -> device is a direct path here
+        assert not other[(K, D)].measured  # a read is filed as cached or as cold, never both
         assert all(sane(e) for e in est.values())
         assert cache.transfer_estimate(D).seconds == 0.0  # every page is there now
 
@@ -174,6 +180,8 @@ async def test_disk_pages_cost_more_than_host_pages_when_the_disk_is_slower(make
         filler, _ = await new_filled_cache(mgr, 4, seed=5)  # pushes on_host down to the (empty) host level
         filler.close()
         assert levels(on_host) == {H: 2} and levels(on_disk) == {K: 2}
+        os.fsync(mgr._disk_file.fd)
+        os.posix_fadvise(mgr._disk_file.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a cold read: the cold meter
         with slow_io(mgr, 0.02):  # measured: every disk batch takes 20 ms more
             await on_disk.prefetch(D)
         await on_host.prefetch(D)
@@ -296,3 +304,70 @@ async def test_remote_fetches_measure_the_remote_path(tmp_path, redis_server):
             b.transfer_estimate(match.pages_per_level, K)
         assert (await b.fetch_prefix(toks)).complete
         assert b.bandwidth_estimates[(R, H)].measured and sane(b.bandwidth_estimates[(R, H)])
+
+
+# ------------------------------------------------------------------ disk reads from the page cache vs cold
+def test_a_disk_read_is_filed_cached_or_cold_by_the_probe_and_priced_apart():
+    meters = Bandwidth(cuda=False)
+    slots = np.arange(4)
+    ticket = meters.begin(K, D, slots)  # no probe (no disk tier): a cold read
+    assert not ticket.cached
+    meters.end(ticket, 0, ok=False)
+    meters.residency = lambda s: 0.75
+    ticket = meters.begin(K, D, slots)
+    assert ticket.cached
+    meters.end(ticket, 10 * PAGE)
+    assert meters.cached_meters[(K, D)].samples == 1 and meters.meters[(K, D)].samples == 0
+    meters.residency = lambda s: 0.25
+    assert not meters.begin(K, H, slots).cached and not meters.begin(H, K, slots).cached  # writes never probe
+    cold, fast = meters.estimate((K, D)), meters.estimate((K, D), cached=True)
+    cold_only = estimate_moves({K: 8}, D, PAGE, meters)
+    part = estimate_moves({K: 8}, D, PAGE, meters, disk_cached=6)
+    all_hot = estimate_moves({K: 8}, D, PAGE, meters, disk_cached=8)
+    assert cold_only.seconds == pytest.approx(cold.seconds(8 * PAGE))
+    assert part.seconds == pytest.approx(cold.latency_s + 2 * PAGE / cold.bytes_per_s + 6 * PAGE / fast.bytes_per_s)
+    assert all_hot.seconds == pytest.approx(fast.seconds(8 * PAGE))
+    assert part.paths[(K, D)].pages == 8 and part.paths[(K, D)].seconds == pytest.approx(part.seconds)
+    assert estimate_moves({K: 8, H: 2}, H, PAGE, meters, disk_cached=8).seconds == pytest.approx(
+        meters.estimate((K, H), cached=True).seconds(8 * PAGE))
+
+
+def test_the_probe_tells_cached_pages_from_dropped_ones(tmp_path):
+    """A real file on the test machine's disk (ext4): written pages are cached, dropped ones (POSIX_FADV_DONTNEED
+    after a sync) are not, and a read brings them back."""
+    stride = 64 << 10
+    path = tmp_path / "slots"
+    path.write_bytes(os.urandom(32 * stride))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        probe = Residency(fd, stride, stride)
+        assert probe.available
+        assert probe.fraction(np.arange(32)) == 1.0
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert probe.fraction(np.arange(32)) == 0.0
+        os.pread(fd, 4 * stride, 0)
+        assert probe.fraction(np.arange(4)) == 1.0
+        assert probe.fraction(np.arange(0)) is None
+    finally:
+        os.close(fd)
+
+
+async def test_estimates_of_known_pages_price_their_cached_share_and_reads_are_filed_by_it(make_store):
+    async with make_store(device=4, host=4, disk=32) as mgr:
+        cache, _ = await new_cache_on_disk(mgr, 3, seed=7)
+        slots = mgr._placement.slots_at(cache._pages, K)
+        assert len(slots) == 3 and mgr._bandwidth.cached_share(slots) == 1.0  # just written
+        hot = cache.transfer_estimate(D)
+        fd = mgr._disk_file.fd
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert mgr._bandwidth.cached_share(slots) == 0.0
+        cold = cache.transfer_estimate(D)
+        assert cold == mgr.transfer_estimate({K: 3}, D)  # counts alone: priced cold
+        assert hot.seconds < cold.seconds  # the priors: 8 GB/s cached against 1.5 GB/s cold
+        assert hot.paths[(K, D)].estimate.bytes_per_s == pytest.approx(
+            mgr.page_cache_read_estimates[(K, D)].bytes_per_s)
+        await cache.prefetch(D)  # a cold read
+        assert mgr.bandwidth_estimates[(K, D)].measured and not mgr.page_cache_read_estimates[(K, D)].measured
+        assert set(mgr.page_cache_read_estimates) == {(K, D), (K, H)}

@@ -18,12 +18,19 @@ informs the one parameter its time is sensitive to, judged by the estimates so f
 
 A batch that fails or never starts (stopped, cancelled before it began) records nothing. Before any sample
 the priors below hold (DESIGN.md's measured hardware limits, rounded down).
+
+Disk reads have two meters per path: reads the OS page cache serves (a memory copy) and cold ones (the device).
+:meth:`Bandwidth.begin` files a disk-read batch under one of them by probing its source slots
+(:class:`~kvstore.transfer.residency.Residency`, set by the manager as :attr:`Bandwidth.residency`), and
+:func:`estimate_moves` prices the cached share of a set of disk pages (``disk_cached``) on the cached meter.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterable, Mapping, NamedTuple, Optional
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional
+
+import numpy as np
 
 from ..types import CacheLevel, PathCost, PathEstimate, TransferEstimate
 
@@ -41,6 +48,12 @@ CPU_COPY_LATENCY_S = 50e-6
 DISK_READ_BYTES_PER_S = 1.5e9
 DISK_WRITE_BYTES_PER_S = 1.2e9
 DISK_LATENCY_S = 200e-6
+#: disk reads the page cache serves: a kernel copy into the staging buffers. The H200 runs' warm reads took
+#: 9-16 GB/s over the host row's time (docs/serving_benchmarks.md, 1b and 8b at 32k tokens)
+PAGE_CACHE_READ_BYTES_PER_S = 8e9
+PAGE_CACHE_LATENCY_S = 50e-6
+#: share of a batch's probed OS pages in the page cache from which its read counts as a cached one
+CACHED_FROM = 0.5
 #: remote GETs (warm loopback Redis pipelines 0.3-1.05 GB/s) and their round trip
 REMOTE_BYTES_PER_S = 0.3e9
 REMOTE_LATENCY_S = 1e-3
@@ -58,6 +71,13 @@ def _chain(parts: Iterable[tuple[float, float]]) -> tuple[float, float]:
     """(bytes/s, latency) of hops run as a pipeline: the slowest hop's rate, every hop's latency once."""
     rates, lats = zip(*parts)
     return min(rates), sum(lats)
+
+
+def cached_read_priors(cuda: bool) -> dict[Path, tuple[float, float]]:
+    """(bytes/s, latency) of disk reads the page cache serves, per read path, before anything was measured."""
+    mem = (CUDA_COPY_BYTES_PER_S, CUDA_COPY_LATENCY_S) if cuda else (CPU_COPY_BYTES_PER_S, CPU_COPY_LATENCY_S)
+    cached = (PAGE_CACHE_READ_BYTES_PER_S, PAGE_CACHE_LATENCY_S)
+    return {(K, H): cached, (K, D): _chain([cached, mem]) if cuda else cached}
 
 
 def priors(cuda: bool) -> dict[Path, tuple[float, float]]:
@@ -80,6 +100,7 @@ class Ticket(NamedTuple):
     started: float
     starts: int  # the path's start count before this batch
     idle: bool  # nothing else was in flight on the path when it started
+    cached: bool = False  # a disk read the page cache served (its own meter)
 
 
 class PathMeter:
@@ -145,20 +166,39 @@ class Bandwidth:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.meters = {p: PathMeter(p, bw, lat) for p, (bw, lat) in priors(cuda).items()}
+        self.cached_meters = {p: PathMeter(p, bw, lat) for p, (bw, lat) in cached_read_priors(cuda).items()}
+        #: fraction of the page cache holding the given disk slots (None: unknown); None without a disk tier
+        self.residency: Optional[Callable[[np.ndarray], Optional[float]]] = None
 
-    def begin(self, src: CacheLevel, dst: CacheLevel) -> Ticket:
-        return self.meters[(src, dst)].begin(time.perf_counter())
+    def cached_share(self, disk_slots: np.ndarray) -> Optional[float]:
+        """The share of ``disk_slots``' bytes in the page cache (probed), or None when it cannot be told."""
+        return self.residency(disk_slots) if self.residency is not None and len(disk_slots) else None
+
+    def begin(self, src: CacheLevel, dst: CacheLevel, src_slots: Optional[np.ndarray] = None) -> Ticket:
+        """Start timing a batch; a disk read with its ``src_slots`` is filed as cached or cold by a probe."""
+        now = time.perf_counter()
+        if src == K and (src, dst) in self.cached_meters and src_slots is not None:
+            share = self.cached_share(src_slots)
+            if share is not None and share >= CACHED_FROM:
+                return self.cached_meters[(src, dst)].begin(now)._replace(cached=True)
+        return self.meters[(src, dst)].begin(now)
 
     def end(self, ticket: Ticket, nbytes: int, ok: bool = True) -> None:
-        self.meters[ticket.path].end(ticket, nbytes, time.perf_counter(), ok)
+        meters = self.cached_meters if ticket.cached else self.meters
+        meters[ticket.path].end(ticket, nbytes, time.perf_counter(), ok)
 
-    def estimate(self, path: Path) -> PathEstimate:
-        """The estimate of ``path``; disk <-> device on CUDA, while unmeasured itself, is the pipeline of its two
-        hops (disk <-> host and host <-> device) as measured so far."""
-        meter = self.meters[path]
+    def estimate(self, path: Path, cached: bool = False) -> PathEstimate:
+        """The estimate of ``path`` (``cached``: of its reads the page cache serves, for a disk read path);
+        disk <-> device on CUDA, while unmeasured itself, is the pipeline of its two hops (disk <-> host and
+        host <-> device) as measured so far."""
+        meters = self.cached_meters if cached else self.meters
+        meter = meters[path]
         if meter.samples == 0 and self.cuda and path in ((K, D), (D, K)):
-            hops = [(K, H), (H, D)] if path == (K, D) else [(D, H), (H, K)]
-            bw, lat = _chain((self.meters[h].bytes_per_s, self.meters[h].latency_s) for h in hops)
+            if path == (K, D):  # a cached read's first hop is the cached disk -> host read
+                hops = [meters[(K, H)], self.meters[(H, D)]]
+            else:
+                hops = [self.meters[(D, H)], self.meters[(H, K)]]
+            bw, lat = _chain((m.bytes_per_s, m.latency_s) for m in hops)
             return PathEstimate(path[0], path[1], bw, lat)
         return meter.estimate()
 
@@ -174,7 +214,7 @@ def route(src: CacheLevel, target: CacheLevel) -> tuple[Path, ...]:
 
 def estimate_moves(
     counts: Mapping[CacheLevel, int], target: CacheLevel, page_bytes: int, bandwidth: Bandwidth,
-    queued: Optional[Mapping[Path, int]] = None,
+    queued: Optional[Mapping[Path, int]] = None, disk_cached: int = 0,
 ) -> TransferEstimate:
     """Predicted time to bring ``counts`` pages (per source level, already checked) to ``target``.
 
@@ -183,7 +223,9 @@ def estimate_moves(
     next hop), so a route takes every hop's fixed latency once plus the byte time of its slowest hop; routes
     from different levels run concurrently (separate batches of one plan), so the whole takes the slowest
     route: ``max over routes of (sum of hop latencies + max over hops of (bytes + queued) / bytes_per_s)``.
-    ``queued``: bytes of batches in flight per path, which go first on the hops they share.
+    ``queued``: bytes of batches in flight per path, which go first on the hops they share. ``disk_cached``: how
+    many of the DISK pages the page cache holds; their bytes cross the disk hop at its cached-read rate (the
+    hop's :class:`PathCost` then carries the blended rate of this move).
     """
     queued = queued or {}
     hops: dict[Path, int] = {}  # pages per hop
@@ -201,6 +243,13 @@ def estimate_moves(
     for p, pages in hops.items():
         est = bandwidth.estimate(p)
         nbytes, q = pages * page_bytes, int(queued.get(p, 0))
+        hot = min(max(disk_cached, 0), pages) if p[0] == K and p in bandwidth.cached_meters else 0
+        if hot:  # the cached pages at the cached rate, the rest (and the queue) at the cold one
+            fast = bandwidth.estimate(p, cached=True)
+            byte_s = (nbytes - hot * page_bytes + q) / est.bytes_per_s + hot * page_bytes / fast.bytes_per_s
+            lat = est.latency_s if hot < pages else fast.latency_s
+            est = PathEstimate(p[0], p[1], (nbytes + q) / byte_s, lat, est.samples + fast.samples,
+                               est.bandwidth_samples + fast.bandwidth_samples)
         paths[p] = PathCost(p[0], p[1], pages, nbytes, q, est.seconds(nbytes + q), est)
     seconds = 0.0
     for r in routes:

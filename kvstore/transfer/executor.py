@@ -457,7 +457,7 @@ class TransferExecutor:
         raises records nothing."""
         if src == dst:
             return await self._transfer(src, dst, pid_a, src_a, dst_a, after)
-        ticket: Ticket = self.bandwidth.begin(src, dst)
+        ticket: Ticket = self.bandwidth.begin(src, dst, src_a)  # a disk read: cached or cold, by a probe
         ok = False
         try:
             bad = await self._transfer(src, dst, pid_a, src_a, dst_a, after)
