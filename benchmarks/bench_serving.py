@@ -264,14 +264,14 @@ async def run_chats(args: argparse.Namespace, shape: str, model: Any, device: to
     for decode, factor, offload in itertools.product(args.decode, args.oversubscribe, (True, False)):
         base = dict(CHAT[shape])
         cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed,
-                         cuda_graphs=decode == "graphs", **base)
+                         cuda_graphs=decode == "graphs", stall_ms=args.watch_stalls_ms, **base)
         rep = await run_chat(model, cfg, device)
         row = {"shape": shape, "decode": decode, "oversubscribe": factor, "offload": offload,
                "sessions": cfg.sessions,
                "tokens_per_s": rep.tokens_per_s, "ttft_p50_ms": rep.ttft_ms(0.5), "ttft_p99_ms": rep.ttft_ms(0.99),
                "history_tokens_from": rep.history_tokens_from, "recomputed_turns": rep.recomputed_turns,
                "loaded_turns": rep.loaded_turns, "max_lag_ms": rep.max_lag_ms, "p99_lag_ms": rep.p99_lag_ms,
-               "pages_moved": rep.pages_moved, "wall_s": rep.wall_s}
+               "pages_moved": rep.pages_moved, "wall_s": rep.wall_s, "stalls": rep.stalls}
         rows.append(row)
         print("\n".join(rep.lines()), flush=True)
     return rows
@@ -436,6 +436,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--decode", default="graphs",
                    help="overlap and chat: comma-separated decode paths, graphs (captured CUDA graphs; their static "
                         "step eagerly on CPU) and/or eager (the model's forward on the forward thread)")
+    p.add_argument("--watch-stalls-ms", type=float, default=None,
+                   help="chat: record where the event loop's thread was in every stall longer than this")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--plot", nargs="?", const=str(RESULTS), default=None,
                    help=f"write plots into this directory (default {RESULTS})")

@@ -28,8 +28,11 @@ import asyncio
 import gc
 import math
 import statistics
+import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -66,6 +69,7 @@ class ChatConfig:
     margin_s: float = 0.002  # prefetches start this much earlier than the estimate says
     seed: int = 0
     cuda_graphs: Optional[bool] = None  # decode through captured CUDA graphs (None: on a GPU)
+    stall_ms: Optional[float] = None  # take the loop thread's stack in every event-loop stall longer than this
 
     @property
     def session_tokens(self) -> int:
@@ -103,6 +107,7 @@ class ChatReport:
     p99_lag_ms: float
     pages_moved: dict[str, int]
     turns: list[tuple[list[int], list[int]]] = field(default_factory=list, repr=False)
+    stalls: list[str] = field(default_factory=list, repr=False)  # the loop thread's stack in each long stall
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,27 +128,50 @@ class ChatReport:
             f"  history at arrival: {where}; turns loaded {self.loaded_turns}, recomputed {self.recomputed_turns}",
             f"  pages moved: {self.pages_moved}",
             f"  event-loop lag max {self.max_lag_ms:.2f} ms, p99 {self.p99_lag_ms:.2f} ms",
-        ]
+        ] + [f"  stall {i + 1} of {len(self.stalls)}, the loop thread was at:\n{st}"
+             for i, st in enumerate(self.stalls)]
 
 
 class LagMeter:
-    """A 1 ms ticker on the loop: how late each tick ran."""
+    """A 1 ms ticker on the loop: how late each tick ran. With ``stall_ms``, a watcher thread also takes the loop
+    thread's stack once per stall longer than that (``stalls``: where the loop was stuck, innermost frame last)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall_ms: Optional[float] = None) -> None:
         self.lags: list[float] = []
+        self.stalls: list[str] = []
+        self.stall_ms = stall_ms
         self._task: Optional[asyncio.Task[None]] = None
+        self._tick = time.perf_counter()
+        self._watching = False
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             t = loop.time()
+            self._tick = time.perf_counter()
             await asyncio.sleep(0.001)
             self.lags.append(max(0.0, loop.time() - t - 0.001))
 
+    def _watch(self, loop_thread: int, limit_s: float) -> None:
+        seen = None
+        while self._watching:
+            time.sleep(limit_s / 4)
+            tick = self._tick
+            if time.perf_counter() - tick > limit_s and tick != seen:
+                seen = tick
+                frame = sys._current_frames().get(loop_thread)
+                if frame is not None:
+                    self.stalls.append("".join(traceback.format_stack(frame)[-8:]))
+
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
+        if self.stall_ms:
+            self._watching = True
+            threading.Thread(target=self._watch, args=(threading.get_ident(), self.stall_ms / 1e3),
+                             name="kvstore-lag-watch", daemon=True).start()
 
     async def stop(self) -> tuple[float, float]:
+        self._watching = False
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -374,7 +402,7 @@ async def run_chat(model: Any, cfg: ChatConfig, device: torch.device) -> ChatRep
             server = ChatServer(model, mgr, cfg)
             gc.collect()
             gc.freeze()  # the model's objects never need collecting: no multi-ms collection pauses on the loop
-            lag = LagMeter()
+            lag = LagMeter(cfg.stall_ms)
             t0 = time.perf_counter()
             lag.start()
             try:
@@ -387,7 +415,8 @@ async def run_chat(model: Any, cfg: ChatConfig, device: torch.device) -> ChatRep
             moved = {k[len("pages_"):]: int(v) for k, v in stats.items() if k.startswith("pages_") and v}
             mgr.check_invariants()
     return ChatReport(cfg.offload, cfg.sessions, cfg.hbm_sessions, wall, server.generated, server.ttft,
-                      server.where, server.recomputed, server.loaded, max_lag, p99_lag, moved, server.turns)
+                      server.where, server.recomputed, server.loaded, max_lag, p99_lag, moved, server.turns,
+                      lag.stalls)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, ChatConfig]:
@@ -402,10 +431,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     p.add_argument("--no-offload", action="store_true", help="device tier only: drop and recompute")
     p.add_argument("--no-prefetch", action="store_true", help="bring pages up only when a turn arrives")
     p.add_argument("--eager-decode", action="store_true", help="decode with the model's forward, no CUDA graphs")
+    p.add_argument("--watch-stalls-ms", type=float, default=None,
+                   help="print where the event loop's thread was in every stall longer than this")
     args = p.parse_args(argv)
     cfg = ChatConfig(args.sessions, args.hbm_sessions, args.turns, args.system_tokens, args.user_tokens,
                      args.reply_tokens, args.think_s, args.tokens_per_page, args.max_batch, not args.no_offload,
-                     not args.no_prefetch, seed=args.seed, cuda_graphs=False if args.eager_decode else None)
+                     not args.no_prefetch, seed=args.seed, cuda_graphs=False if args.eager_decode else None,
+                     stall_ms=args.watch_stalls_ms)
     return args, cfg
 
 

@@ -100,7 +100,7 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     assert serving.main(["--device", "cpu", "--shapes", "tiny", "--lengths", "32,64", "--reps", "1", "--tail", "8",
                          "--tokens-per-page", "4", "--oversubscribe", "2", "--overlap-batch", "2",
                          "--overlap-context", "64", "--overlap-steps", "4", "--overlap-gbps", "0.05,0",
-                         "--decode", "graphs,eager",
+                         "--decode", "graphs,eager", "--watch-stalls-ms", "500",
                          "--json", str(out), "--plot", str(tmp_path)]) == 0
     doc = json.loads(out.read_text())
     assert [r["length"] for r in doc["ttft"]] == [32, 64]
@@ -110,6 +110,7 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
         assert row["device"]["where"]["device"] * 4 == row["device"]["reused_tokens"]
     assert {(r["decode"], r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {
         (d, o, 2) for d in ("graphs", "eager") for o in (True, False)}
+    assert all(isinstance(r["stalls"], list) for r in doc["chat"])
     runs = doc["overlap"][0]["runs"]
     assert [r["decode"] for r in runs] == ["graphs", "eager"]
     for run in runs:

@@ -124,3 +124,31 @@ def test_no_turn_overtakes_into_room_an_earlier_turns_prefetch_needs(model, tmp_
 
     assert asyncio.run(scenario(3)) == [1]  # 2 + 3 + 3 <= 10: the later turn runs meanwhile
     assert asyncio.run(scenario(6)) == []  # 2 + 6 + 3 > 10: waits behind the first turn
+
+
+def test_the_lag_meter_takes_the_loop_threads_stack_in_a_long_stall():
+    import time
+
+    def _blocking_call_for_the_test() -> None:
+        time.sleep(0.08)  # blocks the loop: what a stall watcher must point at
+
+    async def scenario():
+        meter = chat.LagMeter(stall_ms=20)
+        meter.start()
+        await asyncio.sleep(0.03)
+        _blocking_call_for_the_test()
+        await asyncio.sleep(0.03)
+        return meter, await meter.stop()
+
+    meter, (max_ms, _) = asyncio.run(scenario())
+    assert max_ms >= 60
+    assert len(meter.stalls) == 1 and "_blocking_call_for_the_test" in meter.stalls[0]
+    quiet = chat.LagMeter()  # without stall_ms nothing watches
+    assert asyncio.run(_stop_soon(quiet)) and quiet.stalls == []
+
+
+async def _stop_soon(meter) -> bool:
+    meter.start()
+    await asyncio.sleep(0.01)
+    await meter.stop()
+    return True
