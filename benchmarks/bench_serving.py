@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -262,7 +263,7 @@ def model_for(shape: str, device: torch.device, seed: int) -> Any:
 async def run_chats(args: argparse.Namespace, shape: str, model: Any, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for decode, factor, offload in itertools.product(args.decode, args.oversubscribe, (True, False)):
-        base = dict(CHAT[shape])
+        base = {**CHAT[shape], **args.chat_config}
         cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed,
                          cuda_graphs=decode == "graphs", stall_ms=args.watch_stalls_ms, **base)
         rep = await run_chat(model, cfg, device)
@@ -416,6 +417,25 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _chat_overrides(p: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """``name=value,...`` as ChatConfig fields of their own types (the shape's CHAT entry is the default)."""
+    fields = {f.name: f.type for f in dataclasses.fields(ChatConfig)}
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        kind = fields.get(name)
+        if kind not in ("int", "float") or not value:
+            p.error(f"--chat-config takes int/float ChatConfig fields as name=value, got {item!r}")
+        try:
+            out[name] = int(value) if kind == "int" else float(value)
+        except ValueError:
+            p.error(f"--chat-config {name} must be a number, got {value!r}")
+    for name in ("sessions", "offload", "seed", "cuda_graphs"):  # set per row by the benchmark itself
+        if name in out:
+            p.error(f"--chat-config cannot set {name}: the benchmark sets it per row")
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -436,6 +456,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--decode", default="graphs",
                    help="overlap and chat: comma-separated decode paths, graphs (captured CUDA graphs; their static "
                         "step eagerly on CPU) and/or eager (the model's forward on the forward thread)")
+    p.add_argument("--chat-config", default="",
+                   help="chat: override the workload, e.g. turns=6,user_tokens=2048,think_s=0.5 (ChatConfig fields)")
     p.add_argument("--watch-stalls-ms", type=float, default=None,
                    help="chat: record where the event loop's thread was in every stall longer than this")
     p.add_argument("--json", default=None, help="write every figure here")
@@ -450,6 +472,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.oversubscribe = [int(x) for x in args.oversubscribe.split(",") if x]
     args.overlap_gbps = [float(x) for x in args.overlap_gbps.split(",") if x]
     args.decode = [x for x in args.decode.split(",") if x]
+    args.chat_config = _chat_overrides(p, args.chat_config)
     if not set(args.decode) <= {"graphs", "eager"}:
         p.error(f"--decode takes graphs and/or eager, got {args.decode}")
     return args

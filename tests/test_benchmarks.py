@@ -100,7 +100,7 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     assert serving.main(["--device", "cpu", "--shapes", "tiny", "--lengths", "32,64", "--reps", "1", "--tail", "8",
                          "--tokens-per-page", "4", "--oversubscribe", "2", "--overlap-batch", "2",
                          "--overlap-context", "64", "--overlap-steps", "4", "--overlap-gbps", "0.05,0",
-                         "--decode", "graphs,eager", "--watch-stalls-ms", "500",
+                         "--decode", "graphs,eager", "--watch-stalls-ms", "500", "--chat-config", "turns=2",
                          "--json", str(out), "--plot", str(tmp_path)]) == 0
     doc = json.loads(out.read_text())
     assert [r["length"] for r in doc["ttft"]] == [32, 64]
@@ -111,6 +111,7 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     assert {(r["decode"], r["offload"], r["oversubscribe"]) for r in doc["chat"]} == {
         (d, o, 2) for d in ("graphs", "eager") for o in (True, False)}
     assert all(isinstance(r["stalls"], list) for r in doc["chat"])
+    assert all(r["recomputed_turns"] + r["loaded_turns"] == 2 * r["sessions"] for r in doc["chat"])  # turns=2
     runs = doc["overlap"][0]["runs"]
     assert [r["decode"] for r in runs] == ["graphs", "eager"]
     for run in runs:
@@ -119,3 +120,14 @@ def test_bench_serving_runs_every_part_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "bench_serving_ttft.png").stat().st_size > 0
     text = capsys.readouterr().out
     assert "worst policy ratio" in text and "drop+recompute" in text and "slower by" in text
+
+
+def test_bench_serving_chat_config_overrides_take_numeric_chatconfig_fields_only(capsys):
+    pytest.importorskip("transformers")
+    serving = load("bench_serving")
+    args = serving.parse_args(["--chat-config", "turns=6,user_tokens=2048,think_s=0.5"])
+    assert args.chat_config == {"turns": 6, "user_tokens": 2048, "think_s": 0.5}
+    for bad in ("sessions=3", "turns=x", "nosuch=1", "offload=1", "turns"):
+        with pytest.raises(SystemExit):
+            serving.parse_args(["--chat-config", bad])
+    assert "--chat-config" in capsys.readouterr().err
