@@ -36,10 +36,10 @@ from .placement.pagelist import as_page_list
 from .placement.prefix import PrefixHasher, as_token_array
 from .transfer.arenas import DeviceArena, HostArena, StagingPool
 from .transfer.bandwidth import LOCAL_PATHS, REMOTE_PATH, Bandwidth, estimate_moves
-from .transfer.residency import Residency
 from .transfer.copier import Copier
 from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
+from .transfer.residency import Residency
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
 from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
 from .types import (
