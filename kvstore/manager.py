@@ -39,8 +39,8 @@ from .transfer.bandwidth import LOCAL_PATHS, REMOTE_PATH, Bandwidth, estimate_mo
 from .transfer.copier import Copier
 from .transfer.diskfile import DiskSlotFile, slot_stride
 from .transfer.executor import RunResult, TransferExecutor
-from .transfer.residency import Residency
 from .transfer.io_backends import IOBackend, KvikioBackend, PosixBackend, choose_backend
+from .transfer.residency import Residency
 from .transfer.scheduler import BACKGROUND, PREFETCH, RESUME
 from .types import (
     CacheLevel, CacheStatus, PathEstimate, PrefetchResult, PrefixMatch, Stats, TierUsage, TransferEstimate,
