@@ -471,11 +471,9 @@ class KVCacheManager:
         """Read-only snapshot of the estimates of disk reads that the OS page cache serves, keyed by ``(DISK,
         dst)`` (a disk tier only; empty without one). :attr:`bandwidth_estimates` has the cold reads: every
         disk-read batch is filed under one of the two by probing its pages (``mincore``) before the read."""
-        if CacheLevel.DISK not in set(self.config.levels):
-            return MappingProxyType({})
-        meters = self._bandwidth.cached_meters
-        return MappingProxyType({p: self._bandwidth.estimate(p, cached=True) for p in meters
-                                 if p[1] in set(self.config.levels)})
+        levels = set(self.config.levels)
+        paths = [p for p in self._bandwidth.cached_meters if p[0] in levels and p[1] in levels]
+        return MappingProxyType({p: self._bandwidth.estimate(p, cached=True) for p in paths})
 
     def transfer_estimate(self, pages_per_level: Mapping[CacheLevel, int], target: CacheLevel) -> TransferEstimate:
         """Predicted seconds to bring ``pages_per_level`` (pages per level, as ``cache.page_levels()`` or a

@@ -501,9 +501,10 @@ def _assert_same_greedy_tokens(batched, alone, batched_logits, alone_logits, rel
             return
 
 
-async def _greedy_with_logits(model, mgr, prompts, max_new, join_at):
-    """Run ``prompts`` through one BatchedGenerator, prompt i joining before step ``join_at[i]``."""
-    gen = BatchedGenerator(model, mgr, keep_logits=True)
+async def _greedy_with_logits(model, mgr, prompts, max_new, join_at, **gen_kwargs):
+    """Run ``prompts`` through one BatchedGenerator (``gen_kwargs``), prompt i joining before step ``join_at[i]``:
+    (tokens per prompt, logits per prompt and step, the generator)."""
+    gen = BatchedGenerator(model, mgr, keep_logits=True, **gen_kwargs)
     reqs: dict[int, BatchRequest] = {}
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     step = 0
@@ -515,7 +516,7 @@ async def _greedy_with_logits(model, mgr, prompts, max_new, join_at):
         for req in await gen.step():
             logits[index[req]].append(req.last_logits.float().cpu())
         step += 1
-    return [reqs[i].generated for i in range(len(prompts))], logits
+    return [reqs[i].generated for i in range(len(prompts))], logits, gen
 
 
 @pytest.mark.cuda
@@ -534,7 +535,7 @@ async def test_cuda_bf16_batch_of_four_matches_each_request_alone(tmp_path, shap
             alone.append(await _greedy_with_logits(model, mgr, [p], [max_new[i]], [0]))
     async with _manager(model, tmp_path / "batched", 16, device="cuda") as mgr:
         assert mgr.device_pool.is_cuda and mgr.device_pool.dtype == torch.bfloat16
-        tokens, logits = await _greedy_with_logits(model, mgr, prompts, max_new, join_at)
+        tokens, logits, _ = await _greedy_with_logits(model, mgr, prompts, max_new, join_at)
     for i in range(len(prompts)):
         assert len(tokens[i]) == max_new[i]
         _assert_same_greedy_tokens(tokens[i], alone[i][0][0], logits[i], alone[i][1][0])

@@ -17,7 +17,9 @@ from kvstore.integrations.hf_batch import BatchedGenerator  # noqa: E402
 from kvstore.integrations.hf_graph import batch_bucket, page_bucket  # noqa: E402
 from kvstore.integrations.models import build_model  # noqa: E402
 
-from .test_hf_batch import _assert_same_greedy_tokens, _manager, _prompt, _reference  # noqa: E402
+from .test_hf_batch import (  # noqa: E402
+    _assert_same_greedy_tokens, _greedy_with_logits, _manager, _prompt, _reference,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,6 +27,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def model():
     return build_model("tiny", seed=0)
+
+
+def _static_generator(model, mgr):
+    """A generator whose decode steps go through DecodeGraphs (on CPU: their static step, eagerly)."""
+    gen = BatchedGenerator(model, mgr, cuda_graphs=True)
+    assert gen.decode_graphs is not None
+    return gen, gen.decode_graphs
 
 
 def test_page_buckets_pad_by_at_most_an_eighth_and_batch_buckets_are_powers_of_two_then_multiples_of_eight():
@@ -91,9 +100,8 @@ async def test_padding_rows_leave_every_real_row_exact(model, tmp_path):
     prompts = [_prompt(n, seed=200 + n) for n in (4, 11, 7, 19, 2)]
     refs = [_reference(model, p, 6) for p in prompts]
     async with _manager(model, tmp_path, 4) as mgr:
-        gen = BatchedGenerator(model, mgr, cuda_graphs=True)
-        graphs = gen.decode_graphs
-        assert graphs is not None and not graphs.capture  # CPU: the static step, eagerly
+        gen, graphs = _static_generator(model, mgr)
+        assert not graphs.capture  # CPU: the static step, eagerly
         reqs = [gen.add(p, 6) for p in prompts[:3]]
         await gen.step()
         await gen.step()
@@ -123,9 +131,7 @@ async def test_a_failed_or_cancelled_static_step_changes_no_request(model, tmp_p
     prompts = [_prompt(n, seed=220 + n) for n in (6, 9)]
     refs = [_reference(model, p, 5) for p in prompts]
     async with _manager(model, tmp_path, 4) as mgr:
-        gen = BatchedGenerator(model, mgr, cuda_graphs=True)
-        graphs = gen.decode_graphs
-        assert graphs is not None
+        gen, graphs = _static_generator(model, mgr)
         reqs = [gen.add(p, 5) for p in prompts]
         await gen.step()
         before = [(list(r.tokens), r.num_cached) for r in reqs]
@@ -183,9 +189,7 @@ async def test_graphs_are_dropped_when_the_device_pool_is_reallocated(model, tmp
     prompts = [_prompt(n, seed=260 + n) for n in (5, 8)]
     refs = [_reference(model, p, 6) for p in prompts]
     async with _manager(model, tmp_path, 4) as mgr:
-        gen = BatchedGenerator(model, mgr, cuda_graphs=True)
-        graphs = gen.decode_graphs
-        assert graphs is not None
+        gen, graphs = _static_generator(model, mgr)
         reqs = [gen.add(p, 6) for p in prompts]
         await gen.step()
         await gen.step()
@@ -208,14 +212,11 @@ async def test_graphs_are_dropped_when_the_device_pool_is_reallocated(model, tmp
 
 
 async def _decode(model, mgr, prompts, max_new, cuda_graphs):
-    gen = BatchedGenerator(model, mgr, keep_logits=True, cuda_graphs=cuda_graphs)
-    reqs = [gen.add(p, max_new) for p in prompts]
-    logits: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(reqs))}
-    index = {r: i for i, r in enumerate(reqs)}
-    while gen.running:
-        for r in await gen.step():
-            logits[index[r]].append(r.last_logits.float().cpu())
-    return gen, [r.generated for r in reqs], logits
+    """Every prompt from step 0: (the generator, tokens per prompt, logits per prompt and step)."""
+    n = len(prompts)
+    tokens, logits, gen = await _greedy_with_logits(model, mgr, prompts, [max_new] * n, [0] * n,
+                                                    cuda_graphs=cuda_graphs)
+    return gen, tokens, logits
 
 
 @pytest.mark.cuda

@@ -186,6 +186,19 @@ class _PoolGeometry:
             )
 
 
+def _scatter_gather(
+    pool: torch.Tensor, layer: int, new_kv: torch.Tensor, scatter: tuple[torch.Tensor, torch.Tensor],
+    gather: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of a batched paged forward: write ``new_kv`` (N, 2, heads, head_dim; on the pool's device and
+    dtype) to ``pool[scatter[0][i], layer, :, scatter[1][i]]``, then gather the (B, L) positions ``gather`` of
+    ``layer`` as K and V of shape (B, heads, L, head_dim), on ``like``'s device and dtype."""
+    pool[scatter[0], layer, :, scatter[1]] = new_kv
+    past = pool[gather[0], layer, :, gather[1]]  # (B, L, 2, heads, head_dim)
+    past = past.permute(2, 0, 3, 1, 4).to(device=like.device, dtype=like.dtype)
+    return past[0], past[1]
+
+
 async def _ensure_capacity(kv: KVCache, num_tokens: int) -> None:
     """Grow the ACTIVE ``kv`` to hold ``num_tokens`` tokens (never shrinks it)."""
     if kv.status is not CacheStatus.ACTIVE:

@@ -31,7 +31,8 @@ from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
-    _CacheOwner, _commit_full_pages, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, attention_backends,
+    _CacheOwner, _commit_full_pages, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, _scatter_gather,
+    attention_backends,
 )
 from kvstore.integrations.hf_graph import DecodeGraphs
 
@@ -334,13 +335,12 @@ class PagedBatchCache(Cache):
         else:
             new_kv = new_kv[index.src_row, :, :, index.src_col]  # (N, 2, heads, head_dim)
         li = layer._layer_idx
-        pool[index.scatter_page, li, :, index.scatter_off] = new_kv
-        past_kv = pool[index.gather_page, li, :, index.gather_off]  # (B, L, 2, heads, head_dim)
-        past_kv = past_kv.permute(2, 0, 3, 1, 4).to(device=key_states.device, dtype=key_states.dtype)
+        past = _scatter_gather(pool, li, new_kv, (index.scatter_page, index.scatter_off),
+                               (index.gather_page, index.gather_off), key_states)
         layer.lengths = plan.total
         if li == self._geometry.num_layers - 1:
             self._plan = self._index = None  # consumed: the next forward needs its own reserve()
-        return past_kv[0], past_kv[1]
+        return past
 
 
 class BatchRequest(_CacheOwner):

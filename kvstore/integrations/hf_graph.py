@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvstore._aio import settle
-from kvstore.integrations.hf import _PoolGeometry, _PoolLayer, attention_backends
+from kvstore.integrations.hf import _PoolGeometry, _PoolLayer, _scatter_gather, attention_backends
 
 if TYPE_CHECKING:
     from kvstore import KVCacheManager
@@ -161,11 +161,7 @@ class _StaticCache(Cache):
         self._geometry.check_heads(key_states.shape[1], key_states.shape[3])
         new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), dim=1)  # (B, 2, heads, hd)
         new = new.to(device=pool.device, dtype=pool.dtype)
-        new = new.index_select(0, self.source)
-        pool[self.scatter[0], layer, :, self.scatter[1]] = new
-        past = pool[self.gather[0], layer, :, self.gather[1]]  # (B, keys, 2, heads, hd)
-        past = past.permute(2, 0, 3, 1, 4).to(device=key_states.device, dtype=key_states.dtype)
-        return past[0], past[1]
+        return _scatter_gather(pool, layer, new.index_select(0, self.source), self.scatter, self.gather, key_states)
 
 
 class _Graph:
@@ -326,7 +322,7 @@ class DecodeGraphs:
         host[:n, 1] = np.asarray(lengths, dtype=np.int64)
         host[:n, 2] = np.arange(n)
         for b, p in enumerate(pages):  # one slice per row (rows are few); pad with the row's first page
-            row = p.numpy() if p.device.type == "cpu" else p.cpu().numpy()
+            row = p.numpy()  # page_indices() of the loop's thread: a CPU tensor
             host[b, 3 : 3 + row.size] = row
             host[b, 3 + row.size :] = row[0]
         host[n:] = host[0]  # padding rows repeat row 0 ...

@@ -961,12 +961,7 @@ class Placement:
 
     def slots_at(self, pages: Sequence[Page], level: CacheLevel, settled: bool = False) -> np.ndarray:
         """The slots of the pages of ``pages`` placed at ``level`` (live; ``settled``: and not moving), in order."""
-        t = self.table
-        pids = pids_of(pages, len(pages))
-        keep = t.live[pids] & (t.level[pids] == int(level))
-        if settled:
-            keep &= t.move[pids] < 0
-        return self._slots(pids[keep])
+        return self._slots(pids_of(pages, len(pages))[self.at_level(pages, (level,), settled)])
 
     def slots_of(self, pages: Sequence[Page]) -> np.ndarray:
         """The slots of ``pages``, in order (int64)."""
