@@ -189,7 +189,8 @@ def ttft_line(row: dict[str, Any]) -> str:
     rec = row["recompute_s"]
     parts = [f"{row['shape']} L={row['length']}: recompute {rec * 1e3:.1f} ms"]
     for v in VARIANTS:
-        parts.append(f"{v} {row[v]['seconds'] * 1e3:.1f} ms ({rec / row[v]['seconds']:.1f}x)")
+        parts.append(f"{v} {row[v]['seconds'] * 1e3:.1f} ms ({rec / row[v]['seconds']:.1f}x, "
+                     f"policy {row[v]['policy']} {policy_check(row, v)[2]:.2f})")
     return "; ".join(parts)
 
 

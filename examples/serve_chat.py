@@ -134,7 +134,8 @@ class ChatReport:
 
 class LagMeter:
     """A 1 ms ticker on the loop: how late each tick ran. With ``stall_ms``, a watcher thread also takes the loop
-    thread's stack once per stall longer than that (``stalls``: where the loop was stuck, innermost frame last)."""
+    thread's stack, and every other thread's innermost frames, once per stall longer than that (``stalls``: where
+    the loop was stuck, innermost frame last)."""
 
     def __init__(self, stall_ms: Optional[float] = None) -> None:
         self.lags: list[float] = []
@@ -159,9 +160,20 @@ class LagMeter:
             tick = self._tick
             if time.perf_counter() - tick > limit_s and tick != seen:
                 seen = tick
-                frame = sys._current_frames().get(loop_thread)
-                if frame is not None:
-                    self.stalls.append("".join(traceback.format_stack(frame)[-8:]))
+                self.stalls.append(self._stacks(loop_thread))
+
+    @staticmethod
+    def _stacks(loop_thread: int) -> str:
+        """The loop thread's stack, then every other thread's innermost frames: the one holding the GIL (or the
+        driver) is among them."""
+        frames = sys._current_frames()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        loop = frames.pop(loop_thread, None)
+        frames.pop(threading.get_ident(), None)
+        out = ["".join(traceback.format_stack(loop)[-8:])] if loop is not None else []
+        for ident, frame in frames.items():
+            out.append(f"    -- thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)[-3:]))
+        return "".join(out)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())

@@ -150,6 +150,8 @@ class KVCacheManager:
             self._copier = await asyncio.to_thread(Copier, device)
             staging_rows = max(1, cfg.batch_bytes // self._page_bytes)
             staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
+            if pinned:  # pinned buffers made mid-serving would stall every CUDA call (StagingPool.prepare)
+                await asyncio.to_thread(staging.prepare)
             self._executor = TransferExecutor(
                 self._placement, self._device, self._host, self._disk, self._io, self._copier, staging,
                 cfg.batch_bytes, self._stats, self._bandwidth,

@@ -35,3 +35,21 @@ def test_slots_of_one_chunk_make_one_group(arena):
     assert list(groups) == [3]
     assert groups[3][0].tolist() == [0, 1, 2] and groups[3][1].tolist() == [1, 0, 3]
     assert arena.group([]) == {}
+
+
+def test_staging_pool_prepare_makes_every_buffer_before_first_use(monkeypatch):
+    import asyncio
+
+    pool = arenas.StagingPool(page_bytes=64, rows=3, count=4, pinned=False)
+    pool.prepare()
+    assert len(pool._free) == 4 and all(b.shape == (3, 64) for b in pool._free)
+    made = []
+    monkeypatch.setattr(pool, "_make", lambda: made.append(1))  # acquiring must not make any now
+
+    async def take_all():
+        return [await pool.acquire() for _ in range(4)]
+
+    bufs = asyncio.run(take_all())
+    assert made == [] and len({id(b) for b in bufs}) == 4
+    pool.prepare()  # the buffers out are still the pool's: nothing more is made
+    assert made == [] and pool._free == []

@@ -127,10 +127,19 @@ def test_no_turn_overtakes_into_room_an_earlier_turns_prefetch_needs(model, tmp_
 
 
 def test_the_lag_meter_takes_the_loop_threads_stack_in_a_long_stall():
+    import threading
     import time
 
     def _blocking_call_for_the_test() -> None:
         time.sleep(0.08)  # blocks the loop: what a stall watcher must point at
+
+    release = threading.Event()
+
+    def _other_thread_for_the_test() -> None:
+        release.wait(5)  # a thread beside the loop: the stall report names it and where it is
+
+    other = threading.Thread(target=_other_thread_for_the_test, name="beside-the-loop")
+    other.start()
 
     async def scenario():
         meter = chat.LagMeter(stall_ms=20)
@@ -140,9 +149,16 @@ def test_the_lag_meter_takes_the_loop_threads_stack_in_a_long_stall():
         await asyncio.sleep(0.03)
         return meter, await meter.stop()
 
-    meter, (max_ms, _) = asyncio.run(scenario())
+    try:
+        meter, (max_ms, _) = asyncio.run(scenario())
+    finally:
+        release.set()
+        other.join()
     assert max_ms >= 60
     assert len(meter.stalls) == 1 and "_blocking_call_for_the_test" in meter.stalls[0]
+    assert meter.stalls[0].index("_blocking_call_for_the_test") < meter.stalls[0].index("thread beside-the-loop")
+    assert "_other_thread_for_the_test" in meter.stalls[0]
+    assert "kvstore-lag-watch" not in meter.stalls[0]  # the watcher leaves itself out
     quiet = chat.LagMeter()  # without stall_ms nothing watches
     assert asyncio.run(_stop_soon(quiet)) and quiet.stalls == []
 

@@ -270,8 +270,9 @@ class DecodeGraphs:
         width = page_bucket(max(int(p.numel()) for p in pages))
         self._check_pool()
         graph = self._graphs.get((rows, width))
-        if graph is None:
-            graph = self._graphs[(rows, width)] = _Graph(rows, width, self)
+        if graph is None:  # its tensors are allocated off the loop (device and pinned memory: driver calls)
+            graph = await self._off_loop(lambda: _Graph(rows, width, self))
+            self._graphs[(rows, width)] = graph
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end((rows, width))
@@ -340,12 +341,26 @@ class DecodeGraphs:
             chosen, logits = graph.forward()
             graph.tokens_host.copy_(chosen, non_blocking=True)
             logits = logits.clone()
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._mempool, stream=stream, capture_error_mode="thread_local"):
-            graph.tokens, graph.logits = graph.forward()
-        graph.graph = cuda_graph
+        graph.tokens, graph.logits, graph.graph = self._capture(graph, stream)
         self.captures += 1
         return logits
+
+    def _capture(self, graph: _Graph, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Capture ``graph.forward()`` on ``stream``. Not through ``torch.cuda.graph``: that synchronizes the
+        whole device, runs ``gc.collect()`` and empties the allocator's cache before every capture, and the
+        ``cudaFree`` calls of that empty hold the driver while kvstore's copies and the loop's own CUDA calls wait
+        (the graph's memory comes from its private pool, so nothing needs freeing first)."""
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            cuda_graph.capture_begin(self._mempool, capture_error_mode="thread_local")
+            try:
+                tokens, logits = graph.forward()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the capture is invalid anyway: end it, raise the cause
+                    cuda_graph.capture_end()
+                raise
+            cuda_graph.capture_end()
+        return tokens, logits, cuda_graph
 
     def _replay(self, graph: _Graph) -> torch.Tensor:
         """Queue one step of a captured bucket on the capture stream (all asynchronous: fit for the loop's

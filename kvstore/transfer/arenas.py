@@ -207,7 +207,8 @@ class HostArena:
 
 
 class StagingPool:
-    """A few pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk), made on first use."""
+    """A few pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk, swaps), made on first
+    use or all at once by :meth:`prepare`."""
 
     def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool) -> None:
         self.page_bytes = page_bytes
@@ -215,6 +216,7 @@ class StagingPool:
         self.count = count
         self.pinned = pinned
         self._free: list[torch.Tensor] = []
+        self._made = 0  # pooled buffers made so far (at most count)
         self._pooled: dict[int, bool] = {}
         self._sem: asyncio.Semaphore | None = None
 
@@ -228,13 +230,27 @@ class StagingPool:
         else:
             pooled = False
         try:
-            buf = self._free.pop() if (pooled and self._free) else await asyncio.to_thread(self._make)
+            if pooled and self._free:
+                buf = self._free.pop()
+            else:
+                buf = await asyncio.to_thread(self._make)
+                self._made += pooled
         except BaseException:
             if pooled:
                 self._sem.release()
             raise
         self._pooled[id(buf)] = pooled
         return buf
+
+    def prepare(self) -> None:
+        """Make every pooled buffer now (blocking: call from a worker thread before serving). Pinning holds a
+        driver lock that every CUDA call of the process waits for, so a buffer made on first use, mid-serving,
+        stalls the model's steps and the loop's CUDA calls."""
+        with allocating(f"the staging buffers ({self.count} of {self.rows} pages)",
+                        self.count * self.rows * self.page_bytes):
+            made = [self._make() for _ in range(self.count - self._made)]
+        self._made += len(made)
+        self._free.extend(made)
 
     def _make(self) -> torch.Tensor:
         return torch.empty((self.rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
