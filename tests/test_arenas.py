@@ -37,19 +37,54 @@ def test_slots_of_one_chunk_make_one_group(arena):
     assert arena.group([]) == {}
 
 
-def test_staging_pool_prepare_makes_every_buffer_before_first_use(monkeypatch):
+def test_staging_pool_prepare_makes_every_buffer_so_serving_allocates_none(monkeypatch):
     import asyncio
 
-    pool = arenas.StagingPool(page_bytes=64, rows=3, count=4, pinned=False)
+    pool = arenas.StagingPool(page_bytes=64, rows=3, count=2, pinned=False, spares=2)
     pool.prepare()
-    assert len(pool._free) == 4 and all(b.shape == (3, 64) for b in pool._free)
+    assert len(pool._free) == 2 and len(pool._spare_free) == 2
+    assert all(b.shape == (3, 64) for b in pool._free + pool._spare_free)
     made = []
-    monkeypatch.setattr(pool, "_make", lambda: made.append(1))  # acquiring must not make any now
+    real_make = pool._make
+    monkeypatch.setattr(pool, "_make", lambda: made.append(1) or real_make())
 
-    async def take_all():
-        return [await pool.acquire() for _ in range(4)]
+    async def scenario():
+        pooled = [await pool.acquire() for _ in range(2)]
+        spares = [await pool.acquire(wait=False) for _ in range(2)]  # every pooled one is out: the spares
+        assert made == [], "prepared buffers are handed out, none made"
+        extra = await pool.acquire(wait=False)  # beyond count + spares: a temporary one is made
+        assert made == [1]
+        for b in pooled + spares + [extra]:
+            pool.give_back(b)
+        assert len(pool._free) == 2 and len(pool._spare_free) == 2, "the temporary one is not kept"
+        again = [await pool.acquire() for _ in range(2)] + [await pool.acquire(wait=False) for _ in range(2)]
+        assert made == [1] and {id(b) for b in again} == {id(b) for b in pooled + spares}
+        for b in again:
+            pool.give_back(b)
 
-    bufs = asyncio.run(take_all())
-    assert made == [] and len({id(b) for b in bufs}) == 4
-    pool.prepare()  # the buffers out are still the pool's: nothing more is made
-    assert made == [] and pool._free == []
+    asyncio.run(scenario())
+    pool.prepare()  # everything is made already
+    assert made == [1]
+
+
+def test_staging_pool_keeps_the_spares_it_makes_on_demand():
+    import asyncio
+
+    pool = arenas.StagingPool(page_bytes=64, rows=1, count=1, pinned=False, spares=1)
+
+    async def scenario():
+        a = await pool.acquire()
+        b = await pool.acquire(wait=False)  # made on demand: a spare, kept
+        pool.give_back(b)
+        c = await pool.acquire(wait=False)
+        assert c is b
+        waiting = asyncio.ensure_future(pool.acquire())  # a waiting acquire waits for the pooled one only
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        pool.give_back(c)
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        pool.give_back(a)
+        assert await waiting is a
+
+    asyncio.run(scenario())

@@ -207,56 +207,68 @@ class HostArena:
 
 
 class StagingPool:
-    """A few pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk, swaps), made on first
-    use or all at once by :meth:`prepare`."""
+    """Pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk, swaps): ``count`` pooled
+    ones, which :meth:`acquire` waits for, and up to ``spares`` more for acquires that must not wait (swaps) while
+    every pooled one is out. Both kinds are kept once made, so serving allocates none after :meth:`prepare`
+    (beyond ``count + spares`` buffers out at once, a non-waiting acquire makes a temporary one)."""
 
-    def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool) -> None:
+    def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool, spares: Optional[int] = None) -> None:
         self.page_bytes = page_bytes
         self.rows = rows
         self.count = count
+        self.spares = count if spares is None else spares
         self.pinned = pinned
-        self._free: list[torch.Tensor] = []
-        self._made = 0  # pooled buffers made so far (at most count)
-        self._pooled: dict[int, bool] = {}
+        self._free: list[torch.Tensor] = []  # pooled buffers not out
+        self._spare_free: list[torch.Tensor] = []
+        self._made = {"pooled": 0, "spare": 0, "temporary": 0}  # buffers of each kind made so far
+        self._kind: dict[int, str] = {}  # id of each buffer out -> "pooled", "spare" or "temporary"
         self._sem: asyncio.Semaphore | None = None
 
     async def acquire(self, wait: bool = True) -> torch.Tensor:
-        """A buffer; with ``wait=False`` a temporary extra one is made when all are in use."""
+        """A buffer; with ``wait=False`` a spare (or a temporary one) when all pooled ones are out."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.count)
         if wait or not self._sem.locked():
             await self._sem.acquire()
-            pooled = True
+            kind, free = "pooled", self._free
         else:
-            pooled = False
+            kind, free = "spare", self._spare_free
         try:
-            if pooled and self._free:
-                buf = self._free.pop()
+            if free:
+                buf = free.pop()
             else:
                 buf = await asyncio.to_thread(self._make)
-                self._made += pooled
+                if kind == "spare" and self._made["spare"] >= self.spares:
+                    kind = "temporary"
+                self._made[kind] += 1
         except BaseException:
-            if pooled:
+            if kind == "pooled":
                 self._sem.release()
             raise
-        self._pooled[id(buf)] = pooled
+        self._kind[id(buf)] = kind
         return buf
 
     def prepare(self) -> None:
-        """Make every pooled buffer now (blocking: call from a worker thread before serving). Pinning holds a
-        driver lock that every CUDA call of the process waits for, so a buffer made on first use, mid-serving,
-        stalls the model's steps and the loop's CUDA calls."""
-        with allocating(f"the staging buffers ({self.count} of {self.rows} pages)",
-                        self.count * self.rows * self.page_bytes):
-            made = [self._make() for _ in range(self.count - self._made)]
-        self._made += len(made)
-        self._free.extend(made)
+        """Make every pooled and spare buffer now (blocking: call from a worker thread before serving). Pinning
+        holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving stalls
+        the model's steps and the event loop's CUDA calls."""
+        todo = [("pooled", self._free, self.count), ("spare", self._spare_free, self.spares)]
+        need = sum(max(0, n - self._made[k]) for k, _, n in todo)
+        with allocating(f"{need} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, batch_bytes)",
+                        need * self.rows * self.page_bytes):
+            made = [(k, free, [self._make() for _ in range(n - self._made[k])]) for k, free, n in todo]
+        for k, free, bufs in made:
+            self._made[k] += len(bufs)
+            free.extend(bufs)
 
     def _make(self) -> torch.Tensor:
         return torch.empty((self.rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
 
     def give_back(self, buf: torch.Tensor) -> None:
-        if self._pooled.pop(id(buf), True):
+        kind = self._kind.pop(id(buf), "pooled")
+        if kind == "pooled":
             self._free.append(buf)
             if self._sem is not None:
                 self._sem.release()
+        elif kind == "spare":
+            self._spare_free.append(buf)
