@@ -65,6 +65,9 @@ def test_staging_pool_prepare_makes_every_buffer_so_serving_allocates_none(monke
     asyncio.run(scenario())
     pool.prepare()  # everything is made already
     assert made == [1]
+    default = arenas.StagingPool(page_bytes=64, rows=1, count=2, pinned=False)
+    default.prepare()  # the pooled ones and count spares; up to 4 * count spares are kept once made
+    assert (len(default._free), len(default._spare_free), default.spares) == (2, 2, 8)
 
 
 def test_staging_pool_keeps_the_spares_it_makes_on_demand():

@@ -208,15 +208,16 @@ class HostArena:
 
 class StagingPool:
     """Pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk, swaps): ``count`` pooled
-    ones, which :meth:`acquire` waits for, and up to ``spares`` more for acquires that must not wait (swaps) while
-    every pooled one is out. Both kinds are kept once made, so serving allocates none after :meth:`prepare`
-    (beyond ``count + spares`` buffers out at once, a non-waiting acquire makes a temporary one)."""
+    ones, which :meth:`acquire` waits for, and up to ``spares`` (default ``4 * count``) more for acquires that must
+    not wait (swaps) while every pooled one is out. Both kinds are kept once made: :meth:`prepare` makes the pooled
+    ones and ``count`` spares before serving, and a spare made later (a new peak of swaps) stays for the next peak.
+    Beyond ``count + spares`` buffers out at once, a non-waiting acquire makes a temporary one."""
 
     def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool, spares: Optional[int] = None) -> None:
         self.page_bytes = page_bytes
         self.rows = rows
         self.count = count
-        self.spares = count if spares is None else spares
+        self.spares = 4 * count if spares is None else spares
         self.pinned = pinned
         self._free: list[torch.Tensor] = []  # pooled buffers not out
         self._spare_free: list[torch.Tensor] = []
@@ -249,10 +250,10 @@ class StagingPool:
         return buf
 
     def prepare(self) -> None:
-        """Make every pooled and spare buffer now (blocking: call from a worker thread before serving). Pinning
-        holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving stalls
-        the model's steps and the event loop's CUDA calls."""
-        todo = [("pooled", self._free, self.count), ("spare", self._spare_free, self.spares)]
+        """Make every pooled buffer and ``count`` spares now (blocking: call from a worker thread before serving).
+        Pinning holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving
+        stalls the model's steps and the event loop's CUDA calls."""
+        todo = [("pooled", self._free, self.count), ("spare", self._spare_free, min(self.count, self.spares))]
         need = sum(max(0, n - self._made[k]) for k, _, n in todo)
         with allocating(f"{need} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, batch_bytes)",
                         need * self.rows * self.page_bytes):
