@@ -318,7 +318,10 @@ class ChatServer:
         if match.num_tokens == 0 or match.pages_per_level.get(CacheLevel.DEVICE, 0) * self.cfg.tokens_per_page \
                 == match.num_tokens:
             return True  # nothing to move
-        est = self.mgr.prefix_transfer_estimate(s.prompt[:-1], CacheLevel.DEVICE)  # probes the page cache
+        # disk pages: priced by their pages (the page cache probed; one more hash of the prompt), else by counts
+        est = self.mgr.prefix_transfer_estimate(s.prompt[:-1], CacheLevel.DEVICE) \
+            if match.pages_per_level.get(CacheLevel.DISK) else \
+            self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
         if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=len(s.prompt) - match.num_tokens,
                         reuse_forward=self.reuse_forward).choice is ReuseChoice.RECOMPUTE:
             return False

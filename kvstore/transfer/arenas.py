@@ -221,7 +221,7 @@ class StagingPool:
         self.pinned = pinned
         self._free: list[torch.Tensor] = []  # pooled buffers not out
         self._spare_free: list[torch.Tensor] = []
-        self._made = {"pooled": 0, "spare": 0, "temporary": 0}  # buffers of each kind made so far
+        self._made = {"pooled": 0, "spare": 0}  # buffers of each kept kind made so far
         self._kind: dict[int, str] = {}  # id of each buffer out -> "pooled", "spare" or "temporary"
         self._sem: asyncio.Semaphore | None = None
 
@@ -240,8 +240,9 @@ class StagingPool:
             else:
                 buf = await asyncio.to_thread(self._make)
                 if kind == "spare" and self._made["spare"] >= self.spares:
-                    kind = "temporary"
-                self._made[kind] += 1
+                    kind = "temporary"  # not kept: dropped by give_back
+                else:
+                    self._made[kind] += 1
         except BaseException:
             if kind == "pooled":
                 self._sem.release()
@@ -253,14 +254,16 @@ class StagingPool:
         """Make every pooled buffer and ``count`` spares now (blocking: call from a worker thread before serving).
         Pinning holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving
         stalls the model's steps and the event loop's CUDA calls."""
-        todo = [("pooled", self._free, self.count), ("spare", self._spare_free, min(self.count, self.spares))]
-        need = sum(max(0, n - self._made[k]) for k, _, n in todo)
-        with allocating(f"{need} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, batch_bytes)",
-                        need * self.rows * self.page_bytes):
-            made = [(k, free, [self._make() for _ in range(n - self._made[k])]) for k, free, n in todo]
-        for k, free, bufs in made:
+        want = {"pooled": self.count, "spare": min(self.count, self.spares)}
+        need = {k: max(0, n - self._made[k]) for k, n in want.items()}
+        total = sum(need.values())
+        with allocating(f"{total} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, batch_bytes)",
+                        total * self.rows * self.page_bytes):
+            made = {k: [self._make() for _ in range(n)] for k, n in need.items()}
+        self._free += made["pooled"]
+        self._spare_free += made["spare"]
+        for k, bufs in made.items():
             self._made[k] += len(bufs)
-            free.extend(bufs)
 
     def _make(self) -> torch.Tensor:
         return torch.empty((self.rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
