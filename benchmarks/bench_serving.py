@@ -136,9 +136,9 @@ class TTFTBench:
             if variant == "host_prefetched":  # the prefetch finished before the request arrives
                 await gen.prefetch(CacheLevel.DEVICE)
             # the policy decides when the request arrives, from where its pages are then
-            reusable = self.mgr.lookup(prompt).num_tokens
             # by the pages: their disk share is probed for the page cache (counts alone price disk reads cold)
-            estimate = self.mgr.prefix_transfer_estimate(prompt, CacheLevel.DEVICE)
+            match = self.mgr.lookup(prompt, CacheLevel.DEVICE)
+            reusable, estimate = match.num_tokens, match.estimate
             reuse_forward = self.reuse_forward if self.reuse_forward.measured else None
             decision = decide_reuse(estimate, reusable, self.prefill, new_tokens=len(prompt) - reusable,
                                     reuse_forward=reuse_forward)

@@ -312,17 +312,13 @@ class ChatServer:
             choice = wait_or_recompute(s.holder.transfer_estimate(CacheLevel.DEVICE), self.prefill, reusable,
                                        new_tokens=len(s.prompt) - reusable, reuse_forward=self.reuse_forward).choice
             return False if choice is ReuseChoice.RECOMPUTE else None
-        if s.match is None:  # looked up once per turn (a lookup hashes the whole prompt on the loop's thread)
-            s.match = self.mgr.lookup(s.prompt[:-1])
+        if s.match is None:  # looked up once per turn (a lookup hashes the whole prompt on the loop's thread),
+            s.match = self.mgr.lookup(s.prompt[:-1], CacheLevel.DEVICE)  # priced with its disk pages probed
         match = s.match
         if match.num_tokens == 0 or match.pages_per_level.get(CacheLevel.DEVICE, 0) * self.cfg.tokens_per_page \
                 == match.num_tokens:
             return True  # nothing to move
-        # disk pages: priced by their pages (the page cache probed; one more hash of the prompt), else by counts
-        est = self.mgr.prefix_transfer_estimate(s.prompt[:-1], CacheLevel.DEVICE) \
-            if match.pages_per_level.get(CacheLevel.DISK) else \
-            self.mgr.transfer_estimate(match.pages_per_level, CacheLevel.DEVICE)
-        if decide_reuse(est, match.num_tokens, self.prefill, new_tokens=len(s.prompt) - match.num_tokens,
+        if decide_reuse(match.estimate, match.num_tokens, self.prefill, new_tokens=len(s.prompt) - match.num_tokens,
                         reuse_forward=self.reuse_forward).choice is ReuseChoice.RECOMPUTE:
             return False
         self.start_prefetch(s)  # the pages come up while the batch runs; admitted once they are there

@@ -241,7 +241,9 @@ class StoreConfig:
     Quotas are rounded down to whole pages. ``namespace`` (model name, dtype, TP rank, ...) seeds the prefix
     hash chain so that two models never share pages. ``eviction_policy`` orders the evictable pages of each level
     (:mod:`kvstore.placement.policies`: ``"lru"``, ``"lru-leaf"``, ``"slru"``). ``batch_bytes`` bounds one transfer batch and
-    ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8). ``free_target`` (0 <= f < 1;
+    ``io_threads`` the disk worker threads (None: ``KVSTORE_IO_THREADS`` or 8). ``staging_buffers`` bounce
+    buffers of ``batch_bytes`` serve disk <-> device moves and ``swap_buffers`` (None: as many) full-tier swaps
+    (:class:`~kvstore.transfer.arenas.StagingPool`). ``free_target`` (0 <= f < 1;
     0 is off): the fraction of every level but the last that a background task keeps free, demoting that
     level's first eviction candidates into free slots one level colder, so pages admitted later rarely wait
     for a demotion (it never drops a page and never cascades).
@@ -253,6 +255,7 @@ class StoreConfig:
     batch_bytes: int = 32 << 20
     io_threads: int | None = None
     staging_buffers: int = 4
+    swap_buffers: int | None = None
     eviction_policy: str = "lru"
     free_target: float = 0.0
     remote: "RemoteTier | None" = None
@@ -318,6 +321,8 @@ class StoreConfig:
             )
         _set(self, "batch_bytes", _positive_int("StoreConfig", "batch_bytes", self.batch_bytes))
         _set(self, "staging_buffers", _positive_int("StoreConfig", "staging_buffers", self.staging_buffers))
+        if self.swap_buffers is not None:
+            _set(self, "swap_buffers", _positive_int("StoreConfig", "swap_buffers", self.swap_buffers))
         if self.io_threads is not None:
             _set(self, "io_threads", _positive_int("StoreConfig", "io_threads", self.io_threads))
         if isinstance(self.free_target, bool) or not isinstance(self.free_target, (int, float)) or not (

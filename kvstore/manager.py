@@ -149,7 +149,7 @@ class KVCacheManager:
                 recovered = await asyncio.to_thread(self._open_disk, Path(disk_cfg.path), disk_cfg.persistent)
             self._copier = await asyncio.to_thread(Copier, device)
             staging_rows = max(1, cfg.batch_bytes // self._page_bytes)
-            staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned)
+            staging = StagingPool(self._page_bytes, staging_rows, cfg.staging_buffers, pinned, cfg.swap_buffers)
             if pinned:  # pinned buffers made mid-serving would stall every CUDA call (StagingPool.prepare)
                 await asyncio.to_thread(staging.prepare)
             self._executor = TransferExecutor(
@@ -498,9 +498,7 @@ class KVCacheManager:
         """:meth:`transfer_estimate` of the local reusable prefix of ``tokens`` (:meth:`lookup`), with its disk
         pages probed: those the OS page cache holds are priced at the cached-read rate."""
         target = self._level_arg(target, "prefix_transfer_estimate(target)")
-        self._check_running()
-        pages, _ = self._match(as_token_array(tokens))
-        return self._estimate(self._placement.per_level(pages), target, pages)
+        return cast(TransferEstimate, self.lookup(tokens, target).estimate)
 
     def _estimate(self, counts: Mapping[CacheLevel, int], target: CacheLevel,
                   pages: Optional[Sequence[Page]] = None) -> TransferEstimate:
@@ -598,12 +596,16 @@ class KVCacheManager:
         """Pages of the longest committed prefix of ``tokens`` (any level) and the key of the last one."""
         return self._placement.index.match_tokens(self._hasher, tokens)
 
-    def lookup(self, tokens: Sequence[int]) -> PrefixMatch:
-        """How much of ``tokens`` is reusable and where those pages are now; holds nothing."""
+    def lookup(self, tokens: Sequence[int], target: Optional[CacheLevel] = None) -> PrefixMatch:
+        """How much of ``tokens`` is reusable and where those pages are now; holds nothing. With ``target``,
+        ``match.estimate`` is :meth:`prefix_transfer_estimate`'s, from the same one pass over the tokens."""
+        if target is not None:
+            target = self._level_arg(target, "lookup(target)")
         self._check_running()
         pages, _ = self._match(as_token_array(tokens))
         per_level = self._placement.per_level(pages)  # an indexed page is placed
-        return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level)
+        estimate = self._estimate(per_level, target, pages) if target is not None else None
+        return PrefixMatch(len(pages) * self.layout.tokens_per_page, per_level, estimate)
 
     # ------------------------------------------------------------------ the shared remote tier
     async def flush(self, timeout_s: Optional[float] = None) -> None:

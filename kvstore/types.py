@@ -58,10 +58,12 @@ class TierUsage:
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """Reusable prefix of a token sequence and where its pages are now."""
+    """Reusable prefix of a token sequence and where its pages are now; ``estimate``: the time to bring those
+    pages to the ``target`` that ``mgr.lookup(tokens, target)`` named (None when it named none)."""
 
     num_tokens: int
     pages_per_level: dict[CacheLevel, int] = field(default_factory=dict)
+    estimate: TransferEstimate | None = None
 
 
 @dataclass(frozen=True)

@@ -40,25 +40,25 @@ def test_slots_of_one_chunk_make_one_group(arena):
 def test_staging_pool_prepare_makes_every_buffer_so_serving_allocates_none(monkeypatch):
     import asyncio
 
-    pool = arenas.StagingPool(page_bytes=64, rows=3, count=2, pinned=False, spares=2)
+    pool = arenas.StagingPool(page_bytes=64, rows=3, count=2, pinned=False, swap_count=3)
     pool.prepare()
-    assert len(pool._free) == 2 and len(pool._spare_free) == 2
-    assert all(b.shape == (3, 64) for b in pool._free + pool._spare_free)
+    io, swap = pool._kinds["io"], pool._kinds["swap"]
+    assert (len(io.free), len(swap.free)) == (2, 3)
+    assert all(b.shape == (3, 64) for b in io.free + swap.free)
     made = []
     real_make = pool._make
     monkeypatch.setattr(pool, "_make", lambda: made.append(1) or real_make())
 
     async def scenario():
-        pooled = [await pool.acquire() for _ in range(2)]
-        spares = [await pool.acquire(wait=False) for _ in range(2)]  # every pooled one is out: the spares
+        out = [await pool.acquire() for _ in range(2)] + [await pool.acquire("swap") for _ in range(3)]
         assert made == [], "prepared buffers are handed out, none made"
-        extra = await pool.acquire(wait=False)  # beyond count + spares: a temporary one is made
+        extra = await pool.acquire("swap", wait=False)  # every swap buffer is out: a temporary one is made
         assert made == [1]
-        for b in pooled + spares + [extra]:
+        for b in out + [extra]:
             pool.give_back(b)
-        assert len(pool._free) == 2 and len(pool._spare_free) == 2, "the temporary one is not kept"
-        again = [await pool.acquire() for _ in range(2)] + [await pool.acquire(wait=False) for _ in range(2)]
-        assert made == [1] and {id(b) for b in again} == {id(b) for b in pooled + spares}
+        assert (len(io.free), len(swap.free)) == (2, 3), "the temporary one is not kept"
+        again = [await pool.acquire() for _ in range(2)] + [await pool.acquire("swap", wait=False) for _ in range(3)]
+        assert made == [1] and {id(b) for b in again} == {id(b) for b in out}
         for b in again:
             pool.give_back(b)
 
@@ -66,28 +66,27 @@ def test_staging_pool_prepare_makes_every_buffer_so_serving_allocates_none(monke
     pool.prepare()  # everything is made already
     assert made == [1]
     default = arenas.StagingPool(page_bytes=64, rows=1, count=2, pinned=False)
-    default.prepare()  # the pooled ones and count spares; up to 4 * count spares are kept once made
-    assert (len(default._free), len(default._spare_free), default.spares) == (2, 2, 8)
+    default.prepare()  # as many swap buffers as I/O ones
+    assert (len(default._kinds["io"].free), len(default._kinds["swap"].free)) == (2, 2)
 
 
-def test_staging_pool_keeps_the_spares_it_makes_on_demand():
+def test_staging_pool_kinds_wait_for_their_own_buffers_only():
     import asyncio
 
-    pool = arenas.StagingPool(page_bytes=64, rows=1, count=1, pinned=False, spares=1)
+    pool = arenas.StagingPool(page_bytes=64, rows=1, count=1, pinned=False, swap_count=1)
 
     async def scenario():
-        a = await pool.acquire()
-        b = await pool.acquire(wait=False)  # made on demand: a spare, kept
-        pool.give_back(b)
-        c = await pool.acquire(wait=False)
-        assert c is b
-        waiting = asyncio.ensure_future(pool.acquire())  # a waiting acquire waits for the pooled one only
+        a = await pool.acquire()  # made on demand (not prepared), kept
+        s = await pool.acquire("swap")
+        waiting_io = asyncio.ensure_future(pool.acquire())
+        waiting_swap = asyncio.ensure_future(pool.acquire("swap"))
         await asyncio.sleep(0)
-        assert not waiting.done()
-        pool.give_back(c)
-        await asyncio.sleep(0)
-        assert not waiting.done()
+        assert not waiting_io.done() and not waiting_swap.done()
+        pool.give_back(s)  # a swap buffer back: only the waiting swap gets it
+        assert await waiting_swap is s
+        assert not waiting_io.done()
         pool.give_back(a)
-        assert await waiting is a
+        assert await waiting_io is a
+        assert pool._kinds["io"].made == 1 and pool._kinds["swap"].made == 1
 
     asyncio.run(scenario())

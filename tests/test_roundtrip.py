@@ -168,3 +168,68 @@ async def test_resume_cancelled_while_its_swap_victims_are_staged_restores_them(
         mgr.check_invariants()
         await assert_data(mgr, b, db)
         await assert_data(mgr, a, da)
+
+
+async def test_swaps_beyond_the_swap_buffers_wait_for_one_and_keep_data(make_store, monkeypatch):
+    """One swap buffer of 2 pages, an 8-page swap: each swap batch is paired with its own promotion batch and
+    waits for the buffer, so the resume makes no temporary pinned buffer, and every byte stays exact."""
+    layout = PageLayout(2, 2, 16, 4, torch.float16)
+    async with make_store(device=8, host=8, disk=0, layout=layout, batch_bytes=2 * layout.page_bytes,
+                          staging_buffers=1, swap_buffers=1) as mgr:
+        ex = mgr._executor
+        a, da = await new_filled_cache(mgr, 8, seed=1)
+        b, db = await new_filled_cache(mgr, 8, seed=2)
+        made, real_make = [], ex.staging._make
+        monkeypatch.setattr(ex.staging, "_make", lambda: made.append(1) or real_make())
+        real_batches, batches = ex._batches, []
+        monkeypatch.setattr(ex, "_batches", lambda plan, loop: batches.extend(real_batches(plan, loop)) or
+                            [x for x in batches if x.moves[0] in plan.moves])
+        await assert_data(mgr, a, da)
+        swaps = [x for x in batches if x.swap]
+        assert len(swaps) == 4 and all(x.rows == 2 and x.may_wait for x in swaps)
+        promos = [x for x in batches if x.linked]
+        assert [x.read_deps for x in promos] == [{x} for x in swaps]  # one promotion batch per swap batch
+        assert made == [1], "the one swap buffer, made once; no temporary buffer"
+        assert levels(a) == {CacheLevel.DEVICE: 8} and levels(b) == {CacheLevel.HOST: 8}
+        await assert_data(mgr, b, db)
+        mgr.check_invariants()
+
+
+async def test_resume_cancelled_while_swaps_wait_for_the_swap_buffer_restores_everything(make_store):
+    """The first of four paired swap batches holds the only swap buffer at a gate while the others wait for it;
+    the resume is cancelled: the waiting batches abort on getting the buffer, the first restores its victims,
+    and both caches keep every byte."""
+    layout = PageLayout(2, 2, 16, 4, torch.float16)
+    async with make_store(device=8, host=8, disk=0, layout=layout, batch_bytes=2 * layout.page_bytes,
+                          staging_buffers=1, swap_buffers=1) as mgr:
+        a, da = await new_filled_cache(mgr, 8, seed=1)
+        b, db = await new_filled_cache(mgr, 8, seed=2)
+        plans = _plans(mgr)
+        copier = mgr._executor.copier
+        real = copier.copy
+        gate, entered = asyncio.Event(), asyncio.Event()
+
+        async def gated(segments, lane, after=None):
+            if not entered.is_set():  # the first swap batch staging its victims
+                entered.set()
+                await gate.wait()
+            return await real(segments, lane, after)
+
+        copier.copy = gated
+        try:
+            task = asyncio.ensure_future(a.resume())
+            await until(entered.is_set, "the first swap batch is staging")
+            task.cancel()
+            await asyncio.sleep(0)
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            copier.copy = real
+        swaps = [m for m in plans[0].moves if m.swap]
+        assert len(swaps) == 4 and all(st.value == "aborted" for m in swaps for st in m.state)
+        assert levels(a) == {CacheLevel.HOST: 8} and levels(b) == {CacheLevel.DEVICE: 8}
+        mgr.check_invariants()
+        await assert_data(mgr, b, db)
+        await assert_data(mgr, a, da)
+        mgr.check_invariants()

@@ -15,7 +15,7 @@ from kvstore.transfer import bandwidth as bw
 from kvstore.transfer.bandwidth import Bandwidth, PathMeter, estimate_moves
 from kvstore.transfer.residency import Residency
 
-from .conftest import LAYOUT, PAGE, gated_io, io_hook, levels, new_cache_on_disk, new_filled_cache, slow_io, until
+from .conftest import LAYOUT, PAGE, gated_io, io_hook, levels, new_cache_on_disk, new_filled_cache, sink_to_disk, slow_io, until
 
 D, H, K, R = CacheLevel.DEVICE, CacheLevel.HOST, CacheLevel.DISK, CacheLevel.REMOTE
 BIG = PageLayout(num_layers=4, num_kv_heads=8, head_dim=128, tokens_per_page=16)  # 256 KiB pages
@@ -215,6 +215,28 @@ async def test_prefix_transfer_estimate_uses_the_local_match(make_store):
         match = mgr.lookup(tokens)
         assert mgr.prefix_transfer_estimate(tokens, D) == mgr.transfer_estimate(match.pages_per_level, D)
         assert mgr.prefix_transfer_estimate([1, 2], D).seconds == 0.0  # no whole page: nothing to move
+
+
+async def test_lookup_with_a_target_prices_the_match_from_one_pass_over_the_tokens(make_store):
+    async with make_store(device=4, host=4, disk=32) as mgr:
+        tokens = list(range(3 * LAYOUT.tokens_per_page))
+        cache = mgr.create_cache(tokens)
+        await cache.resume()
+        await cache.resize(len(tokens))
+        cache.commit(tokens)
+        cache.suspend()
+        await sink_to_disk(mgr, cache)
+        cache.close()
+        calls = []
+        real = mgr._match
+        mgr._match = lambda arr: calls.append(1) or real(arr)
+        match = mgr.lookup(tokens, D)
+        assert len(calls) == 1, "the match and its estimate come from one hashing of the tokens"
+        assert match.pages_per_level[K] == 3 and match.num_tokens == 3 * LAYOUT.tokens_per_page
+        assert match.estimate == mgr.prefix_transfer_estimate(tokens, D) and match.estimate.pages == 3
+        assert mgr.lookup(tokens).estimate is None  # no target: no estimate
+        with pytest.raises(InvalidArgumentError):
+            mgr.lookup(tokens, "device")
 
 
 async def test_a_prefetch_in_flight_is_counted_as_queued_bytes_once(make_store):

@@ -206,73 +206,89 @@ class HostArena:
         return out
 
 
-class StagingPool:
-    """Pinned bounce buffers of ``rows`` pages each (disk <-> device, disk <-> disk, swaps): ``count`` pooled
-    ones, which :meth:`acquire` waits for, and up to ``spares`` (default ``4 * count``) more for acquires that must
-    not wait (swaps) while every pooled one is out. Both kinds are kept once made: :meth:`prepare` makes the pooled
-    ones and ``count`` spares before serving, and a spare made later (a new peak of swaps) stays for the next peak.
-    Beyond ``count + spares`` buffers out at once, a non-waiting acquire makes a temporary one."""
+class _Buffers:
+    """One kind of staging buffer: up to ``count`` kept, a FIFO semaphore over them, made lazily or by prepare."""
 
-    def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool, spares: Optional[int] = None) -> None:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.free: list[torch.Tensor] = []  # made and not out
+        self.made = 0
+        self.sem: asyncio.Semaphore | None = None  # made on first use, on the loop that uses it
+
+    def semaphore(self) -> asyncio.Semaphore:
+        if self.sem is None:
+            self.sem = asyncio.Semaphore(self.count)
+        return self.sem
+
+
+class StagingPool:
+    """Pinned bounce buffers of ``rows`` pages each, of two kinds that never wait for each other: ``count``
+    for disk <-> device and disk <-> disk moves, and ``swap_count`` (default ``count``) for swap batches,
+    which stage device victims while the host pages promoted into their slots cross. An acquire waits (FIFO)
+    while every buffer of its kind is out; :meth:`prepare` makes them all before serving, so a store with
+    pinned memory never pins a buffer mid-serving. ``acquire(kind, wait=False)`` never waits: with every
+    buffer of the kind out it makes a temporary one, dropped when given back (for a swap batch whose
+    promotions also wait on other swap batches, where waiting could deadlock)."""
+
+    def __init__(self, page_bytes: int, rows: int, count: int, pinned: bool, swap_count: Optional[int] = None) -> None:
         self.page_bytes = page_bytes
         self.rows = rows
-        self.count = count
-        self.spares = 4 * count if spares is None else spares
         self.pinned = pinned
-        self._free: list[torch.Tensor] = []  # pooled buffers not out
-        self._spare_free: list[torch.Tensor] = []
-        self._made = {"pooled": 0, "spare": 0}  # buffers of each kept kind made so far
-        self._kind: dict[int, str] = {}  # id of each buffer out -> "pooled", "spare" or "temporary"
-        self._sem: asyncio.Semaphore | None = None
+        self._kinds = {"io": _Buffers(count), "swap": _Buffers(count if swap_count is None else swap_count)}
+        self._out: dict[int, str] = {}  # id of each buffer out -> its kind, or "temporary"
 
-    async def acquire(self, wait: bool = True) -> torch.Tensor:
-        """A buffer; with ``wait=False`` a spare (or a temporary one) when all pooled ones are out."""
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.count)
-        if wait or not self._sem.locked():
-            await self._sem.acquire()
-            kind, free = "pooled", self._free
-        else:
-            kind, free = "spare", self._spare_free
+    @property
+    def count(self) -> int:
+        return self._kinds["io"].count
+
+    @property
+    def swap_count(self) -> int:
+        return self._kinds["swap"].count
+
+    async def acquire(self, kind: str = "io", wait: bool = True) -> torch.Tensor:
+        """A buffer of ``kind`` (``"io"`` or ``"swap"``); see the class docstring for ``wait=False``."""
+        k = self._kinds[kind]
+        sem = k.semaphore()
+        if not wait and sem.locked():
+            buf = await asyncio.to_thread(self._make)
+            self._out[id(buf)] = "temporary"
+            return buf
+        await sem.acquire()
         try:
-            if free:
-                buf = free.pop()
+            if k.free:
+                buf = k.free.pop()
             else:
                 buf = await asyncio.to_thread(self._make)
-                if kind == "spare" and self._made["spare"] >= self.spares:
-                    kind = "temporary"  # not kept: dropped by give_back
-                else:
-                    self._made[kind] += 1
+                k.made += 1
         except BaseException:
-            if kind == "pooled":
-                self._sem.release()
+            sem.release()
             raise
-        self._kind[id(buf)] = kind
+        self._out[id(buf)] = kind
         return buf
 
     def prepare(self) -> None:
-        """Make every pooled buffer and ``count`` spares now (blocking: call from a worker thread before serving).
-        Pinning holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving
+        """Make every buffer of both kinds now (blocking: call from a worker thread before serving). Pinning
+        holds a driver lock that every CUDA call of the process waits for, so a buffer made mid-serving
         stalls the model's steps and the event loop's CUDA calls."""
-        want = {"pooled": self.count, "spare": min(self.count, self.spares)}
-        need = {k: max(0, n - self._made[k]) for k, n in want.items()}
+        need = {name: k.count - k.made for name, k in self._kinds.items()}
         total = sum(need.values())
-        with allocating(f"{total} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, batch_bytes)",
-                        total * self.rows * self.page_bytes):
-            made = {k: [self._make() for _ in range(n)] for k, n in need.items()}
-        self._free += made["pooled"]
-        self._spare_free += made["spare"]
-        for k, bufs in made.items():
-            self._made[k] += len(bufs)
+        with allocating(
+            f"{total} staging buffers of {self.rows} pages (StoreConfig.staging_buffers, swap_buffers, batch_bytes)",
+            total * self.rows * self.page_bytes,
+        ):
+            made = {name: [self._make() for _ in range(n)] for name, n in need.items()}
+        for name, bufs in made.items():
+            k = self._kinds[name]
+            k.free += bufs
+            k.made += len(bufs)
 
     def _make(self) -> torch.Tensor:
         return torch.empty((self.rows, self.page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
 
     def give_back(self, buf: torch.Tensor) -> None:
-        kind = self._kind.pop(id(buf), "pooled")
-        if kind == "pooled":
-            self._free.append(buf)
-            if self._sem is not None:
-                self._sem.release()
-        elif kind == "spare":
-            self._spare_free.append(buf)
+        kind = self._out.pop(id(buf))
+        if kind == "temporary":
+            return
+        k = self._kinds[kind]
+        k.free.append(buf)
+        k.semaphore().release()

@@ -52,6 +52,10 @@ class _Batch:
     src: Optional[CacheLevel]
     dst: CacheLevel
     swap: bool = False
+    #: promotions into swap victims' slots: batched like their swap batches, one promotion batch per swap batch
+    linked: bool = False
+    #: swap batches: whose only dependent waits on nothing else, so it may wait for a staging buffer
+    may_wait: bool = False
     moves: list[Move] = field(default_factory=list)
     rows: int = 0  # pages of ``moves``
     deps: set["_Batch"] = field(default_factory=set)  # batches that must be done first
@@ -227,8 +231,8 @@ class TransferExecutor:
         return self.io
 
     # ------------------------------------------------------------------ planning batches
-    def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool) -> int:
-        if self._needs_staging(src, dst, swap):
+    def _rows_limit(self, src: Optional[CacheLevel], dst: CacheLevel, swap: bool, linked: bool = False) -> int:
+        if linked or self._needs_staging(src, dst, swap):
             return min(self.batch_rows, self.staging.rows)
         if K not in (src, dst):  # memory moves: no I/O admission or staging to bound them
             return self.memory_batch_rows
@@ -247,17 +251,18 @@ class TransferExecutor:
         """The plan's moves in batches of one (src, dst, swap) kind, each with its futures; every move's
         ``settled`` is its batch's ``done``. A move is never split (placement cuts moves at the batch rows);
         a batch takes moves of its kind until it holds ``batch rows`` pages."""
-        open_: dict[tuple[Optional[CacheLevel], CacheLevel, bool], _Batch] = {}
+        open_: dict[tuple[Optional[CacheLevel], CacheLevel, bool, bool], _Batch] = {}
         out: list[_Batch] = []
         for mv in plan.moves:
-            k = (mv.src, mv.dst, mv.swap)
+            linked = mv.after is not None and mv.after.swap
+            k = (mv.src, mv.dst, mv.swap, linked)
             n = len(mv.pids)
-            limit = self._rows_limit(mv.src, mv.dst, mv.swap)
+            limit = self._rows_limit(mv.src, mv.dst, mv.swap, linked)
             if n > limit:
                 raise RuntimeError(f"a move of {n} pages exceeds a batch of {limit} (Placement.max_group is too big)")
             b = open_.get(k)
             if b is None or b.rows + n > limit:
-                b = open_[k] = _Batch(mv.src, mv.dst, mv.swap)
+                b = open_[k] = _Batch(mv.src, mv.dst, mv.swap, linked)
                 b.done = loop.create_future()
                 b.read_done = loop.create_future() if mv.swap else None
                 out.append(b)
@@ -276,6 +281,10 @@ class TransferExecutor:
                     b.read_deps.add(dep)
                 elif dep is not b:
                     b.deps.add(dep)
+        for b in out:
+            if b.swap and len(b.deps) == 1 and not b.read_deps:
+                (promo,) = b.deps
+                b.may_wait = promo.read_deps == {b} and not promo.deps  # a pair waiting on nothing else
         for b in out:
             if b.src is not None and b.src != b.dst:
                 self.queued[(b.src, b.dst)] += b.rows * self.page_bytes
@@ -338,12 +347,18 @@ class TransferExecutor:
         """A swap batch: stage the sources, let the promotions take the slots, then write the destinations.
 
         Works page by page (one staging row each): a victim page whose promotion did not happen is restored
-        to its source slot. Swaps only move between memory levels, where copies do not fail.
+        to its source slot. Swaps only move between memory levels, where copies do not fail. A batch paired
+        with its own promotion batch waits for a swap buffer (the holders finish on their own); any other
+        never waits, taking a temporary buffer when every swap buffer is out.
         """
         src_l = cast(CacheLevel, b.src)  # a swap moves placed victims
         read_done = cast("asyncio.Future[None]", b.read_done)
-        buf = await self.staging.acquire(wait=False)  # never waits: promotions wait on this batch
+        buf = await self.staging.acquire("swap", wait=b.may_wait)
         try:
+            if state.stop:  # stopped while waiting for the buffer: the victims stay, their promotions abort
+                for m in b.moves:
+                    self.placement.abort_many(m)
+                return
             pairs = [(m, i) for m in b.moves for i in range(len(m.pids))]  # staging row r holds pairs[r]
             src_slots = [m.src_slots[i] for m, i in pairs]
             try:
