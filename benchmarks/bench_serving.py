@@ -51,7 +51,7 @@ if str(_ROOT / "examples") not in sys.path:
 from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, StoreConfig  # noqa: E402
 from kvstore.integrations.hf import PagedGeneration, layout_for_model  # noqa: E402
 from kvstore.integrations.models import build_model  # noqa: E402
-from kvstore.policy import PrefillModel, decide_reuse  # noqa: E402
+from kvstore.policy import PrefillModel, decide_reuse, reuse_forward_model  # noqa: E402
 
 from serve_chat import ChatConfig, LagMeter, run_chat  # noqa: E402
 
@@ -92,7 +92,7 @@ class TTFTBench:
         self.rng = np.random.default_rng(seed)
         self.vocab = int(model.config.vocab_size)
         self.prefill = PrefillModel()
-        self.reuse_forward = PrefillModel()  # the turn's forward over a reused history, by history length
+        self.reuse_forward = reuse_forward_model()  # the turn's forward over a reused history, by history length
 
     def tokens(self, n: int) -> list[int]:
         return [int(t) for t in self.rng.integers(1, self.vocab, n)]
@@ -168,7 +168,7 @@ async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, t
         warm = min(args.lengths)
         for first in (True, False):
             if not first:
-                bench.prefill, bench.reuse_forward = PrefillModel(), PrefillModel()
+                bench.prefill, bench.reuse_forward = PrefillModel(), reuse_forward_model()
             await bench.recompute(bench.tokens(warm + args.tail))
             for variant in VARIANTS:
                 await bench.reuse(bench.tokens(warm), variant)

@@ -45,7 +45,9 @@ from kvstore import (
 from kvstore.integrations.hf import layout_for_model
 from kvstore.integrations.hf_batch import BatchedGenerator, BatchRequest
 from kvstore.integrations.models import build_model
-from kvstore.policy import PrefillModel, ReuseChoice, decide_reuse, prefetch_start_time, wait_or_recompute
+from kvstore.policy import (
+    PrefillModel, ReuseChoice, decide_reuse, prefetch_start_time, reuse_forward_model, wait_or_recompute,
+)
 
 LEVELS = ("device", "host", "disk", "recomputed")
 
@@ -208,7 +210,7 @@ async def calibrate(
 ) -> tuple[PrefillModel, PrefillModel]:
     """(the model's prefill speed, its reuse forwards'): prompts of this workload's sizes prefilled from nothing,
     then a user turn after each of them, reusing it (the forward over a reused history, by its length)."""
-    prefill, reuse_forward = PrefillModel(), PrefillModel()
+    prefill, reuse_forward = PrefillModel(), reuse_forward_model()
     for n in (cfg.user_tokens, cfg.session_tokens // 2, cfg.session_tokens, cfg.user_tokens, cfg.session_tokens):
         prompt = [int(t) for t in rng.integers(1, vocab, n)]
         for reuse in (False, True):

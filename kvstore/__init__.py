@@ -18,6 +18,7 @@ from .policy import (
     ReuseChoice,
     decide_reuse,
     prefetch_start_time,
+    reuse_forward_model,
     should_start_prefetch,
     wait_or_recompute,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "TransferEstimate",
     "decide_reuse",
     "prefetch_start_time",
+    "reuse_forward_model",
     "should_start_prefetch",
     "wait_or_recompute",
 ]

@@ -5,6 +5,7 @@ A reusable prefix can be *loaded* (its pages brought to the device by the store;
 predicted by a :class:`PrefillModel` measured from the serving loop's own prefills). This module owns:
 
 - :class:`PrefillModel` — ``seconds = fixed_s + tokens * per_token_s``, a moving fit of observed prefills;
+  :func:`reuse_forward_model` — one with the priors of a turn's forward over a reused prefix;
 - :func:`decide_reuse` — load or recompute, whichever is predicted faster (with both predictions);
 - :func:`prefetch_start_time` / :func:`should_start_prefetch` — start a prefetch just in time for a deadline
   (not earlier: prefetched pages hold device memory that other requests could use);
@@ -27,12 +28,17 @@ from .types import TransferEstimate
 
 __all__ = [
     "PrefillModel", "ReuseChoice", "Decision", "decide_reuse", "prefetch_start_time", "should_start_prefetch",
-    "wait_or_recompute",
+    "wait_or_recompute", "reuse_forward_model",
 ]
 
 #: priors of a PrefillModel that has observed nothing: a few ms of fixed cost, 10k tokens/s
 DEFAULT_PREFILL_FIXED_S = 5e-3
 DEFAULT_PREFILL_PER_TOKEN_S = 1e-4
+#: priors of a reuse-forward model (a turn over a reused prefix, by the prefix's tokens): its cost is mostly fixed
+#: (the turn's own tokens) and grows slowly with the prefix it attends (on the H200 a 64-token turn took 20-53 ms
+#: over 1-32k reused tokens: ~1 us per reused token), so one observed size must not extrapolate in proportion
+DEFAULT_REUSE_FIXED_S = 5e-3
+DEFAULT_REUSE_PER_TOKEN_S = 1e-6
 #: weight of the newest observation in the moving fit
 DEFAULT_PREFILL_ALPHA = 0.2
 #: token counts spread less than this (relative standard deviation) fit only the fixed cost
@@ -125,6 +131,13 @@ class PrefillModel:
         self.fixed_s = fixed
 
 
+def reuse_forward_model(alpha: float = DEFAULT_PREFILL_ALPHA) -> PrefillModel:
+    """A :class:`PrefillModel` for ``decide_reuse(reuse_forward=...)``, observed as ``observe(reused tokens,
+    seconds)``, with the priors of a reuse forward: until reused sizes spread, one size moves its fixed cost and
+    keeps the small slope, where the prefill priors (10k tokens/s) would predict a 2x longer prefix to take 2x."""
+    return PrefillModel(DEFAULT_REUSE_FIXED_S, DEFAULT_REUSE_PER_TOKEN_S, alpha)
+
+
 class ReuseChoice(enum.Enum):
     """What to do with a reusable prefix."""
 
@@ -164,8 +177,8 @@ def decide_reuse(
     ``estimate.seconds`` plus the forward of the new tokens over the loaded prefix. That forward attends the whole
     prefix, so its cost grows with the prefix, not only with ``new_tokens``: pass ``reuse_forward``, a
     :class:`PrefillModel` of the loop's own reuse forwards observed as ``observe(reused tokens, seconds)`` at its
-    usual turn size, and it predicts that part as ``reuse_forward.seconds(reusable_tokens)``. Without it the part
-    is ``prefill.seconds(new_tokens)``, which misses the attention over the prefix (on the H200 a 64-token turn
+    usual turn size (made by :func:`reuse_forward_model`), and it predicts that part as
+    ``reuse_forward.seconds(reusable_tokens)``. Without it the part is ``prefill.seconds(new_tokens)``, which misses the attention over the prefix (on the H200 a 64-token turn
     over 1-32k reused tokens took 20-53 ms, a fresh 64-token prefill a few ms; docs/serving_benchmarks.md)."""
     if not isinstance(prefill, PrefillModel):
         raise InvalidArgumentError(f"decide_reuse() prefill must be a PrefillModel, got {describe(prefill)}")

@@ -8,7 +8,7 @@ import pytest
 
 from kvstore import (
     CacheLevel, Decision, InvalidArgumentError, PrefillModel, ReuseChoice, TransferEstimate, decide_reuse,
-    prefetch_start_time, should_start_prefetch, wait_or_recompute,
+    prefetch_start_time, reuse_forward_model, should_start_prefetch, wait_or_recompute,
 )
 
 
@@ -184,3 +184,17 @@ def test_a_reuse_forward_model_prices_the_attention_over_the_loaded_prefix():
     assert late == priced
     with pytest.raises(InvalidArgumentError, match="reuse_forward"):
         decide_reuse(transfer, 2000, prefill, reuse_forward=0.2)
+
+
+def test_a_reuse_forward_model_seen_at_one_size_does_not_extrapolate_in_proportion():
+    """The 8b row of run 11: reuse forwards seen at 1k reused tokens only (45 ms). The prefill priors make the
+    fit proportional (90 ms at 2k), so a 2k prefix was recomputed (75 ms) where reusing it took 50 ms."""
+    seen = 0.045
+    plain, reuse = PrefillModel(), reuse_forward_model()
+    for m in (plain, reuse):
+        m.observe(1024, seen)
+    assert plain.seconds(2048) == pytest.approx(2 * seen)
+    assert reuse.seconds(2048) == pytest.approx(seen + 1024 * reuse.per_token_s) and reuse.seconds(2048) < 0.05
+    prefill = PrefillModel(fixed_s=0.0, per_token_s=0.075 / 2112)  # 2k + 64 tokens recomputed in 75 ms
+    assert decide_reuse(0.0, 2048, prefill, new_tokens=64, reuse_forward=reuse).load
+    assert not decide_reuse(0.0, 2048, prefill, new_tokens=64, reuse_forward=plain).load
