@@ -179,7 +179,8 @@ async def test_swaps_beyond_the_swap_buffers_wait_for_one_and_keep_data(make_sto
         ex = mgr._executor
         a, da = await new_filled_cache(mgr, 8, seed=1)
         b, db = await new_filled_cache(mgr, 8, seed=2)
-        made, real_make = [], ex.staging._make
+        kinds = ex.staging._kinds
+        made, real_make, kept = [], ex.staging._make, kinds["io"].made + kinds["swap"].made  # prepared if pinned
         monkeypatch.setattr(ex.staging, "_make", lambda: made.append(1) or real_make())
         real_batches, batches = ex._batches, []
         monkeypatch.setattr(ex, "_batches", lambda plan, loop: batches.extend(real_batches(plan, loop)) or
@@ -189,7 +190,8 @@ async def test_swaps_beyond_the_swap_buffers_wait_for_one_and_keep_data(make_sto
         assert len(swaps) == 4 and all(x.rows == 2 and x.may_wait for x in swaps)
         promos = [x for x in batches if x.linked]
         assert [x.read_deps for x in promos] == [{x} for x in swaps]  # one promotion batch per swap batch
-        assert made == [1], "the one swap buffer, made once; no temporary buffer"
+        assert kinds["swap"].made == 1, "one swap buffer, made once"
+        assert len(made) == kinds["io"].made + kinds["swap"].made - kept, "every buffer made is kept: no temporary"
         assert levels(a) == {CacheLevel.DEVICE: 8} and levels(b) == {CacheLevel.HOST: 8}
         await assert_data(mgr, b, db)
         mgr.check_invariants()
