@@ -48,7 +48,9 @@ if str(_ROOT) not in sys.path:  # run from a checkout without installing
 if str(_ROOT / "examples") not in sys.path:
     sys.path.insert(0, str(_ROOT / "examples"))
 
-from kvstore import CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, StoreConfig  # noqa: E402
+from kvstore import (  # noqa: E402
+    CacheLevel, DeviceTier, DiskTier, HostTier, KVCacheManager, StoreConfig, TransferEstimate,
+)
 from kvstore.integrations.hf import PagedGeneration, layout_for_model  # noqa: E402
 from kvstore.integrations.models import build_model  # noqa: E402
 from kvstore.policy import PrefillModel, decide_reuse, reuse_forward_model  # noqa: E402
@@ -149,7 +151,16 @@ class TTFTBench:
             self.reuse_forward.observe(reusable, seconds)
         return {"seconds": seconds, "where": where, "reused_tokens": reusable, "cold": dropped,
                 "policy": decision.choice.name.lower(), "predicted_load_s": decision.load_s,
-                "predicted_recompute_s": decision.recompute_s}
+                "predicted_recompute_s": decision.recompute_s, "estimate": estimate_record(estimate)}
+
+
+def estimate_record(est: TransferEstimate) -> dict[str, Any]:
+    """The policy's transfer estimate, hop by hop (what each hop's bandwidth and queue predicted)."""
+    return {"seconds": est.seconds, "paths": {
+        f"{s.name.lower()}_to_{d.name.lower()}": {
+            "pages": c.pages, "queued_bytes": c.queued_bytes, "seconds": c.seconds,
+            "gb_per_s": c.estimate.bytes_per_s / 1e9, "latency_s": c.estimate.latency_s}
+        for (s, d), c in est.paths.items()}}
 
 
 async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, tmp: str) -> list[dict[str, Any]]:
@@ -179,6 +190,8 @@ async def run_ttft(args: argparse.Namespace, shape: str, device: torch.device, t
                 runs = [await bench.reuse(bench.tokens(length), variant) for _ in range(args.reps)]
                 runs.sort(key=lambda r: r["seconds"])
                 mid = runs[len(runs) // 2]
+                mid["reps"] = [{k: r[k] for k in ("seconds", "policy", "predicted_load_s", "predicted_recompute_s")}
+                               for r in runs]  # every run's pick and predictions (the row keeps the median's)
                 row[variant] = mid
             rows.append(row)
             print(ttft_line(row), flush=True)
