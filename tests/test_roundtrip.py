@@ -82,6 +82,32 @@ def _plans(mgr) -> list:
     return made
 
 
+async def _cancel_resume_at_its_first_copy(mgr, cache) -> None:
+    """Resume ``cache``, hold the plan's first copy (a swap batch staging its victims) at a gate, cancel the
+    resume there, then open the gate; the resume raises CancelledError."""
+    copier = mgr._executor.copier
+    real = copier.copy
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def gated(segments, lane, after=None):
+        if not entered.is_set():
+            entered.set()
+            await gate.wait()
+        return await real(segments, lane, after)
+
+    copier.copy = gated
+    try:
+        task = asyncio.ensure_future(cache.resume())
+        await until(entered.is_set, "the first swap batch is staging")
+        task.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        copier.copy = real
+
+
 async def test_resume_swaps_many_pages_at_once_and_keeps_data(make_store):
     # device and host both full: resuming the host-resident cache swaps 8 pages, planned as multi-page moves
     async with make_store(device=8, host=8, disk=0) as mgr:
@@ -141,27 +167,7 @@ async def test_resume_cancelled_while_its_swap_victims_are_staged_restores_them(
         a, da = await new_filled_cache(mgr, 8, seed=1)
         b, db = await new_filled_cache(mgr, 8, seed=2)
         plans = _plans(mgr)
-        copier = mgr._executor.copier
-        real = copier.copy
-        gate, entered = asyncio.Event(), asyncio.Event()
-
-        async def gated(segments, lane, after=None):
-            if not entered.is_set():  # the first copy of the plan: the swap batch staging its victims
-                entered.set()
-                await gate.wait()
-            return await real(segments, lane, after)
-
-        copier.copy = gated
-        try:
-            task = asyncio.ensure_future(a.resume())
-            await until(entered.is_set, "the swap batch is staging")
-            task.cancel()
-            await asyncio.sleep(0)
-            gate.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            copier.copy = real
+        await _cancel_resume_at_its_first_copy(mgr, a)
         (swap,) = [m for m in plans[0].moves if m.swap]
         assert len(swap.pages) == 8 and [st.value for st in swap.state] == ["aborted"] * 8
         assert levels(a) == {CacheLevel.HOST: 8} and levels(b) == {CacheLevel.DEVICE: 8}
@@ -207,27 +213,7 @@ async def test_resume_cancelled_while_swaps_wait_for_the_swap_buffer_restores_ev
         a, da = await new_filled_cache(mgr, 8, seed=1)
         b, db = await new_filled_cache(mgr, 8, seed=2)
         plans = _plans(mgr)
-        copier = mgr._executor.copier
-        real = copier.copy
-        gate, entered = asyncio.Event(), asyncio.Event()
-
-        async def gated(segments, lane, after=None):
-            if not entered.is_set():  # the first swap batch staging its victims
-                entered.set()
-                await gate.wait()
-            return await real(segments, lane, after)
-
-        copier.copy = gated
-        try:
-            task = asyncio.ensure_future(a.resume())
-            await until(entered.is_set, "the first swap batch is staging")
-            task.cancel()
-            await asyncio.sleep(0)
-            gate.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            copier.copy = real
+        await _cancel_resume_at_its_first_copy(mgr, a)
         swaps = [m for m in plans[0].moves if m.swap]
         assert len(swaps) == 4 and all(st.value == "aborted" for m in swaps for st in m.state)
         assert levels(a) == {CacheLevel.HOST: 8} and levels(b) == {CacheLevel.DEVICE: 8}

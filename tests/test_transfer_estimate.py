@@ -203,15 +203,24 @@ async def test_disk_pages_cost_more_than_host_pages_when_the_disk_is_slower(make
         assert mixed.seconds == pytest.approx(max(mixed.paths[(K, D)].seconds, mixed.paths[(H, D)].seconds))
 
 
+async def _committed_prefix(mgr, pages: int, on_disk: bool = False) -> list[int]:
+    """Tokens of ``pages`` whole pages committed by a cache closed since (its pages stay indexed), on disk if
+    ``on_disk``."""
+    tokens = list(range(pages * LAYOUT.tokens_per_page))
+    cache = mgr.create_cache(tokens)
+    await cache.resume()
+    await cache.resize(len(tokens))
+    cache.commit(tokens)
+    cache.suspend()
+    if on_disk:
+        await sink_to_disk(mgr, cache)
+    cache.close()
+    return tokens
+
+
 async def test_prefix_transfer_estimate_uses_the_local_match(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        tokens = list(range(3 * LAYOUT.tokens_per_page))
-        cache = mgr.create_cache(tokens)
-        await cache.resume()
-        await cache.resize(len(tokens))
-        cache.commit(tokens)
-        cache.suspend()
-        cache.close()
+        tokens = await _committed_prefix(mgr, 3)
         match = mgr.lookup(tokens)
         assert mgr.prefix_transfer_estimate(tokens, D) == mgr.transfer_estimate(match.pages_per_level, D)
         assert mgr.prefix_transfer_estimate([1, 2], D).seconds == 0.0  # no whole page: nothing to move
@@ -219,14 +228,7 @@ async def test_prefix_transfer_estimate_uses_the_local_match(make_store):
 
 async def test_lookup_with_a_target_prices_the_match_from_one_pass_over_the_tokens(make_store):
     async with make_store(device=4, host=4, disk=32) as mgr:
-        tokens = list(range(3 * LAYOUT.tokens_per_page))
-        cache = mgr.create_cache(tokens)
-        await cache.resume()
-        await cache.resize(len(tokens))
-        cache.commit(tokens)
-        cache.suspend()
-        await sink_to_disk(mgr, cache)
-        cache.close()
+        tokens = await _committed_prefix(mgr, 3, on_disk=True)
         calls = []
         real = mgr._match
         mgr._match = lambda arr: calls.append(1) or real(arr)
