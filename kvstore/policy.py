@@ -178,8 +178,9 @@ def decide_reuse(
     prefix, so its cost grows with the prefix, not only with ``new_tokens``: pass ``reuse_forward``, a
     :class:`PrefillModel` of the loop's own reuse forwards observed as ``observe(reused tokens, seconds)`` at its
     usual turn size (made by :func:`reuse_forward_model`), and it predicts that part as
-    ``reuse_forward.seconds(reusable_tokens)``. Without it the part is ``prefill.seconds(new_tokens)``, which misses the attention over the prefix (on the H200 a 64-token turn
-    over 1-32k reused tokens took 20-53 ms, a fresh 64-token prefill a few ms; docs/serving_benchmarks.md)."""
+    ``reuse_forward.seconds(reusable_tokens)``. Without it the part is ``prefill.seconds(new_tokens)``, which
+    misses the attention over the prefix (on the H200 a 64-token turn over 1-32k reused tokens took 20-53 ms, a
+    fresh 64-token prefill a few ms; docs/serving_benchmarks.md)."""
     if not isinstance(prefill, PrefillModel):
         raise InvalidArgumentError(f"decide_reuse() prefill must be a PrefillModel, got {describe(prefill)}")
     if reuse_forward is not None and not isinstance(reuse_forward, PrefillModel):

@@ -16,7 +16,7 @@ import bisect
 import ctypes
 import logging
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -245,7 +245,7 @@ class StagingPool:
     def swap_count(self) -> int:
         return self._kinds["swap"].count
 
-    async def acquire(self, kind: str = "io", wait: bool = True) -> torch.Tensor:
+    async def acquire(self, kind: Literal["io", "swap"] = "io", wait: bool = True) -> torch.Tensor:
         """A buffer of ``kind`` (``"io"`` or ``"swap"``); see the class docstring for ``wait=False``."""
         k = self._kinds[kind]
         sem = k.semaphore()
