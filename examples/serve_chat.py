@@ -314,8 +314,8 @@ class ChatServer:
             choice = wait_or_recompute(s.holder.transfer_estimate(CacheLevel.DEVICE), self.prefill, reusable,
                                        new_tokens=len(s.prompt) - reusable, reuse_forward=self.reuse_forward).choice
             return False if choice is ReuseChoice.RECOMPUTE else None
-        if s.match is None:  # looked up once per turn (a lookup hashes the whole prompt on the loop's thread),
-            s.match = self.mgr.lookup(s.prompt[:-1], CacheLevel.DEVICE)  # priced with its disk pages probed
+        if s.match is None:  # once per turn (a lookup hashes the whole prompt on the loop's thread); the match
+            s.match = self.mgr.lookup(s.prompt[:-1], CacheLevel.DEVICE)  # comes priced, its disk pages probed
         match = s.match
         if match.num_tokens == 0 or match.pages_per_level.get(CacheLevel.DEVICE, 0) * self.cfg.tokens_per_page \
                 == match.num_tokens:
