@@ -387,15 +387,15 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 gbps = float(phase.split()[1]) if phase.startswith("with") else None
                 mover = asyncio.ensure_future(traffic(stop, gbps)) if gbps is not None else None
                 before, incomplete = moved["pages"], moved["incomplete"]
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 times = await timed_steps()
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
                 stop.set()
                 if mover is not None:
                     await mover
                 max_lag, p99_lag = await lag.stop()
                 fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_max": 1e3 * max(times),
-                       "max_lag_ms": max_lag, "p99_lag_ms": p99_lag,
+                       "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
                        "gb_per_s_moved": (moved["pages"] - before) * pb / wall / 1e9,
                        "incomplete_prefetches": moved["incomplete"] - incomplete}
                 if gbps is None:
@@ -408,7 +408,8 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 w["slowdown"] = w["step_ms_median"] / base
                 print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
                       f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
-                      f"{w['slowdown']:.3f}x", flush=True)
+                      f"{w['slowdown']:.3f}x; loop thread busy {w['loop_cpu_share']:.0%} "
+                      f"(alone {run['alone']['loop_cpu_share']:.0%})", flush=True)
             out["runs"].append(run)
         for h in holders:
             h.close()
@@ -419,8 +420,8 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Overlap: decode step of a running batch with prefetches and demotions running "
            "(target < 5 % slower)", "",
            "| shape | decode | batch x context | paced GB/s | step alone ms | step with transfers ms | slower by | "
-           "moved GB/s | loop lag max / p99 ms (alone, with) |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "moved GB/s | loop lag max / p99 ms (alone, with) | loop thread busy (alone, with) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         for run in r["runs"]:
             a = run["alone"]
@@ -430,7 +431,8 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"| {r['shape']} | {run['decode']} | {r['batch']} x {r['context']} | {paced} | {base:.2f} | "
                            f"{w['step_ms_median']:.2f} | {100 * (w['slowdown'] - 1):+.1f} % | "
                            f"{w['gb_per_s_moved']:.2f} | {a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, "
-                           f"{w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} |")
+                           f"{w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} | "
+                           f"{a['loop_cpu_share']:.0%}, {w['loop_cpu_share']:.0%} |")
     return out
 
 

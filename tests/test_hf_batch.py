@@ -278,6 +278,69 @@ async def test_a_forward_beyond_the_reserved_pages_raises_invalid_state(model, t
             kv.close()
 
 
+def _resize_calls(monkeypatch) -> list[int]:
+    """Record the token count of every KVCache.resize() call (then run it)."""
+    from kvstore.cache import KVCache
+
+    calls: list[int] = []
+    real = KVCache.resize
+
+    async def resize(self, num_tokens: int) -> None:
+        calls.append(num_tokens)
+        await real(self, num_tokens)
+
+    monkeypatch.setattr(KVCache, "resize", resize)
+    return calls
+
+
+async def test_a_reserve_within_the_rows_pages_neither_resizes_nor_yields(model, tmp_path, monkeypatch):
+    """Most decode steps need no new page: their reserve must not pass through the event loop, where it would queue
+    behind every other ready callback (prefetches and demotions) at each await."""
+    async with _manager(model, tmp_path, 4) as mgr:
+        kvs = await _two_active(mgr)
+        for kv in kvs:
+            await kv.resize(8)
+        calls = _resize_calls(monkeypatch)
+        batch = PagedBatchCache(mgr, kvs, [0, 0])
+        other = asyncio.ensure_future(asyncio.sleep(0))  # runs at the loop's next pass
+        await batch.reserve([8, 5])
+        assert calls == [] and not other.done()
+        await batch.reserve([9, 5])  # nothing written yet, so past is still 0: row 0 needs a third page
+        assert calls == [9] and kvs[0].num_pages == 3
+        await batch.reserve([12, 10])  # row 0 grows within its pages (no pass of the loop), row 1 by a page
+        assert sorted(calls) == [9, 10, 12] and [kv.num_tokens for kv in kvs] == [12, 10]
+        await other
+        for kv in kvs:
+            kv.close()
+
+
+async def test_a_reserve_with_a_row_not_active_changes_no_row(model, tmp_path, monkeypatch):
+    async with _manager(model, tmp_path, 4) as mgr:
+        kvs = await _two_active(mgr)
+        kvs[1].suspend()
+        calls = _resize_calls(monkeypatch)
+        batch = PagedBatchCache(mgr, kvs, [0, 0])
+        with pytest.raises(InvalidStateError, match="ACTIVE.*SUSPENDED"):
+            await batch.reserve([5, 3])
+        assert calls == [] and kvs[0].num_tokens == 0
+        for kv in kvs:
+            kv.close()
+
+
+async def test_a_decode_step_within_its_pages_does_not_yield(model, tmp_path):
+    """A step on the loop's thread whose rows all fit their pages completes without a pass of the event loop."""
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr, forward_thread=False)
+        reqs = [gen.add(_prompt(5, seed=140 + i), 4) for i in range(2)]
+        await gen.step()  # prefill: 5 tokens in 2 pages, room up to 8
+        other = asyncio.ensure_future(asyncio.sleep(0))
+        await gen.step()  # token 6 fits
+        assert not other.done()
+        await gen.run()
+        await other
+    assert [r.generated for r in reqs] == [_reference(model, _prompt(5, seed=140 + i), 4) for i in range(2)]
+
+
 async def test_paged_batch_cache_argument_errors(model, tmp_path):
     async with _manager(model, tmp_path, 4) as mgr:
         kvs = await _two_active(mgr)

@@ -199,10 +199,15 @@ def _scatter_gather(
     return past[0], past[1]
 
 
-async def _ensure_capacity(kv: KVCache, num_tokens: int) -> None:
-    """Grow the ACTIVE ``kv`` to hold ``num_tokens`` tokens (never shrinks it)."""
+def _check_active(kv: KVCache) -> None:
+    """Raise unless ``kv`` is ACTIVE (a reserve() needs its pages on the device)."""
     if kv.status is not CacheStatus.ACTIVE:
         raise InvalidStateError(f"reserve() needs an ACTIVE cache, it is {kv.status.name}; resume() it")
+
+
+async def _ensure_capacity(kv: KVCache, num_tokens: int) -> None:
+    """Grow the ACTIVE ``kv`` to hold ``num_tokens`` tokens (never shrinks it)."""
+    _check_active(kv)
     if num_tokens > kv.num_tokens:
         await kv.resize(num_tokens)
 

@@ -31,7 +31,7 @@ from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
-    _CacheOwner, _commit_full_pages, _ensure_capacity, _forward_kwargs, _PoolGeometry, _PoolLayer, _scatter_gather,
+    _CacheOwner, _check_active, _commit_full_pages, _forward_kwargs, _PoolGeometry, _PoolLayer, _scatter_gather,
     attention_backends,
 )
 from kvstore.integrations.hf_graph import DecodeGraphs
@@ -45,7 +45,15 @@ _MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4
 
 
 async def _settle(awaitables: Sequence[Awaitable[Any]]) -> None:
-    """Await all concurrently; once every one has finished, raise the first error (if any)."""
+    """Await all concurrently; once every one has finished, raise the first error (if any).
+
+    None or one is awaited in place: no task and no extra pass of the event loop, so a decode step whose rows need
+    nothing (most steps) does not queue behind other callbacks at each of its awaits.
+    """
+    if len(awaitables) <= 1:
+        for only in awaitables:
+            await only
+        return
     results = await asyncio.gather(*awaitables, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -208,8 +216,9 @@ class PagedBatchCache(Cache):
     async def reserve(self, num_new_tokens: Sequence[int]) -> None:
         """Plan the next forward (``num_new_tokens[b]`` >= 1 new tokens of row ``b``) and make room for it.
 
-        Every cache must be ACTIVE; they are resized concurrently. If any resize fails, the error is raised after
-        all have settled and no forward is planned (caches that grew keep their pages; nothing else changes).
+        Every cache must be ACTIVE (else InvalidStateError, before anything changes). Those that need more pages
+        are resized concurrently; if any resize fails, the error is raised after all have settled and no forward is
+        planned (caches that grew keep their pages; nothing else changes).
         """
         if len(num_new_tokens) != self.batch_size:
             raise InvalidArgumentError(
@@ -220,7 +229,15 @@ class PagedBatchCache(Cache):
         past = self.seq_lengths
         self._plan = self._index = None
         self._undo = past
-        await _settle([_ensure_capacity(kv, p + n) for kv, p, n in zip(self._kvs, past, num_new_tokens)])
+        for kv in self._kvs:
+            _check_active(kv)
+        wanted = [(kv, p + n) for kv, p, n in zip(self._kvs, past, num_new_tokens) if p + n > kv.num_tokens]
+        tpp = self._geometry.tokens_per_page
+        growing = [(kv, n) for kv, n in wanted if -(-n // tpp) > kv.num_pages]
+        await _settle([kv.resize(n) for kv, n in growing])  # these wait for room: concurrently
+        for kv, n in wanted:
+            if (kv, n) not in growing:
+                await kv.resize(n)  # within its pages: completes without a pass of the event loop
         # the page table is read here, on the event loop's thread (the forward may run on another one)
         self._pages = tuple(kv.page_indices() for kv in self._kvs)
         self._plan = _Plan(past, [int(n) for n in num_new_tokens])
