@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -363,6 +364,7 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                         await asyncio.sleep(ahead)
                 i += 1
 
+        raw = RawCopies(device, mgr.config.batch_bytes) if device.type == "cuda" else None
         for decode in args.decode:
             gen = BatchedGenerator(model, mgr, cuda_graphs=decode == "graphs")
             for _ in range(batch):
@@ -379,13 +381,16 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                     times.append(time.perf_counter() - t0)
                 return times
 
-            run: dict[str, Any] = {"decode": decode, "with": []}
-            for phase in ["alone"] + [f"with {r:g}" for r in args.overlap_gbps] + ["alone_again"]:
+            run: dict[str, Any] = {"decode": decode, "with": [], "raw": []}
+            phases = ["alone"] + [f"with {r:g}" for r in args.overlap_gbps]
+            phases += [f"raw {r:g}" for r in args.overlap_gbps if raw is not None] + ["alone_again"]
+            for phase in phases:
                 lag = LagMeter()
                 lag.start()
                 stop = asyncio.Event()
-                gbps = float(phase.split()[1]) if phase.startswith("with") else None
-                mover = asyncio.ensure_future(traffic(stop, gbps)) if gbps is not None else None
+                kind, gbps = (phase.split()[0], float(phase.split()[1])) if " " in phase else (phase, None)
+                mover = asyncio.ensure_future(traffic(stop, gbps)) if kind == "with" and gbps is not None else None
+                raw_thread = raw.start(gbps) if kind == "raw" and raw is not None and gbps is not None else None
                 before, incomplete = moved["pages"], moved["incomplete"]
                 t0, cpu0 = time.perf_counter(), time.thread_time()
                 times = await timed_steps()
@@ -393,44 +398,99 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 stop.set()
                 if mover is not None:
                     await mover
+                raw_bytes = await asyncio.to_thread(raw.stop) if raw_thread is not None and raw is not None else 0
                 max_lag, p99_lag = await lag.stop()
                 fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_max": 1e3 * max(times),
                        "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
-                       "gb_per_s_moved": (moved["pages"] - before) * pb / wall / 1e9,
+                       "gb_per_s_moved": ((moved["pages"] - before) * pb + raw_bytes / 2) / wall / 1e9,
                        "incomplete_prefetches": moved["incomplete"] - incomplete}
                 if gbps is None:
                     run[phase] = fig
                 else:
-                    run["with"].append(dict(fig, paced_gbps=gbps))
+                    run[kind].append(dict(fig, paced_gbps=gbps))
             gen.close()
             base = min(run["alone"]["step_ms_median"], run["alone_again"]["step_ms_median"])
-            for w in run["with"]:
+            for w in run["with"] + run["raw"]:
                 w["slowdown"] = w["step_ms_median"] / base
+            for w, r in itertools.zip_longest(run["with"], run["raw"]):
+                raw_part = "" if r is None else f"; raw copies of as many bytes: {r['slowdown']:.3f}x " \
+                    f"({r['gb_per_s_moved']:.1f} GB/s)"
                 print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
                       f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
                       f"{w['slowdown']:.3f}x; loop thread busy {w['loop_cpu_share']:.0%} "
-                      f"(alone {run['alone']['loop_cpu_share']:.0%})", flush=True)
+                      f"(alone {run['alone']['loop_cpu_share']:.0%}){raw_part}", flush=True)
             out["runs"].append(run)
         for h in holders:
             h.close()
     return out
 
 
+class RawCopies:
+    """The hardware's own cost of the overlap's traffic: one thread copying a pinned buffer to the device and
+    another device buffer back, ``nbytes`` (one kvstore batch) at a time on two streams of their own, flat out or
+    paced to ``gbps`` of both directions (as the kvstore traffic counts). Buffers are made once, up front."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.device, self.nbytes = device, nbytes
+        self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.dev_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.dev_out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.moved = 0
+
+    def start(self, gbps: float) -> threading.Thread:
+        self._stop.clear()
+        self.moved = 0
+        self._thread = threading.Thread(target=self._run, args=(gbps,), name="raw-copies", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> int:
+        """Stop, wait for the thread; the bytes it moved (both directions)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.moved
+
+    def _run(self, gbps: float) -> None:
+        h2d, d2h = self.streams
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            with torch.cuda.stream(h2d):
+                self.dev_in.copy_(self.src, non_blocking=True)
+            with torch.cuda.stream(d2h):
+                self.dst.copy_(self.dev_out, non_blocking=True)
+            h2d.synchronize()  # GIL released while waiting
+            d2h.synchronize()
+            self.moved += 2 * self.nbytes
+            if gbps > 0:
+                ahead = self.moved / (gbps * 1e9) - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+
 def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Overlap: decode step of a running batch with prefetches and demotions running "
            "(target < 5 % slower)", "",
            "| shape | decode | batch x context | paced GB/s | step alone ms | step with transfers ms | slower by | "
-           "moved GB/s | loop lag max / p99 ms (alone, with) | loop thread busy (alone, with) |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+           "moved GB/s | raw copies: slower by (GB/s) | loop lag max / p99 ms (alone, with) | "
+           "loop thread busy (alone, with) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         for run in r["runs"]:
             a = run["alone"]
             base = min(a["step_ms_median"], run["alone_again"]["step_ms_median"])
+            raws = {x["paced_gbps"]: x for x in run.get("raw", [])}
             for w in run["with"]:
                 paced = f"{w['paced_gbps']:g}" if w["paced_gbps"] > 0 else "flat out"
+                x = raws.get(w["paced_gbps"])
+                raw = "-" if x is None else f"{100 * (x['slowdown'] - 1):+.1f} % ({x['gb_per_s_moved']:.1f})"
                 out.append(f"| {r['shape']} | {run['decode']} | {r['batch']} x {r['context']} | {paced} | {base:.2f} | "
                            f"{w['step_ms_median']:.2f} | {100 * (w['slowdown'] - 1):+.1f} % | "
-                           f"{w['gb_per_s_moved']:.2f} | {a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, "
+                           f"{w['gb_per_s_moved']:.2f} | {raw} | {a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, "
                            f"{w['max_lag_ms']:.2f} / {w['p99_lag_ms']:.2f} | "
                            f"{a['loop_cpu_share']:.0%}, {w['loop_cpu_share']:.0%} |")
     return out
