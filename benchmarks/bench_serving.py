@@ -328,7 +328,8 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
     batch, context, steps = args.overlap_batch, args.overlap_context, args.overlap_steps
     tpp = args.tokens_per_page
     layout = layout_for_model(model, tpp)
-    max_new = (2 + len(args.overlap_gbps)) * steps + 10  # prefill, 3 warm-up steps, the phases of ``steps``
+    # prefill, 3 warm-up steps, then phases of ``steps``: alone, with each rate, raw copies at each rate, alone again
+    max_new = (2 + 2 * len(args.overlap_gbps)) * steps + 10
     run_pages = batch * (-(-(context + max_new) // tpp) + 1)
     mover_pages = -(-context * 2 // tpp)  # one background session of twice the context
     movers = 4
@@ -376,21 +377,25 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
             async def timed_steps() -> list[float]:
                 times = []
                 for _ in range(steps):
+                    if len(gen.running) != batch:
+                        raise RuntimeError("overlap: a request finished before its phases did; raise max_new")
                     t0 = time.perf_counter()
                     await gen.step()
                     times.append(time.perf_counter() - t0)
                 return times
 
             run: dict[str, Any] = {"decode": decode, "with": [], "raw": []}
-            phases = ["alone"] + [f"with {r:g}" for r in args.overlap_gbps]
-            phases += [f"raw {r:g}" for r in args.overlap_gbps if raw is not None] + ["alone_again"]
-            for phase in phases:
+            phases: list[tuple[str, Optional[float]]] = [("alone", None)]
+            phases += [("with", r) for r in args.overlap_gbps]
+            phases += [("raw", r) for r in args.overlap_gbps if raw is not None] + [("alone_again", None)]
+            for kind, gbps in phases:
                 lag = LagMeter()
                 lag.start()
                 stop = asyncio.Event()
-                kind, gbps = (phase.split()[0], float(phase.split()[1])) if " " in phase else (phase, None)
                 mover = asyncio.ensure_future(traffic(stop, gbps)) if kind == "with" and gbps is not None else None
-                raw_thread = raw.start(gbps) if kind == "raw" and raw is not None and gbps is not None else None
+                copier = raw if kind == "raw" else None
+                if copier is not None and gbps is not None:
+                    copier.start(gbps)
                 before, incomplete = moved["pages"], moved["incomplete"]
                 t0, cpu0 = time.perf_counter(), time.thread_time()
                 times = await timed_steps()
@@ -398,14 +403,14 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 stop.set()
                 if mover is not None:
                     await mover
-                raw_bytes = await asyncio.to_thread(raw.stop) if raw_thread is not None and raw is not None else 0
+                raw_bytes = await asyncio.to_thread(copier.stop) if copier is not None else 0
                 max_lag, p99_lag = await lag.stop()
                 fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_max": 1e3 * max(times),
                        "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
                        "gb_per_s_moved": ((moved["pages"] - before) * pb + raw_bytes / 2) / wall / 1e9,
                        "incomplete_prefetches": moved["incomplete"] - incomplete}
                 if gbps is None:
-                    run[phase] = fig
+                    run[kind] = fig
                 else:
                     run[kind].append(dict(fig, paced_gbps=gbps))
             gen.close()
@@ -441,12 +446,11 @@ class RawCopies:
         self._thread: Optional[threading.Thread] = None
         self.moved = 0
 
-    def start(self, gbps: float) -> threading.Thread:
+    def start(self, gbps: float) -> None:
         self._stop.clear()
         self.moved = 0
         self._thread = threading.Thread(target=self._run, args=(gbps,), name="raw-copies", daemon=True)
         self._thread.start()
-        return self._thread
 
     def stop(self) -> int:
         """Stop, wait for the thread; the bytes it moved (both directions)."""
