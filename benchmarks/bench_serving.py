@@ -328,8 +328,9 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
     batch, context, steps = args.overlap_batch, args.overlap_context, args.overlap_steps
     tpp = args.tokens_per_page
     layout = layout_for_model(model, tpp)
-    # prefill, 3 warm-up steps, then phases of ``steps``: alone, with each rate, raw copies at each rate, alone again
-    max_new = (2 + 2 * len(args.overlap_gbps)) * steps + 10
+    # prefill, 3 warm-up steps, then phases of ``steps``: alone, with each rate, raw copies at each of those rates
+    # and flat out, alone again
+    max_new = (3 + 2 * len(args.overlap_gbps)) * steps + 10
     run_pages = batch * (-(-(context + max_new) // tpp) + 1)
     mover_pages = -(-context * 2 // tpp)  # one background session of twice the context
     movers = 4
@@ -385,17 +386,22 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                 return times
 
             run: dict[str, Any] = {"decode": decode, "with": [], "raw": []}
+            # raw copies run once per kvstore phase, paced to the bytes that phase moved (both directions, as the
+            # kvstore pacing counts them), then once flat out ("raw_max"): the hardware's share and its ceiling
             phases: list[tuple[str, Optional[float]]] = [("alone", None)]
             phases += [("with", r) for r in args.overlap_gbps]
-            phases += [("raw", r) for r in args.overlap_gbps if raw is not None] + [("alone_again", None)]
+            if raw is not None:
+                phases += [("raw", r) for r in args.overlap_gbps] + [("raw_max", 0.0)]
+            phases.append(("alone_again", None))
             for kind, gbps in phases:
                 lag = LagMeter()
                 lag.start()
                 stop = asyncio.Event()
                 mover = asyncio.ensure_future(traffic(stop, gbps)) if kind == "with" and gbps is not None else None
-                copier = raw if kind == "raw" else None
+                copier = raw if kind in ("raw", "raw_max") else None
                 if copier is not None and gbps is not None:
-                    copier.start(gbps)
+                    same = next((w for w in run["with"] if w["paced_gbps"] == gbps), None) if kind == "raw" else None
+                    copier.start(0.0 if same is None else 2 * same["gb_per_s_moved"])
                 before, incomplete = moved["pages"], moved["incomplete"]
                 t0, cpu0 = time.perf_counter(), time.thread_time()
                 times = await timed_steps()
@@ -409,21 +415,25 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                        "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
                        "gb_per_s_moved": ((moved["pages"] - before) * pb + raw_bytes / 2) / wall / 1e9,
                        "incomplete_prefetches": moved["incomplete"] - incomplete}
-                if gbps is None:
+                if kind != "with" and kind != "raw":
                     run[kind] = fig
                 else:
                     run[kind].append(dict(fig, paced_gbps=gbps))
             gen.close()
             base = min(run["alone"]["step_ms_median"], run["alone_again"]["step_ms_median"])
-            for w in run["with"] + run["raw"]:
+            for w in run["with"] + run["raw"] + ([run["raw_max"]] if "raw_max" in run else []):
                 w["slowdown"] = w["step_ms_median"] / base
             for w, r in itertools.zip_longest(run["with"], run["raw"]):
-                raw_part = "" if r is None else f"; raw copies of as many bytes: {r['slowdown']:.3f}x " \
+                raw_part = "" if r is None else f"; raw copies at that rate: {r['slowdown']:.3f}x " \
                     f"({r['gb_per_s_moved']:.1f} GB/s)"
                 print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
                       f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
                       f"{w['slowdown']:.3f}x; loop thread busy {w['loop_cpu_share']:.0%} "
                       f"(alone {run['alone']['loop_cpu_share']:.0%}){raw_part}", flush=True)
+            if "raw_max" in run:
+                m = run["raw_max"]
+                print(f"{shape} overlap ({decode}): raw copies flat out {m['gb_per_s_moved']:.1f} GB/s: "
+                      f"{m['slowdown']:.3f}x", flush=True)
             out["runs"].append(run)
         for h in holders:
             h.close()
@@ -480,7 +490,7 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["", "### Overlap: decode step of a running batch with prefetches and demotions running "
            "(target < 5 % slower)", "",
            "| shape | decode | batch x context | paced GB/s | step alone ms | step with transfers ms | slower by | "
-           "moved GB/s | raw copies: slower by (GB/s) | loop lag max / p99 ms (alone, with) | "
+           "moved GB/s | raw copies at that GB/s: slower by (GB/s) | loop lag max / p99 ms (alone, with) | "
            "loop thread busy (alone, with) |",
            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
@@ -492,6 +502,9 @@ def overlap_table(rows: list[dict[str, Any]]) -> list[str]:
                 paced = f"{w['paced_gbps']:g}" if w["paced_gbps"] > 0 else "flat out"
                 x = raws.get(w["paced_gbps"])
                 raw = "-" if x is None else f"{100 * (x['slowdown'] - 1):+.1f} % ({x['gb_per_s_moved']:.1f})"
+                m = run.get("raw_max")
+                if m is not None and w["paced_gbps"] == 0:
+                    raw += f"; flat out {100 * (m['slowdown'] - 1):+.1f} % ({m['gb_per_s_moved']:.1f})"
                 out.append(f"| {r['shape']} | {run['decode']} | {r['batch']} x {r['context']} | {paced} | {base:.2f} | "
                            f"{w['step_ms_median']:.2f} | {100 * (w['slowdown'] - 1):+.1f} % | "
                            f"{w['gb_per_s_moved']:.2f} | {raw} | {a['max_lag_ms']:.2f} / {a['p99_lag_ms']:.2f}, "
