@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -29,6 +30,35 @@ async def settle(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError()
     return result
+
+
+async def settle_thread(work: "concurrent.futures.Future[T]") -> T:
+    """Await work done on another thread, to its end even if the caller is cancelled meanwhile (then re-raise
+    the cancellation), as :func:`settle` does.
+
+    Its end reaches the caller in two passes of the event loop (the thread's wake-up sets a future of this
+    loop; the caller's task runs), against three for ``settle(loop.run_in_executor(...))`` (the thread's
+    future, then ``shield``'s, then the task): on a busy loop each pass waits behind the callbacks queued
+    before it, so a step that waits for the GPU resumes sooner.
+    """
+    loop = asyncio.get_running_loop()
+    waiting: list["asyncio.Future[None]"] = [loop.create_future()]
+
+    def wake() -> None:  # on the loop's thread: wakes whichever future the caller waits on now
+        if not waiting[0].done():
+            waiting[0].set_result(None)
+
+    work.add_done_callback(lambda _: loop.call_soon_threadsafe(wake))
+    cancelled = False
+    while not work.done():
+        try:
+            await waiting[0]
+        except asyncio.CancelledError:
+            cancelled = True
+            waiting[0] = loop.create_future()
+    if cancelled:
+        raise asyncio.CancelledError()
+    return work.result()
 
 
 async def wait_through(futures: "Sequence[asyncio.Future[Any]]") -> int:

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvstore import CacheLevel, CacheStatus
-from kvstore._aio import settle
+from kvstore._aio import settle_thread
 from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
     _CacheOwner, _check_active, _commit_full_pages, _forward_kwargs, _PoolGeometry, _PoolLayer, _scatter_gather,
@@ -564,7 +564,7 @@ class BatchedGenerator:
             return chosen
         if self._compute is None:
             return self._forward(group, batch)
-        return await settle(asyncio.get_running_loop().run_in_executor(self._compute, self._forward, group, batch))
+        return await settle_thread(self._compute.submit(self._forward, group, batch))
 
     def _forward(self, group: Sequence[BatchRequest], batch: PagedBatchCache) -> tuple[list[int], torch.Tensor]:
         inputs = batch.model_inputs(

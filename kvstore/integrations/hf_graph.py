@@ -23,7 +23,6 @@ The same static forward runs eagerly (``capture=False``) on any device: the CPU 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import weakref
 from collections import OrderedDict
@@ -36,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvstore._aio import settle
+from kvstore._aio import settle_thread
 from kvstore.integrations.hf import _PoolGeometry, _PoolLayer, _scatter_gather, attention_backends
 
 if TYPE_CHECKING:
@@ -284,15 +283,11 @@ class DecodeGraphs:
             logits = await self._off_loop(lambda: self._first_step(graph))
         else:
             logits = self._replay(graph)
-        stream = self._stream
-        if stream is None:  # pragma: no cover - capture implies a stream
-            raise RuntimeError("no capture stream")
-        event = self._event
-        if event is None:  # pragma: no cover - capture implies an event
-            raise RuntimeError("no step event")
+        stream, event, waiter = self._stream, self._event, self._waiter
+        if stream is None or event is None or waiter is None:  # pragma: no cover - capture makes all three
+            raise RuntimeError("a captured step without its stream, event or waiter thread")
         event.record(stream)  # one event, reused: steps run one at a time
-        loop = asyncio.get_running_loop()
-        await settle(loop.run_in_executor(self._waiter, event.synchronize))
+        await settle_thread(waiter.submit(event.synchronize))
         return [int(t) for t in graph.tokens_host[:n].tolist()], logits[:n]
 
     def close(self) -> None:
@@ -303,7 +298,7 @@ class DecodeGraphs:
         """``fn()`` on the forward thread (to its end even if the step is cancelled), or here without one."""
         if self._compute is None:
             return fn()
-        return await settle(asyncio.get_running_loop().run_in_executor(self._compute, fn))
+        return await settle_thread(self._compute.submit(fn))
 
     def _check_pool(self) -> None:
         """Drop every graph when the device pool moved (a captured graph addresses the old one)."""

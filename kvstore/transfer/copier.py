@@ -14,7 +14,6 @@ loop thread never issues or waits for a CUDA copy and never copies more than ``I
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -22,7 +21,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._aio import settle, thread_pool
+from .._aio import settle_thread, thread_pool
 from . import batchcopy
 
 
@@ -257,18 +256,17 @@ class Copier:
 
     async def copy(self, segments: Sequence[Segment], lane: str, after: Optional[torch.cuda.Event] = None) -> None:
         """Copy every segment's rows; returns once the bytes are in place."""
-        loop = asyncio.get_running_loop()
         if not self.cuda:
             if sum(len(seg.dst_rows) * seg.dst.shape[1] for seg in segments) <= INLINE_BYTES:
                 _copy_runs(segments, False)  # a few KiB of memcpy: cheaper than a thread hand-off
                 return
             i = self._next_issuer(lane)
-            await settle(loop.run_in_executor(self._issue[lane][i], _copy_runs, segments, False))
+            await settle_thread(self._issue[lane][i].submit(_copy_runs, segments, False))
             return
         i = self._next_issuer(lane)
         done: "Future[None]" = Future()
         self._issue[lane][i].submit(self._issue_then_wait, segments, self._streams[lane][i], after, done)
-        await settle(asyncio.wrap_future(done))
+        await settle_thread(done)
 
     def _issue_then_wait(self, segments: Sequence[Segment], stream: torch.cuda.Stream,
                          after: Optional[torch.cuda.Event], done: "Future[None]") -> None:
