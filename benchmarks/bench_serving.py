@@ -280,7 +280,8 @@ def model_for(shape: str, device: torch.device, seed: int) -> Any:
 
 async def run_chats(args: argparse.Namespace, shape: str, model: Any, device: torch.device) -> list[dict[str, Any]]:
     rows = []
-    for decode, factor, offload in itertools.product(args.decode, args.oversubscribe, (True, False)):
+    chat_decodes = [d for d in args.decode if d != "pipelined"]  # the chat loop steps one at a time
+    for decode, factor, offload in itertools.product(chat_decodes, args.oversubscribe, (True, False)):
         base = {**CHAT[shape], **args.chat_config}
         cfg = ChatConfig(sessions=factor * base["hbm_sessions"], offload=offload, seed=args.seed,
                          cuda_graphs=decode == "graphs", stall_ms=args.watch_stalls_ms, **base)
@@ -322,7 +323,36 @@ def chat_table(rows: list[dict[str, Any]]) -> list[str]:
 
 async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: torch.device,
                       tmp: str) -> dict[str, Any]:
-    """Decode steps of a running batch, alone and while other sessions' pages are prefetched and demoted."""
+    """Decode steps of a running batch, alone and while other sessions' pages are prefetched and demoted: one
+    run per decode path, each with a manager of its own (no run inherits the pages the one before committed)."""
+    rng = np.random.default_rng(args.seed)
+    out: dict[str, Any] = {"shape": shape, "batch": args.overlap_batch, "context": args.overlap_context, "runs": []}
+    raw: Optional[RawCopies] = None
+    for decode in args.decode:
+        run, raw = await _overlap_run(args, shape, model, device, os.path.join(tmp, f"overlap-{shape}-{decode}"),
+                                      decode, rng, raw)
+        base = min(run["alone"]["step_ms_median"], run["alone_again"]["step_ms_median"])
+        for w in run["with"] + run["raw"] + ([run["raw_max"]] if "raw_max" in run else []):
+            w["slowdown"] = w["step_ms_median"] / base
+        for w, r in itertools.zip_longest(run["with"], run["raw"]):
+            raw_part = "" if r is None else f"; raw copies at that rate: {r['slowdown']:.3f}x " \
+                f"({r['gb_per_s_moved']:.1f} GB/s)"
+            print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
+                  f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
+                  f"{w['slowdown']:.3f}x; loop thread busy {w['loop_cpu_share']:.0%} "
+                  f"(alone {run['alone']['loop_cpu_share']:.0%}){raw_part}", flush=True)
+        if "raw_max" in run:
+            m = run["raw_max"]
+            print(f"{shape} overlap ({decode}): raw copies flat out {m['gb_per_s_moved']:.1f} GB/s: "
+                  f"{m['slowdown']:.3f}x", flush=True)
+        out["runs"].append(run)
+    return out
+
+
+async def _overlap_run(args: argparse.Namespace, shape: str, model: Any, device: torch.device, disk: str,
+                       decode: str, rng: np.random.Generator,
+                       raw: Optional[RawCopies]) -> tuple[dict[str, Any], Optional[RawCopies]]:
+    """The phases of one decode path (and the raw copier, made on the first run on a GPU)."""
     from kvstore.integrations.hf_batch import BatchedGenerator
 
     batch, context, steps = args.overlap_batch, args.overlap_context, args.overlap_steps
@@ -336,11 +366,11 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
     movers = 4
     pb = layout.page_bytes
     tiers = [DeviceTier((run_pages + mover_pages + 4) * pb, device=device), HostTier(movers * (mover_pages + 2) * pb),
-             DiskTier(movers * (mover_pages + 2) * pb, os.path.join(tmp, f"overlap-{shape}"))]
-    rng = np.random.default_rng(args.seed)
+             DiskTier(movers * (mover_pages + 2) * pb, disk)]
     vocab = int(model.config.vocab_size)
-    out: dict[str, Any] = {"shape": shape, "batch": batch, "context": context, "runs": []}
     async with KVCacheManager(StoreConfig(layout, tiers)) as mgr:
+        if raw is None and device.type == "cuda":
+            raw = RawCopies(device, mgr.config.batch_bytes)
         holders = []
         for _ in range(movers):  # background sessions: committed, then held suspended
             hist = [int(t) for t in rng.integers(1, vocab, 2 * context)]
@@ -366,78 +396,66 @@ async def run_overlap(args: argparse.Namespace, shape: str, model: Any, device: 
                         await asyncio.sleep(ahead)
                 i += 1
 
-        raw = RawCopies(device, mgr.config.batch_bytes) if device.type == "cuda" else None
-        for decode in args.decode:
-            gen = BatchedGenerator(model, mgr, cuda_graphs=decode == "graphs")
-            for _ in range(batch):
-                gen.add([int(t) for t in rng.integers(1, vocab, context)], max_new)
-            await gen.step()  # prefill
-            for _ in range(3):
-                await gen.step()  # warm
+        gen = BatchedGenerator(model, mgr, cuda_graphs=decode != "eager")
+        for _ in range(batch):
+            gen.add([int(t) for t in rng.integers(1, vocab, context)], max_new)
+        await gen.step()  # prefill
+        for _ in range(3):
+            await gen.step()  # warm
 
-            async def timed_steps() -> list[float]:
-                times = []
-                for _ in range(steps):
-                    if len(gen.running) != batch:
-                        raise RuntimeError("overlap: a request finished before its phases did; raise max_new")
-                    t0 = time.perf_counter()
-                    await gen.step()
-                    times.append(time.perf_counter() - t0)
-                return times
+        async def timed_steps() -> list[float]:
+            """Each step's time: from step() call to return, or (pipelined) from one accepted step to the next."""
+            if len(gen.running) != batch or any(len(r.generated) + steps > max_new for r in gen.running):
+                raise RuntimeError("overlap: a request would finish before its phases did; raise max_new")
+            if decode == "pipelined":
+                stamps = [time.perf_counter()]
+                await gen.step_many(steps, on_step=lambda _: stamps.append(time.perf_counter()))
+                return [b - a for a, b in zip(stamps, stamps[1:])]
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                await gen.step()
+                times.append(time.perf_counter() - t0)
+            return times
 
-            run: dict[str, Any] = {"decode": decode, "with": [], "raw": []}
-            # raw copies run once per kvstore phase, paced to the bytes that phase moved (both directions, as the
-            # kvstore pacing counts them), then once flat out ("raw_max"): the hardware's share and its ceiling
-            phases: list[tuple[str, Optional[float]]] = [("alone", None)]
-            phases += [("with", r) for r in args.overlap_gbps]
-            if raw is not None:
-                phases += [("raw", r) for r in args.overlap_gbps] + [("raw_max", 0.0)]
-            phases.append(("alone_again", None))
-            for kind, gbps in phases:
-                lag = LagMeter()
-                lag.start()
-                stop = asyncio.Event()
-                mover = asyncio.ensure_future(traffic(stop, gbps)) if kind == "with" and gbps is not None else None
-                copier = raw if kind in ("raw", "raw_max") else None
-                if copier is not None and gbps is not None:
-                    same = next((w for w in run["with"] if w["paced_gbps"] == gbps), None) if kind == "raw" else None
-                    copier.start(0.0 if same is None else 2 * same["gb_per_s_moved"])
-                before, incomplete = moved["pages"], moved["incomplete"]
-                t0, cpu0 = time.perf_counter(), time.thread_time()
-                times = await timed_steps()
-                wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
-                stop.set()
-                if mover is not None:
-                    await mover
-                raw_bytes = await asyncio.to_thread(copier.stop) if copier is not None else 0
-                max_lag, p99_lag = await lag.stop()
-                fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_max": 1e3 * max(times),
-                       "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
-                       "gb_per_s_moved": ((moved["pages"] - before) * pb + raw_bytes / 2) / wall / 1e9,
-                       "incomplete_prefetches": moved["incomplete"] - incomplete}
-                if kind != "with" and kind != "raw":
-                    run[kind] = fig
-                else:
-                    run[kind].append(dict(fig, paced_gbps=gbps))
-            gen.close()
-            base = min(run["alone"]["step_ms_median"], run["alone_again"]["step_ms_median"])
-            for w in run["with"] + run["raw"] + ([run["raw_max"]] if "raw_max" in run else []):
-                w["slowdown"] = w["step_ms_median"] / base
-            for w, r in itertools.zip_longest(run["with"], run["raw"]):
-                raw_part = "" if r is None else f"; raw copies at that rate: {r['slowdown']:.3f}x " \
-                    f"({r['gb_per_s_moved']:.1f} GB/s)"
-                print(f"{shape} overlap ({decode}): step {base:.2f} ms alone, {w['step_ms_median']:.2f} ms with "
-                      f"transfers ({w['gb_per_s_moved']:.1f} GB/s moved, paced {w['paced_gbps']:g}): "
-                      f"{w['slowdown']:.3f}x; loop thread busy {w['loop_cpu_share']:.0%} "
-                      f"(alone {run['alone']['loop_cpu_share']:.0%}){raw_part}", flush=True)
-            if "raw_max" in run:
-                m = run["raw_max"]
-                print(f"{shape} overlap ({decode}): raw copies flat out {m['gb_per_s_moved']:.1f} GB/s: "
-                      f"{m['slowdown']:.3f}x", flush=True)
-            out["runs"].append(run)
+        run: dict[str, Any] = {"decode": decode, "with": [], "raw": []}
+        # raw copies run once per kvstore phase, paced to the bytes that phase moved (both directions, as the
+        # kvstore pacing counts them), then once flat out ("raw_max"): the hardware's share and its ceiling
+        phases: list[tuple[str, Optional[float]]] = [("alone", None)]
+        phases += [("with", r) for r in args.overlap_gbps]
+        if raw is not None:
+            phases += [("raw", r) for r in args.overlap_gbps] + [("raw_max", 0.0)]
+        phases.append(("alone_again", None))
+        for kind, gbps in phases:
+            lag = LagMeter()
+            lag.start()
+            stop = asyncio.Event()
+            mover = asyncio.ensure_future(traffic(stop, gbps)) if kind == "with" and gbps is not None else None
+            copier = raw if kind in ("raw", "raw_max") else None
+            if copier is not None and gbps is not None:
+                same = next((w for w in run["with"] if w["paced_gbps"] == gbps), None) if kind == "raw" else None
+                copier.start(0.0 if same is None else 2 * same["gb_per_s_moved"])
+            before, incomplete = moved["pages"], moved["incomplete"]
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            times = await timed_steps()
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+            stop.set()
+            if mover is not None:
+                await mover
+            raw_bytes = await asyncio.to_thread(copier.stop) if copier is not None else 0
+            max_lag, p99_lag = await lag.stop()
+            fig = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_max": 1e3 * max(times),
+                   "max_lag_ms": max_lag, "p99_lag_ms": p99_lag, "loop_cpu_share": cpu / wall,
+                   "gb_per_s_moved": ((moved["pages"] - before) * pb + raw_bytes / 2) / wall / 1e9,
+                   "incomplete_prefetches": moved["incomplete"] - incomplete}
+            if kind != "with" and kind != "raw":
+                run[kind] = fig
+            else:
+                run[kind].append(dict(fig, paced_gbps=gbps))
+        gen.close()
         for h in holders:
             h.close()
-    return out
+    return run, raw
 
 
 class RawCopies:
@@ -549,9 +567,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--overlap-gbps", default="0",
                    help="overlap: comma-separated rates to pace the background transfers at (prefetched + demoted "
                         "GB/s; 0: flat out), one phase each")
-    p.add_argument("--decode", default="graphs",
-                   help="overlap and chat: comma-separated decode paths, graphs (captured CUDA graphs; their static "
-                        "step eagerly on CPU) and/or eager (the model's forward on the forward thread)")
+    p.add_argument("--decode", default="graphs,pipelined",
+                   help="overlap and chat: comma-separated decode paths, graphs (captured CUDA graphs, one step() "
+                        "at a time; their static step eagerly on CPU), pipelined (overlap only: the same graphs "
+                        "through step_many(), two steps in flight) and/or eager (the model's forward on the forward "
+                        "thread)")
     p.add_argument("--chat-config", default="",
                    help="chat: override the workload, e.g. turns=6,user_tokens=2048,think_s=0.5 (ChatConfig fields)")
     p.add_argument("--watch-stalls-ms", type=float, default=None,
@@ -569,8 +589,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.overlap_gbps = [float(x) for x in args.overlap_gbps.split(",") if x]
     args.decode = [x for x in args.decode.split(",") if x]
     args.chat_config = _chat_overrides(p, args.chat_config)
-    if not set(args.decode) <= {"graphs", "eager"}:
-        p.error(f"--decode takes graphs and/or eager, got {args.decode}")
+    if not args.decode or not set(args.decode) <= {"graphs", "pipelined", "eager"}:
+        p.error(f"--decode takes graphs, pipelined and/or eager, got {args.decode}")
     return args
 
 

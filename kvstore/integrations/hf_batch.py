@@ -20,21 +20,22 @@ attention implementation (the ones that take a 4D mask).
 from __future__ import annotations
 
 import asyncio
+import collections
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Awaitable, Collection, Sequence, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Sequence, cast
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvstore import CacheLevel, CacheStatus
 from kvstore._aio import settle_thread
-from kvstore.errors import ConfigError, InvalidArgumentError, InvalidStateError
+from kvstore.errors import CapacityError, ConfigError, InvalidArgumentError, InvalidStateError
 from kvstore.integrations.hf import (
     _CacheOwner, _check_active, _commit_full_pages, _forward_kwargs, _PoolGeometry, _PoolLayer, _scatter_gather,
     attention_backends,
 )
-from kvstore.integrations.hf_graph import DecodeGraphs
+from kvstore.integrations.hf_graph import DecodeGraphs, _Launch
 
 if TYPE_CHECKING:
     from kvstore import KVCache, KVCacheManager, PrefetchTask
@@ -321,6 +322,12 @@ class PagedBatchCache(Cache):
         self._check_pages(plan)
         return plan.total, self._pages
 
+    def _page_tables(self) -> tuple[torch.Tensor, ...]:
+        """Each row's page table as :meth:`reserve` read it, after the checks a forward's layer 0 makes (for
+        forwards that run outside this cache: a pipelined run of captured decode steps)."""
+        self._check_pages(self._require_plan("a pipelined run"))
+        return self._pages
+
     def _written(self) -> None:
         """The planned forward wrote every layer's K/V outside this cache (a captured decode step)."""
         plan = self._require_plan("a decode step")
@@ -530,29 +537,150 @@ class BatchedGenerator:
     async def step(self) -> dict[BatchRequest, int]:
         """One token for every running request: the new token of each, by handle (empty when none runs)."""
         self._check_idle("step()")
-        members = self.running
-        if not members:
-            return {}
         self._stepping = True
         try:
-            await _settle([r._kv.resume() for r in members if r._kv.status is CacheStatus.SUSPENDED])
-            groups = [g for g in ([r for r in members if not r.generated], [r for r in members if r.generated]) if g]
-            batches = [PagedBatchCache(self.manager, [r._kv for r in g], [r.num_cached for r in g]) for g in groups]
-            await _settle([b.reserve([len(r.tokens) - r.num_cached for r in g]) for g, b in zip(groups, batches)])
-            try:
-                chosen = [await self._run_group(g, b) for g, b in zip(groups, batches)]
-            except BaseException:
-                for b in batches:
-                    b.rollback()
-                raise
-            return self._accept(groups, batches, chosen)
+            return await self._step()
+        finally:
+            self._stepping = False
+
+    async def step_many(
+        self, steps: int, on_step: Callable[[dict[BatchRequest, int]], None] | None = None
+    ) -> list[dict[BatchRequest, int]]:
+        """Up to ``steps`` steps, as many ``step()`` calls would make them (fewer once no request runs): the new
+        tokens of each step, in order; ``on_step`` is called with each as it is accepted (on the loop's thread).
+
+        The batch is fixed meanwhile (``add``/``suspend``/``resume``/``close`` raise InvalidStateError), so the
+        decode steps of captured graphs are pipelined: each step is queued on the GPU before the one before it
+        has returned its tokens to the host (its tokens are read on the device), and the GPU goes from step to
+        step without waiting for the event loop, however busy the loop is. Room for every row's tokens of the
+        whole run is reserved up front; what the run did not use is given back at its end. A step that raises
+        or is cancelled changes no request; the steps accepted before it stay.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidArgumentError(f"step_many() takes steps >= 1, got {steps!r}")
+        self._check_idle("step_many()")
+        self._stepping = True
+        out: list[dict[BatchRequest, int]] = []
+        try:
+            while len(out) < steps and self.running:
+                members = self.running
+                ahead = min([steps - len(out)] + [r.max_new_tokens - len(r.generated) for r in members])
+                if (self._graphs is None or ahead < 2 or
+                        any(not r.generated or r._kv.status is not CacheStatus.ACTIVE for r in members)):
+                    new = await self._step()  # a prefill, a resume, or one step left: the ordinary way
+                    out.append(new)
+                    if on_step is not None:
+                        on_step(new)
+                    continue
+                if not await self._pipelined(self._graphs, members, ahead, out, on_step):
+                    new = await self._step()  # no room for the whole run: one step, the ordinary way
+                    out.append(new)
+                    if on_step is not None:
+                        on_step(new)
+            return out
         finally:
             self._stepping = False
 
     async def run(self) -> None:
-        """Step until no request runs (suspended ones stay)."""
+        """Step until no request runs (suspended ones stay); decode steps are pipelined (:meth:`step_many`)."""
         while self.running:
-            await self.step()
+            await self.step_many(1 << 30)
+
+    async def _step(self) -> dict[BatchRequest, int]:
+        members = self.running
+        if not members:
+            return {}
+        await _settle([r._kv.resume() for r in members if r._kv.status is CacheStatus.SUSPENDED])
+        groups = [g for g in ([r for r in members if not r.generated], [r for r in members if r.generated]) if g]
+        batches = [PagedBatchCache(self.manager, [r._kv for r in g], [r.num_cached for r in g]) for g in groups]
+        await _settle([b.reserve([len(r.tokens) - r.num_cached for r in g]) for g, b in zip(groups, batches)])
+        try:
+            chosen = [await self._run_group(g, b) for g, b in zip(groups, batches)]
+        except BaseException:
+            for b in batches:
+                b.rollback()
+            raise
+        new: dict[BatchRequest, int] = {}
+        for group, batch, (tokens, logits) in zip(groups, batches, chosen):
+            for row, (req, token, length) in enumerate(zip(group, tokens, batch.seq_lengths)):
+                self._take(req, token, length, logits[row])
+                new[req] = token
+        return new
+
+    async def _pipelined(
+        self,
+        graphs: DecodeGraphs,
+        group: Sequence[BatchRequest],
+        steps: int,
+        out: list[dict[BatchRequest, int]],
+        on_step: Callable[[dict[BatchRequest, int]], None] | None,
+    ) -> bool:
+        """``steps`` decode steps of ``group`` (no row reaches its ``max_new_tokens`` before the last), up to
+        two in flight, each fed the tokens of the one before on the device. Ends early after a stop token; every
+        step still queued has run to its end before this returns (its K/V land beyond the accepted tokens).
+        False, with nothing changed, when the device has no room for every row's tokens of the whole run."""
+        kvs = [r._kv for r in group]
+        capacity = [kv.num_tokens for kv in kvs]
+        queued: collections.deque[_Launch] = collections.deque()
+        launched = done = 0
+        try:
+            batch = PagedBatchCache(self.manager, kvs, [r.num_cached for r in group])
+            try:
+                await batch.reserve([steps] * len(group))  # room for every step, the page tables read once
+            except CapacityError:
+                return False
+            pages = batch._page_tables()
+            batch.rollback()
+            first = [r.num_cached + 1 for r in group]  # each row's length after the run's first token
+            while done < steps:
+                while launched < steps and len(queued) < 2:
+                    after = queued[-1] if queued else None
+                    tokens = None if after is not None else [r.tokens[-1] for r in group]
+                    launch = graphs.launch(tokens, [n + launched for n in first], pages, after)
+                    if launch is None:
+                        break
+                    queued.append(launch)
+                    launched += 1
+                if queued:  # (a cancelled wait returns once the step has ended: it leaves nothing in flight)
+                    tokens_out, logits = await graphs.wait(queued.popleft())
+                else:  # the bucket has no graph yet: this step makes it, with nothing else in flight
+                    tokens_out, logits = await graphs.run([r.tokens[-1] for r in group],
+                                                          [n + launched for n in first], pages)
+                    launched += 1
+                if any(t in r.stop_tokens for r, t in zip(group, tokens_out)):
+                    await self._drain(graphs, queued)  # a row leaves: nothing may still use its pages
+                new: dict[BatchRequest, int] = {}
+                for row, (req, token) in enumerate(zip(group, tokens_out)):
+                    self._take(req, token, first[row] + done, logits[row])
+                    new[req] = token
+                done += 1
+                out.append(new)
+                if on_step is not None:
+                    on_step(new)
+                if any(r.done for r in group):
+                    break
+            return True
+        finally:
+            await self._drain(graphs, queued)
+            for req, kv, before in zip(group, kvs, capacity):
+                if not req.done and kv.num_tokens > max(before, req.num_cached):
+                    await kv.resize(max(before, req.num_cached))  # a shrink: in place, no await inside
+
+    @staticmethod
+    async def _drain(graphs: DecodeGraphs, queued: collections.deque[_Launch]) -> None:
+        """Wait for every queued step to end, whatever cancellations arrive meanwhile (then one is raised);
+        their tokens are discarded, and so is any error of theirs (the step that raised it is being given up)."""
+        cancelled = False
+        while queued:
+            try:
+                await graphs.wait(queued[0])
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:  # noqa: BLE001 - a step being discarded: its error is not the caller's
+                pass
+            queued.popleft()
+        if cancelled:
+            raise asyncio.CancelledError()
 
     async def _run_group(self, group: Sequence[BatchRequest], batch: PagedBatchCache) -> tuple[list[int], torch.Tensor]:
         """One forward of a group: a decode group through the graphs, else eagerly (on the forward thread, to its
@@ -580,30 +708,20 @@ class BatchedGenerator:
             logits = self.model(**inputs, **kwargs).logits[:, -1]
         return [int(t) for t in logits.argmax(dim=-1).tolist()], logits
 
-    def _accept(
-        self,
-        groups: Sequence[Sequence[BatchRequest]],
-        batches: Sequence[PagedBatchCache],
-        chosen: Sequence[tuple[list[int], torch.Tensor]],
-    ) -> dict[BatchRequest, int]:
-        new: dict[BatchRequest, int] = {}
-        tpp = self.manager.layout.tokens_per_page
-        for group, batch, (tokens, logits) in zip(groups, batches, chosen):
-            for row, (req, token, length) in enumerate(zip(group, tokens, batch.seq_lengths)):
-                if not req.generated:
-                    req.num_prefilled_tokens = length - req.num_cached
-                _commit_full_pages(req._kv, req.tokens, req.num_cached, tpp)  # K/V of every token is written
-                req.num_cached = length
-                req.tokens.append(token)
-                req.generated.append(token)
-                if self.keep_logits:
-                    req.last_logits = logits[row]
-                new[req] = token
-                if token in req.stop_tokens:
-                    self._finish(req, "stop")
-                elif len(req.generated) >= req.max_new_tokens:
-                    self._finish(req, "length")
-        return new
+    def _take(self, req: BatchRequest, token: int, length: int, logits: torch.Tensor) -> None:
+        """Accept ``token``, chosen by a forward after which ``req`` has K/V of ``length`` tokens."""
+        if not req.generated:
+            req.num_prefilled_tokens = length - req.num_cached
+        _commit_full_pages(req._kv, req.tokens, req.num_cached, self.manager.layout.tokens_per_page)
+        req.num_cached = length
+        req.tokens.append(token)
+        req.generated.append(token)
+        if self.keep_logits:
+            req.last_logits = logits
+        if token in req.stop_tokens:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.max_new_tokens:
+            self._finish(req, "length")
 
     def _finish(self, req: BatchRequest, reason: str) -> None:
         req.finish_reason = reason

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -36,6 +37,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvstore._aio import settle_thread
+from kvstore.errors import InvalidArgumentError
 from kvstore.integrations.hf import _PoolGeometry, _PoolLayer, _scatter_gather, attention_backends
 
 if TYPE_CHECKING:
@@ -173,17 +175,35 @@ class _Graph:
         # per row: token, length after it, the row whose new K/V it writes (itself; 0 for padding), page table
         self.inputs = torch.zeros((rows, 3 + pages), dtype=torch.long, device=device)
         pin = device.type == "cuda"
-        self.staging = torch.zeros((rows, 3 + pages), dtype=torch.long, pin_memory=pin)
-        self.tokens_host = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        # two of each host buffer, one per step in flight (a step queued behind another fills the other slot)
+        self.staging = tuple(torch.zeros((rows, 3 + pages), dtype=torch.long, pin_memory=pin) for _ in range(2))
+        self.tokens_host = tuple(torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2))
+        # the same pinned memory seen from the GPU: a step's tokens reach the host through a kernel's stores,
+        # not a copy-engine copy (one queued behind a running step would hold kvstore's copies back behind it)
+        self.tokens_mapped = tuple(_device_view(t, device) for t in self.tokens_host) if pin else ()
         self.cache = _StaticCache(owner.pool, owner.geometry, pages * owner.geometry.tokens_per_page)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tokens: torch.Tensor | None = None  # outputs of the captured forward (static)
         self.logits: torch.Tensor | None = None
 
-    def eager(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step without a graph: the staged inputs, then :meth:`forward`."""
-        self.inputs.copy_(self.staging)
+    def eager(self, slot: int, after: _Launch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step without a graph: :meth:`stage`, then :meth:`forward`."""
+        self.stage(slot, after)
         return self.forward()
+
+    def stage(self, slot: int, after: _Launch | None) -> None:
+        """The step's inputs: the host staging tensor of ``slot``, or, for a step chained to ``after`` (the step
+        before, on the same rows and pages), that step's inputs advanced on the device: every row one token
+        longer, fed the token it chose. A chained step queues no host copy: one queued behind a running step
+        would wait for it in the copy engine's queue, ahead of kvstore's own copies."""
+        if after is None:
+            self.inputs.copy_(self.staging[slot], non_blocking=True)
+            return
+        chosen = after.chosen if after.future is None else after.future.result()[0]
+        if chosen is None:  # pragma: no cover - a launch holds its tokens one way or the other
+            raise RuntimeError("a chained step without its predecessor's tokens")
+        self.inputs[:, 1] += 1  # padding rows repeat row 0: one longer too
+        self.inputs[: after.rows, 0].copy_(chosen[: after.rows])
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step of every row from :attr:`inputs` alone (this is what is captured)."""
@@ -207,6 +227,45 @@ class _Graph:
             out = o.model(input_ids=token, position_ids=last, attention_mask=mask[:, None, None, :], **kwargs)
         logits = out.logits[:, -1]
         return logits.argmax(dim=-1), logits
+
+
+@dataclass
+class _Launch:
+    """One decode step queued by :meth:`DecodeGraphs.launch`; :meth:`DecodeGraphs.wait` gives its tokens."""
+
+    graph: _Graph
+    rows: int  # the real rows (the rest of the bucket is padding)
+    lengths: tuple[int, ...]  # each row's length after its token
+    pages: Sequence[torch.Tensor]  # each row's page table
+    slot: int  # the graph's host buffers it staged its inputs in and gets its tokens back in
+    logits: torch.Tensor | None = None  # captured: its logits (the graph's own output unless kept)
+    chosen: torch.Tensor | None = None  # captured: the device tensor of its tokens (what a chained step reads)
+    event: Any = None  # captured: the torch.cuda.Event recorded after it
+    future: Future[tuple[torch.Tensor, torch.Tensor]] | None = None  # eager: its forward on the forward thread
+
+
+class _ArrayInterface:
+    """``__cuda_array_interface__`` of a pinned host tensor: unified addressing makes its pointer valid on the
+    GPU."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "<i8",
+                                         "data": (host.data_ptr(), False), "version": 3, "strides": None}
+
+
+def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over the memory of ``host`` (pinned, int64, contiguous); ``host`` must outlive it."""
+    return torch.as_tensor(_ArrayInterface(host), device=device)
+
+
+def _completed(fn: Callable[[], T]) -> Future[T]:
+    """``fn()`` run here, as a finished future."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(fn())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 class DecodeGraphs:
@@ -245,7 +304,9 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured so far (a figure for benchmarks and tests)
         self._stream = torch.cuda.Stream(manager.device_pool.device) if self.capture else None  # type: ignore[no-untyped-call]
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._event = torch.cuda.Event() if self.capture else None  # type: ignore[no-untyped-call]
+        # one event per step in flight (at most two: see launch())
+        self._events = tuple(torch.cuda.Event() for _ in range(2)) if self.capture else ()  # type: ignore[no-untyped-call]
+        self._launches = 0  # steps launched so far; the parity picks a step's slot and event
         self._waiter: ThreadPoolExecutor | None = None  # waits for each step's event, GIL released
         if self.capture:
             self._waiter = ThreadPoolExecutor(1, thread_name_prefix="kvstore-graph-wait")
@@ -264,31 +325,95 @@ class DecodeGraphs:
         self, tokens: Sequence[int], lengths: Sequence[int], pages: Sequence[torch.Tensor]
     ) -> tuple[list[int], torch.Tensor]:
         """The decode step of ``len(tokens)`` rows (see the class docstring)."""
-        n = len(tokens)
-        rows = batch_bucket(n)
-        width = page_bucket(max(int(p.numel()) for p in pages))
+        launch = self.launch(tokens, lengths, pages)
+        if launch is None:
+            launch = await self._first_launch(tokens, lengths, pages)
+        return await self.wait(launch)
+
+    def launch(
+        self,
+        tokens: Sequence[int] | None,
+        lengths: Sequence[int],
+        pages: Sequence[torch.Tensor],
+        after: _Launch | None = None,
+    ) -> _Launch | None:
+        """Queue the decode step of ``len(lengths)`` rows without waiting for it (on the loop's thread: a
+        replay is asynchronous); None when its bucket has no graph yet (:meth:`run` makes one).
+
+        ``tokens=None`` chains the step to ``after``, the step launched just before on the same rows and ``pages``
+        (each row one token shorter): each row is fed the token ``after`` chooses, read on the device, so this
+        step is queued before that one's tokens reach the host and the GPU goes from one step to the next without
+        waiting for the event loop. At most two steps are in flight: :meth:`wait` for each, in launch order,
+        before launching a third."""
+        if (tokens is None) != (after is not None):
+            raise InvalidArgumentError("launch() takes either the rows' tokens or the step they follow, not both")
+        if after is not None and (pages is not after.pages or tuple(lengths) != tuple(n + 1 for n in after.lengths)):
+            raise InvalidArgumentError("a chained step runs on its step's rows and pages, each row one token longer")
         self._check_pool()
-        graph = self._graphs.get((rows, width))
-        if graph is None:  # its tensors are allocated off the loop (device and pinned memory: driver calls)
-            graph = await self._off_loop(lambda: _Graph(rows, width, self))
-            self._graphs[(rows, width)] = graph
+        n = len(lengths)
+        key = (batch_bucket(n), page_bucket(max(int(p.numel()) for p in pages)))
+        graph = self._graphs.get(key)
+        if graph is None or (self.capture and graph.graph is None):
+            return None
+        self._graphs.move_to_end(key)
+        slot = self._next_slot()
+        if tokens is not None:
+            self._fill(graph, slot, tokens, lengths, pages)
+        lengths = tuple(lengths)
+        if not self.capture:  # eager (CPU, or capture off): the same static forward, off the loop
+            compute = self._compute
+            future = _completed(lambda: graph.eager(slot, after)) if compute is None else \
+                compute.submit(graph.eager, slot, after)
+            return _Launch(graph, n, lengths, pages, slot, future=future)
+        chosen, logits = self._replay(graph, slot, after)
+        return _Launch(graph, n, lengths, pages, slot, logits=logits, chosen=chosen, event=self._record(slot))
+
+    async def wait(self, launch: _Launch) -> tuple[list[int], torch.Tensor]:
+        """The tokens and logits of a launched step once it has run (to its end even if the caller is
+        cancelled meanwhile; then the cancellation is raised)."""
+        n = launch.rows
+        if launch.future is not None:
+            chosen, logits = await settle_thread(launch.future)
+            return [int(t) for t in chosen[:n].tolist()], logits[:n]
+        waiter, kept = self._waiter, launch.logits
+        if waiter is None or kept is None or launch.event is None:  # pragma: no cover - capture makes them
+            raise RuntimeError("a captured step without its waiter thread, logits or event")
+        await settle_thread(waiter.submit(launch.event.synchronize))
+        return [int(t) for t in launch.graph.tokens_host[launch.slot][:n].tolist()], kept[:n]
+
+    async def _first_launch(
+        self, tokens: Sequence[int], lengths: Sequence[int], pages: Sequence[torch.Tensor]
+    ) -> _Launch:
+        """A step whose bucket has no graph: make the bucket's tensors (off the loop: device and pinned memory
+        are driver calls), then launch it, or, the bucket's first step on a GPU, run it eagerly and capture it
+        (off the loop)."""
+        key = (batch_bucket(len(tokens)), page_bucket(max(int(p.numel()) for p in pages)))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = await self._off_loop(lambda: _Graph(*key, self))
+            self._graphs[key] = graph
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
-        self._graphs.move_to_end((rows, width))
-        self._fill(graph, tokens, lengths, pages)
-        if not self.capture:  # eager (CPU, or capture off): the same static forward, off the loop
-            chosen, logits = await self._off_loop(graph.eager)
-            return [int(t) for t in chosen[:n].tolist()], logits[:n]
-        if graph.graph is None:  # first step of this bucket: run it eagerly and capture it, off the loop
-            logits = await self._off_loop(lambda: self._first_step(graph))
-        else:
-            logits = self._replay(graph)
-        stream, event, waiter = self._stream, self._event, self._waiter
-        if stream is None or event is None or waiter is None:  # pragma: no cover - capture makes all three
-            raise RuntimeError("a captured step without its stream, event or waiter thread")
-        event.record(stream)  # one event, reused: steps run one at a time
-        await settle_thread(waiter.submit(event.synchronize))
-        return [int(t) for t in graph.tokens_host[:n].tolist()], logits[:n]
+        if not self.capture:
+            launch = self.launch(tokens, lengths, pages)
+            if launch is None:  # pragma: no cover - the bucket was just made
+                raise RuntimeError("an eager bucket without its graph")
+            return launch
+        slot = self._next_slot()
+        self._fill(graph, slot, tokens, lengths, pages)
+        logits = await self._off_loop(lambda: self._first_step(graph, slot))
+        return _Launch(graph, len(tokens), tuple(lengths), pages, slot, logits=logits, event=self._record(slot))
+
+    def _next_slot(self) -> int:
+        slot = self._launches % 2
+        self._launches += 1
+        return slot
+
+    def _record(self, slot: int) -> Any:
+        """The event of ``slot``, recorded on the capture stream after the step just queued there."""
+        event = self._events[slot]
+        event.record(self._stream)
+        return event
 
     def close(self) -> None:
         """Drop every graph; the generator can still step (graphs are captured again)."""
@@ -309,12 +434,19 @@ class DecodeGraphs:
             self.geometry = _PoolGeometry(self.manager)
 
     def _fill(
-        self, graph: _Graph, tokens: Sequence[int], lengths: Sequence[int], pages: Sequence[torch.Tensor]
+        self,
+        graph: _Graph,
+        slot: int,
+        tokens: Sequence[int] | None,
+        lengths: Sequence[int],
+        pages: Sequence[torch.Tensor],
     ) -> None:
-        """Write the step's inputs into the graph's host staging tensor (numpy: no torch op, no GIL release)."""
-        host = graph.staging.numpy()
-        n = len(tokens)
-        host[:n, 0] = np.asarray(tokens, dtype=np.int64)
+        """Write the step's inputs into the graph's host staging tensor of ``slot`` (numpy: no torch op, no GIL
+        release); without ``tokens`` their column is written on the device (a chained step)."""
+        host = graph.staging[slot].numpy()
+        n = len(lengths)
+        if tokens is not None:
+            host[:n, 0] = np.asarray(tokens, dtype=np.int64)
         host[:n, 1] = np.asarray(lengths, dtype=np.int64)
         host[:n, 2] = np.arange(n)
         for b, p in enumerate(pages):  # one slice per row (rows are few); pad with the row's first page
@@ -324,7 +456,7 @@ class DecodeGraphs:
         host[n:] = host[0]  # padding rows repeat row 0 ...
         host[n:, 2] = 0  # ... and write row 0's K/V
 
-    def _first_step(self, graph: _Graph) -> torch.Tensor:
+    def _first_step(self, graph: _Graph, slot: int) -> torch.Tensor:
         """Run the bucket's first step eagerly on the capture stream, then capture it (its K/V are written once,
         by the eager run; capturing runs nothing)."""
         stream = self._stream
@@ -332,9 +464,9 @@ class DecodeGraphs:
             raise RuntimeError("no capture stream")
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            graph.inputs.copy_(graph.staging, non_blocking=True)
+            graph.inputs.copy_(graph.staging[slot], non_blocking=True)
             chosen, logits = graph.forward()
-            graph.tokens_host.copy_(chosen, non_blocking=True)
+            graph.tokens_host[slot].copy_(chosen, non_blocking=True)
             logits = logits.clone()
         graph.tokens, graph.logits, graph.graph = self._capture(graph, stream)
         self.captures += 1
@@ -357,15 +489,15 @@ class DecodeGraphs:
             cuda_graph.capture_end()
         return tokens, logits, cuda_graph
 
-    def _replay(self, graph: _Graph) -> torch.Tensor:
+    def _replay(self, graph: _Graph, slot: int, after: _Launch | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Queue one step of a captured bucket on the capture stream (all asynchronous: fit for the loop's
-        thread)."""
+        thread); its tokens (the graph's static output) and logits."""
         stream = self._stream
         if stream is None or graph.graph is None or graph.tokens is None or graph.logits is None:  # pragma: no cover
             raise RuntimeError("replay of a graph not captured")
         with torch.cuda.stream(stream):
-            graph.inputs.copy_(graph.staging, non_blocking=True)
+            graph.stage(slot, after)
             graph.graph.replay()
-            graph.tokens_host.copy_(graph.tokens, non_blocking=True)
+            torch.mul(graph.tokens, 1, out=graph.tokens_mapped[slot])  # a kernel writes the host buffer
             # no allocation on the loop's thread unless the logits are kept (the static ones live until the next step)
-            return graph.logits.clone() if self.keep_logits else graph.logits
+            return graph.tokens, graph.logits.clone() if self.keep_logits else graph.logits
