@@ -217,3 +217,19 @@ async def test_pipelined_cuda_graph_decode_gives_the_single_steps_tokens(tmp_pat
             out.append([r.generated for r in reqs])
             mgr.check_invariants()
     assert out[0] == out[1]
+
+
+async def test_a_long_run_reserves_one_stretch_at_a_time(model, tmp_path, monkeypatch):
+    from kvstore.integrations import hf_batch
+
+    monkeypatch.setattr(hf_batch, "PIPELINE_STEPS", 5)
+    prompt = _prompt(7, seed=640)
+    ref = _reference(model, prompt, 17)
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr, cuda_graphs=True)
+        req = gen.add(prompt, 17)
+        ahead = []
+        await gen.step_many(17, on_step=lambda _: ahead.append(req._kv.num_tokens - req.num_cached))
+        assert max(ahead) <= 5 and ahead.count(0) >= 3  # each stretch ends with nothing reserved beyond its tokens
+        mgr.check_invariants()
+    assert req.generated == ref

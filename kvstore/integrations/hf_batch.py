@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["PagedBatchCache", "BatchRequest", "BatchedGenerator"]
 
 _MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4D additive mask
+#: decode steps of one pipelined run of step_many(): the room reserved up front is this many tokens per row
+PIPELINE_STEPS = 64
 
 
 async def _settle(awaitables: Sequence[Awaitable[Any]]) -> None:
@@ -409,6 +411,8 @@ class BatchedGenerator:
     ``suspend(req)`` takes a request out between steps (its pages may be demoted); ``resume(req)`` puts it back,
     and the next step awaits its ``KVCache.resume()`` before the forward. A step that raises, or is cancelled,
     changes no request: token counts stay as before the step.
+    ``await step_many(n)`` makes ``n`` steps with the batch held fixed, and pipelines their decode steps on the
+    GPU (two in flight); ``run()`` steps that way until no request runs.
 
     The forwards run on a thread of the generator's own (``forward_thread=True``, the default), so the event loop
     keeps serving prefetches, demotions and other requests while the model computes and the step awaits its
@@ -552,9 +556,10 @@ class BatchedGenerator:
         The batch is fixed meanwhile (``add``/``suspend``/``resume``/``close`` raise InvalidStateError), so the
         decode steps of captured graphs are pipelined: each step is queued on the GPU before the one before it
         has returned its tokens to the host (its tokens are read on the device), and the GPU goes from step to
-        step without waiting for the event loop, however busy the loop is. Room for every row's tokens of the
-        whole run is reserved up front; what the run did not use is given back at its end. A step that raises
-        or is cancelled changes no request; the steps accepted before it stay.
+        step without waiting for the event loop, however busy the loop is. They run in stretches of up to
+        ``PIPELINE_STEPS``, room for each row's tokens of a stretch reserved up front (where the device has no
+        room for it, steps run one at a time); what a stretch did not use is given back at its end. A step that
+        raises or is cancelled changes no request; the steps accepted before it stay.
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidArgumentError(f"step_many() takes steps >= 1, got {steps!r}")
@@ -564,7 +569,7 @@ class BatchedGenerator:
         try:
             while len(out) < steps and self.running:
                 members = self.running
-                ahead = min([steps - len(out)] + [r.max_new_tokens - len(r.generated) for r in members])
+                ahead = min([steps - len(out), PIPELINE_STEPS] + [r.max_new_tokens - len(r.generated) for r in members])
                 if (self._graphs is None or ahead < 2 or
                         any(not r.generated or r._kv.status is not CacheStatus.ACTIVE for r in members)):
                     new = await self._step()  # a prefill, a resume, or one step left: the ordinary way

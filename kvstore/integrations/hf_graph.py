@@ -18,7 +18,13 @@ is then captured, and every later step of the bucket replays the graph. Graphs a
 forward thread (``capture_error_mode="thread_local"``, so kvstore's copy threads go on meanwhile) and dropped when
 the device pool is reallocated (``set_quota``) or more than ``max_graphs`` are held (least recently used first).
 
-The same static forward runs eagerly (``capture=False``) on any device: the CPU tests check it token for token.
+Pipelining (``launch``/``wait``, what ``BatchedGenerator.step_many`` drives): a step may be launched while the one
+before still runs, on the same rows and page tables; its inputs are that step's, advanced on the device (each row
+one token longer, fed the token it chose), so the GPU goes from step to step without waiting for the host. Each
+graph has two host slots (staging inputs, tokens out) and the generator two events, one per step in flight.
+
+The same static forward runs eagerly (``capture=False``) on any device: the CPU tests check it token for token
+(there the forward thread stands in for the stream: a launch is a job queued on it).
 """
 
 from __future__ import annotations
@@ -178,8 +184,9 @@ class _Graph:
         # two of each host buffer, one per step in flight (a step queued behind another fills the other slot)
         self.staging = tuple(torch.zeros((rows, 3 + pages), dtype=torch.long, pin_memory=pin) for _ in range(2))
         self.tokens_host = tuple(torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2))
-        # the same pinned memory seen from the GPU: a step's tokens reach the host through a kernel's stores,
-        # not a copy-engine copy (one queued behind a running step would hold kvstore's copies back behind it)
+        # the same pinned memory seen from the GPU: a replayed step's tokens reach the host through a kernel's
+        # stores, not a copy-engine copy queued behind the running step with kvstore's transfers (the 1b step under
+        # flat-out traffic: +3.5 % with such a copy, +0.5 % without; docs/serving_benchmarks.md)
         self.tokens_mapped = tuple(_device_view(t, device) for t in self.tokens_host) if pin else ()
         self.cache = _StaticCache(owner.pool, owner.geometry, pages * owner.geometry.tokens_per_page)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -194,8 +201,8 @@ class _Graph:
     def stage(self, slot: int, after: _Launch | None) -> None:
         """The step's inputs: the host staging tensor of ``slot``, or, for a step chained to ``after`` (the step
         before, on the same rows and pages), that step's inputs advanced on the device: every row one token
-        longer, fed the token it chose. A chained step queues no host copy: one queued behind a running step
-        would wait for it in the copy engine's queue, ahead of kvstore's own copies."""
+        longer, fed the token it chose. A chained step queues no host copy, so nothing of a step queued behind a
+        running one waits in the copy engines' queues with kvstore's transfers."""
         if after is None:
             self.inputs.copy_(self.staging[slot], non_blocking=True)
             return
@@ -353,8 +360,8 @@ class DecodeGraphs:
         n = len(lengths)
         key = (batch_bucket(n), page_bucket(max(int(p.numel()) for p in pages)))
         graph = self._graphs.get(key)
-        if graph is None or (self.capture and graph.graph is None):
-            return None
+        if graph is None or (self.capture and graph.graph is None) or (after is not None and after.graph is not graph):
+            return None  # (a chained step whose graph was dropped meanwhile: the pool moved)
         self._graphs.move_to_end(key)
         slot = self._next_slot()
         if tokens is not None:
