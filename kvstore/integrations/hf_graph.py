@@ -185,8 +185,7 @@ class _Graph:
         self.staging = tuple(torch.zeros((rows, 3 + pages), dtype=torch.long, pin_memory=pin) for _ in range(2))
         self.tokens_host = tuple(torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2))
         # the same pinned memory seen from the GPU: a replayed step's tokens reach the host through a kernel's
-        # stores, not a copy-engine copy queued behind the running step with kvstore's transfers (the 1b step under
-        # flat-out traffic: +3.5 % with such a copy, +0.5 % without; docs/serving_benchmarks.md)
+        # stores, not a copy-engine copy queued behind the running step beside kvstore's transfers
         self.tokens_mapped = tuple(_device_view(t, device) for t in self.tokens_host) if pin else ()
         self.cache = _StaticCache(owner.pool, owner.geometry, pages * owner.geometry.tokens_per_page)
         self.graph: torch.cuda.CUDAGraph | None = None
