@@ -233,3 +233,35 @@ async def test_a_long_run_reserves_one_stretch_at_a_time(model, tmp_path, monkey
         assert max(ahead) <= 5 and ahead.count(0) >= 3  # each stretch ends with nothing reserved beyond its tokens
         mgr.check_invariants()
     assert req.generated == ref
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_seeded_stress_of_stop_tokens_and_cancellations_keeps_generate_tokens(model, tmp_path, seed):
+    """Random prompts, lengths and stop tokens; step_many runs cancelled at random moments, then resumed: every
+    request ends with generate()'s tokens up to its stop, and the manager's invariants hold throughout."""
+    import random
+
+    rnd = random.Random(seed)
+    prompts = [_prompt(rnd.randint(2, 15), seed=700 + 10 * seed + i) for i in range(rnd.randint(2, 4))]
+    max_new = [rnd.randint(3, 14) for _ in prompts]
+    refs = [_reference(model, p, m) for p, m in zip(prompts, max_new)]
+    stops = [[ref[rnd.randrange(len(ref))]] if rnd.random() < 0.5 else [] for ref in refs]
+    async with _manager(model, tmp_path, 4) as mgr:
+        gen = BatchedGenerator(model, mgr, cuda_graphs=True)
+        reqs = [gen.add(p, m, stop_tokens=s) for p, m, s in zip(prompts, max_new, stops)]
+        while gen.running:
+            task = asyncio.ensure_future(gen.step_many(rnd.randint(1, 8)))
+            await asyncio.sleep(rnd.random() * 0.004)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            assert not gen._stepping
+            mgr.check_invariants()
+            for r in gen.running:  # nothing reserved beyond what one ordinary step may have grown
+                assert r._kv.num_tokens <= len(r.tokens)
+    for req, ref, stop in zip(reqs, refs, stops):
+        end = next((i + 1 for i, t in enumerate(ref) if t in stop), len(ref))
+        assert req.generated == ref[:end]
+        assert req.finish_reason == ("stop" if end < len(ref) or (stop and ref[end - 1] in stop) else "length")

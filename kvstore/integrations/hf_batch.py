@@ -566,22 +566,22 @@ class BatchedGenerator:
         self._check_idle("step_many()")
         self._stepping = True
         out: list[dict[BatchRequest, int]] = []
+
+        def accept(new: dict[BatchRequest, int]) -> None:
+            out.append(new)
+            if on_step is not None:
+                on_step(new)
+
         try:
             while len(out) < steps and self.running:
                 members = self.running
                 ahead = min([steps - len(out), PIPELINE_STEPS] + [r.max_new_tokens - len(r.generated) for r in members])
-                if (self._graphs is None or ahead < 2 or
-                        any(not r.generated or r._kv.status is not CacheStatus.ACTIVE for r in members)):
-                    new = await self._step()  # a prefill, a resume, or one step left: the ordinary way
-                    out.append(new)
-                    if on_step is not None:
-                        on_step(new)
-                    continue
-                if not await self._pipelined(self._graphs, members, ahead, out, on_step):
-                    new = await self._step()  # no room for the whole run: one step, the ordinary way
-                    out.append(new)
-                    if on_step is not None:
-                        on_step(new)
+                decoding = all(r.generated and r._kv.status is CacheStatus.ACTIVE for r in members)
+                if self._graphs is not None and ahead >= 2 and decoding:
+                    if await self._pipelined(self._graphs, members, ahead, accept):
+                        continue
+                # a prefill, a resume, one step left, or no room for a stretch: one step, the ordinary way
+                accept(await self._step())
             return out
         finally:
             self._stepping = False
@@ -617,8 +617,7 @@ class BatchedGenerator:
         graphs: DecodeGraphs,
         group: Sequence[BatchRequest],
         steps: int,
-        out: list[dict[BatchRequest, int]],
-        on_step: Callable[[dict[BatchRequest, int]], None] | None,
+        accept: Callable[[dict[BatchRequest, int]], None],
     ) -> bool:
         """``steps`` decode steps of ``group`` (no row reaches its ``max_new_tokens`` before the last), up to
         two in flight, each fed the tokens of the one before on the device. Ends early after a stop token; every
@@ -659,9 +658,7 @@ class BatchedGenerator:
                     self._take(req, token, first[row] + done, logits[row])
                     new[req] = token
                 done += 1
-                out.append(new)
-                if on_step is not None:
-                    on_step(new)
+                accept(new)
                 if any(r.done for r in group):
                     break
             return True

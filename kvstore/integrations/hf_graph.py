@@ -264,6 +264,11 @@ def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(_ArrayInterface(host), device=device)
 
 
+def _bucket(rows: int, pages: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(rows, pages per row) of the graph that serves ``rows`` rows with these page tables."""
+    return batch_bucket(rows), page_bucket(max(int(p.numel()) for p in pages))
+
+
 def _completed(fn: Callable[[], T]) -> Future[T]:
     """``fn()`` run here, as a finished future."""
     future: Future[T] = Future()
@@ -357,7 +362,7 @@ class DecodeGraphs:
             raise InvalidArgumentError("a chained step runs on its step's rows and pages, each row one token longer")
         self._check_pool()
         n = len(lengths)
-        key = (batch_bucket(n), page_bucket(max(int(p.numel()) for p in pages)))
+        key = _bucket(n, pages)
         graph = self._graphs.get(key)
         if graph is None or (self.capture and graph.graph is None) or (after is not None and after.graph is not graph):
             return None  # (a chained step whose graph was dropped meanwhile: the pool moved)
@@ -393,7 +398,7 @@ class DecodeGraphs:
         """A step whose bucket has no graph: make the bucket's tensors (off the loop: device and pinned memory
         are driver calls), then launch it, or, the bucket's first step on a GPU, run it eagerly and capture it
         (off the loop)."""
-        key = (batch_bucket(len(tokens)), page_bucket(max(int(p.numel()) for p in pages)))
+        key = _bucket(len(tokens), pages)
         graph = self._graphs.get(key)
         if graph is None:
             graph = await self._off_loop(lambda: _Graph(*key, self))
@@ -470,7 +475,7 @@ class DecodeGraphs:
             raise RuntimeError("no capture stream")
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            graph.inputs.copy_(graph.staging[slot], non_blocking=True)
+            graph.stage(slot, None)
             chosen, logits = graph.forward()
             graph.tokens_host[slot].copy_(chosen, non_blocking=True)
             logits = logits.clone()
